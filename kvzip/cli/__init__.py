@@ -1,0 +1,1 @@
+"""The ``kvzip`` command line: the only package that imports typer and rich."""

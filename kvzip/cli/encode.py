@@ -1,0 +1,63 @@
+"""``kvzip encode``: text -> prefill -> .kvz."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from kvzip import api
+from kvzip.cli.console import err_console, human_bytes, out_console, progress_bars, status
+from kvzip.cli.errors import handle_errors
+from kvzip.errors import InputError
+
+
+def read_input(source: str) -> tuple[str, str]:
+    """(text, name) from a path or ``-`` for stdin."""
+    if source == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8"), "<stdin>"
+        except UnicodeDecodeError as exc:
+            raise InputError(f"stdin is not UTF-8 text (byte {exc.start} is invalid)") from None
+    return api.read_text(source), Path(source).name
+
+
+@handle_errors
+def encode_command(
+    input: str = typer.Argument(..., help="Text file to prefill, or - for stdin."),
+    output: Path = typer.Option(..., "-o", "--output", help="The .kvz file to write."),
+    model: str = typer.Option(None, "--model", "-m", help="Model: local dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)."),
+    level: str = typer.Option("lossless", "--level", "-l", help="Quality level; several comma-separated store them all (e.g. small,balanced,high)."),
+    chunk_tokens: int = typer.Option(api.DEFAULT_CHUNK_TOKENS, "--chunk-tokens", help="Tokens per independently decodable chunk."),
+    dtype: str = typer.Option(None, "--dtype", help="Store the cache as float32, bfloat16 or float16 (default: as captured)."),
+    chat: bool = typer.Option(False, "--chat", help="Cache the text as the opening of a user turn in the model's chat template."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Prefill a text with the model and write its KV cache as a .kvz file."""
+    text, name = read_input(input)
+    levels = [x.strip() for x in level.split(",") if x.strip()]
+    with status("loading model…", not quiet):
+        km = api.load_model(model)
+    with progress_bars(not quiet) as progress:
+        summary = api.encode(
+            text, output, model=km, levels=levels, chunk_tokens=chunk_tokens, dtype=dtype,
+            chat=chat, source_name=name, progress=progress,
+        )
+    if json_out:
+        out_console.print_json(data=summary.to_json())
+        return
+    err_console.print(
+        f"[bold green]wrote[/] {summary.path}: {summary.tokens} tokens in {summary.chunks} "
+        f"chunks, levels {', '.join(summary.levels)} ({summary.dtype})\n"
+        f"  raw cache {human_bytes(summary.raw_bytes)} -> file {human_bytes(summary.file_bytes)}"
+        f"  ratio {summary.ratio:.2f}x\n"
+        f"  prefill {summary.prefill_seconds:.2f} s, encode {summary.encode_seconds:.2f} s",
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("encode")(encode_command)

@@ -1,0 +1,57 @@
+"""``kvzip info``: what a .kvz holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from kvzip import api
+from kvzip.cli.console import human_bytes, out_console
+from kvzip.cli.errors import handle_errors
+
+
+@handle_errors
+def info_command(
+    file: Path = typer.Argument(..., help="A .kvz file."),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Show a .kvz file's header, model, tokens, chunks, levels and sizes."""
+    data = api.info(file)
+    if json_out:
+        out_console.print_json(data=data)
+        return
+    model = data["model"]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("file", data["path"]),
+        ("format", f".kvz v{data['format_version']} (kvzip {data['kvzip_version']})"),
+        ("model", f"{model.get('name')} [{model.get('architecture')}]"),
+        ("fingerprint", model["fingerprint"][:16] + "…"),
+        ("geometry", f"{data['num_layers']} layers × {data['kv_heads']} kv heads × head_dim {data['head_dim']}, {data['dtype']}"),
+        ("tokens", f"{data['tokens']} in {data['chunks']} chunks of ≤{data['chunk_tokens']}"),
+        ("chat turn", "yes" if data["chat"] else "no"),
+        ("raw cache", human_bytes(data["raw_bytes"])),
+        ("file", f"{human_bytes(data['file_bytes'])}  ratio {data['ratio']:.2f}x, {data['bits_per_element']:.3f} bits/element"),
+    ]
+    if data.get("source"):
+        rows.append(("source", data["source"]["name"]))
+    for key, value in rows:
+        table.add_row(key, value)
+    out_console.print(table)
+    levels = Table(title="levels", title_justify="left")
+    for col in ("level", "codec", "payload", "bits/element", "ratio"):
+        levels.add_column(col, justify="right" if col != "level" else "left")
+    for lvl in data["levels"]:
+        levels.add_row(
+            lvl["name"], lvl["codec"]["id"], human_bytes(lvl["payload_bytes"]),
+            f"{lvl['bits_per_element']:.3f}", f"{lvl['ratio']:.2f}x" if lvl["ratio"] else "-",
+        )
+    out_console.print(levels)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info_command)

@@ -1,0 +1,105 @@
+"""The codec contract shared by every KV codec.
+
+A codec turns one *chunk* of KV cache (every layer's keys and values for a
+contiguous token range) into bytes that decode on their own, and back.  A codec
+is identified by ``codec_id`` and fully described by a JSON config
+(:meth:`Codec.config`); the container stores that config, so a file says how
+to decode itself and :func:`kvzip.codecs.registry.codec_from_config` rebuilds
+the codec from it.
+
+Array layout (the same everywhere in kvzip below the model layer)::
+
+    kv: numpy array [2, layers, kv_heads, tokens, head_dim]
+        kv[0] are keys (after RoPE, as the model's cache holds them), kv[1] values.
+
+Storage dtypes: ``float32`` and ``float16`` arrays are their numpy dtypes;
+``bfloat16`` (which numpy lacks) travels as ``uint16`` bit patterns.  A lossless
+codec returns exactly the array it was given; a lossy codec may return float32,
+and the caller casts to the storage dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from kvzip.errors import CodecError
+
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(np.uint16),  # bit patterns
+}
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """What a codec knows about the chunk besides its numbers."""
+
+    token_start: int  # absolute position of the chunk's first token
+    token_count: int
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str  # storage dtype name, a key of STORAGE_DTYPES
+    # RoPE inverse frequencies (head_dim // 2 floats) for transforms that
+    # un-rotate keys to pre-RoPE; None when the model has no rotary embedding.
+    rope_inv_freq: tuple[float, ...] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (2, self.num_layers, self.kv_heads, self.token_count, self.head_dim)
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32 values (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def to_float32(kv: np.ndarray, dtype: str) -> np.ndarray:
+    """A storage-dtype array as float32 values."""
+    if dtype == "bfloat16":
+        return bf16_bits_to_float32(kv)
+    return kv.astype(np.float32, copy=False)
+
+
+class Codec(ABC):
+    """An id, a JSON config, and encode/decode of one chunk."""
+
+    codec_id: ClassVar[str]
+    lossless: ClassVar[bool] = False
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """The codec's parameters (JSON-serialisable), without the id."""
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Codec:
+        try:
+            return cls(**params)
+        except TypeError as exc:
+            raise CodecError(f"bad config for codec {cls.codec_id!r}: {exc}") from None
+
+    def config(self) -> dict[str, Any]:
+        cfg = {"id": self.codec_id, **self.params()}
+        json.dumps(cfg)  # fail early if a parameter is not JSON
+        return cfg
+
+    @abstractmethod
+    def encode(self, kv: np.ndarray, ctx: ChunkContext) -> bytes:
+        """Encode ``kv`` (shape ``ctx.shape``) into a self-contained payload."""
+
+    @abstractmethod
+    def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
+        """Decode a payload back to an array of shape ``ctx.shape``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params()})"

@@ -1,0 +1,56 @@
+"""Codec registry: codec id -> class, and the named quality levels.
+
+Decoding looks a file's codec id up here; an id this build does not know is an
+:class:`~kvzip.errors.UnknownCodecError`, never a guess.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvzip.codecs.base import Codec
+from kvzip.errors import CodecError, UnknownCodecError, UnknownLevelError
+
+_REGISTRY: dict[str, type[Codec]] = {}
+
+# Named levels a user picks with --level.  Each is a full codec config.
+LEVELS: dict[str, dict[str, Any]] = {}
+DEFAULT_LEVEL = "lossless"
+
+
+def register_codec(cls: type[Codec]) -> type[Codec]:
+    """Class decorator: make ``cls`` decodable by its ``codec_id``."""
+    if cls.codec_id in _REGISTRY and _REGISTRY[cls.codec_id] is not cls:
+        raise ValueError(f"codec id {cls.codec_id!r} registered twice")
+    _REGISTRY[cls.codec_id] = cls
+    return cls
+
+
+def register_level(name: str, config: dict[str, Any]) -> None:
+    LEVELS[name] = config
+
+
+def codec_ids() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def codec_from_config(config: Any) -> Codec:
+    """Rebuild a codec from the config a file stores."""
+    if not isinstance(config, dict) or not isinstance(config.get("id"), str):
+        raise CodecError("codec config must be an object with a string 'id'")
+    cls = _REGISTRY.get(config["id"])
+    if cls is None:
+        raise UnknownCodecError(
+            f"unknown codec {config['id']!r} (this kvzip knows: {', '.join(codec_ids())})"
+        )
+    params = {k: v for k, v in config.items() if k != "id"}
+    return cls.from_params(params)
+
+
+def codec_for_level(name: str) -> Codec:
+    """The codec behind a named quality level."""
+    if name not in LEVELS:
+        raise UnknownLevelError(
+            f"unknown level {name!r} (choose from: {', '.join(LEVELS)})"
+        )
+    return codec_from_config(LEVELS[name])

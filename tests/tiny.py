@@ -1,0 +1,91 @@
+"""Tiny random models of each supported family, with a byte-level tokenizer.
+
+They run in milliseconds and exercise the same code paths as real checkpoints
+(GQA, sliding windows, QK-norm, Gemma's scaled embeddings), so most tests use them;
+a few integration tests use the real embedded model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: every byte is one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    for tok in SPECIALS:
+        vocab[tok] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIALS[1:],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+VOCAB = 259
+_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    eos_token_id=256, pad_token_id=256, bos_token_id=None,
+)
+
+
+def tiny_config(family: str):
+    import transformers as tf
+
+    if family == "llama":
+        return tf.LlamaConfig(**_COMMON)
+    if family == "mistral":
+        return tf.MistralConfig(**_COMMON, sliding_window=256)
+    if family == "qwen2":
+        return tf.Qwen2Config(**_COMMON)
+    if family == "qwen3":
+        return tf.Qwen3Config(**_COMMON, head_dim=16)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(
+            **_COMMON, head_dim=16, sliding_window=256, layer_types=[
+                "sliding_attention", "sliding_attention", "full_attention"
+            ],
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+
+def tiny_model(family: str = "llama", seed: int = 0):
+    """A KVModel around a freshly initialised tiny model of ``family``."""
+    from transformers import AutoModelForCausalLM
+
+    from kvzip.model import KVModel
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    model.eval()
+    return KVModel(model, byte_tokenizer())
+
+
+def save_tiny_model(directory: Path, family: str = "llama", seed: int = 0) -> Path:
+    """Write a tiny model + tokenizer as a local Hugging Face directory."""
+    km = tiny_model(family, seed)
+    km.model.save_pretrained(directory)
+    km.tokenizer.save_pretrained(directory)
+    return directory
