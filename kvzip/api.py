@@ -220,12 +220,12 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
         raw = elements * STORAGE_DTYPES[h.dtype].itemsize
         file_bytes = reader.source.size()
         levels = []
-        for i, level in enumerate(h.levels):
-            payload = sum(e.length for e in reader.entries if e.kind == 0 and e.level == i)
+        for level in h.levels:
+            payload = sum(e.length for e in reader.kv_entries(level.name))
             levels.append(
                 {
-                    "name": level["name"],
-                    "codec": level["codec"],
+                    "name": level.name,
+                    "codec": level.codec,
                     "payload_bytes": payload,
                     "bits_per_element": round(payload * 8 / elements, 4),
                     "ratio": round(raw / payload, 4) if payload else None,
@@ -244,7 +244,7 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "dtype": h.dtype,
             "tokens": h.token_count,
             "chunk_tokens": h.chunk_tokens,
-            "chunks": len(reader.kv_entries(h.levels[0]["name"])),
+            "chunks": len(reader.kv_entries(h.levels[0].name)),
             "chat": "chat" in raw_header,
             "rope": raw_header.get("rope") is not None,
             "levels": levels,
@@ -267,7 +267,7 @@ class VerifyReport:
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """Check the header, index and every payload checksum; decode every chunk."""
     with open_kvz(path) as reader:
-        problems = reader.verify(decode=True)
+        problems = [p.message for p in reader.verify(decode=True)]
         return VerifyReport(str(path), not problems, problems, len(reader.entries))
 
 
@@ -276,10 +276,7 @@ def _level_name(reader: KvzReader, level: str | None) -> str:
     """The level asked for, or by default the file's best (largest) one."""
     names = reader.header.level_names
     if level is None:
-        sizes = [
-            sum(e.length for e in reader.entries if e.kind == 0 and e.level == i)
-            for i in range(len(names))
-        ]
+        sizes = [sum(e.length for e in reader.kv_entries(name)) for name in names]
         return names[sizes.index(max(sizes))]
     if level not in names:
         raise UnknownLevelError(f"this file has no level {level!r} (it has: {', '.join(names)})")
@@ -300,7 +297,7 @@ def load_kv(
     """Decode one level of a ``.kvz`` into a tensor, with its header and token ids."""
     with open_kvz(path) as reader:
         name = _level_name(reader, level)
-        array = reader.decode_level(name, progress=lambda d, t: progress("decode", d, t))
+        array = reader.decode_level(name)
         kv = storage_to_kv(array, reader.header.dtype)
         return LoadedKV(reader.header.raw, reader.token_ids().tolist(), kv, name)
 
