@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from kvzip import __version__
-from kvzip.codecs import LEVELS, STORAGE_DTYPES, ChunkContext, codec_for_level
+from kvzip.codecs import LEVELS, STORAGE_DTYPES, ChunkContext, Codec, codec_for_level
 from kvzip.errors import InputError, UnknownLevelError
 from kvzip.formats import KvzReader, KvzWriter, open_kvz
 from kvzip.model import TORCH_DTYPES, ChatTemplate, KVModel
@@ -158,14 +158,19 @@ def write_kvz(
     out: str | os.PathLike[str],
     km: KVModel,
     *,
-    levels: Sequence[str],
+    levels: Sequence[str | tuple[str, Codec]],
     chunk_tokens: int,
     dtype: str,
     extra_header: dict[str, Any] | None = None,
     progress: Progress = _noop,
 ) -> EncodeSummary:
-    """Encode an already captured cache ([2, L, H, T, D]) into a ``.kvz`` at ``out``."""
+    """Encode an already captured cache ([2, L, H, T, D]) into a ``.kvz`` at ``out``.
+
+    ``levels`` are level names, or (name, codec) pairs for codecs that no named
+    level stands for (``kvzip bench`` stores reference codecs that way).
+    """
     started = time.perf_counter()
+    named = [(x, codec_for_level(x)) if isinstance(x, str) else x for x in levels]
     array = kv_to_storage(kv, dtype)
     _, n_layers, kv_heads, n_tokens, head_dim = array.shape
     inv_freq = km.rope_inv_freq()
@@ -180,11 +185,11 @@ def write_kvz(
         "dtype": dtype,
         "token_count": n_tokens,
         "chunk_tokens": chunk_tokens,
-        "levels": [{"name": n, "codec": codec_for_level(n).config()} for n in levels],
+        "levels": [{"name": name, "codec": codec.config()} for name, codec in named],
         "rope": None if inv_freq is None else {"inv_freq": list(inv_freq)},
         **(extra_header or {}),
     }
-    codecs = [codec_for_level(n) for n in levels]
+    codecs = [codec for _, codec in named]
     starts = list(range(0, n_tokens, chunk_tokens))
     out = Path(out)
     with KvzWriter(out, header) as writer:
@@ -202,7 +207,7 @@ def write_kvz(
         model=km.name,
         tokens=n_tokens,
         chunks=len(starts),
-        levels=list(levels),
+        levels=[name for name, _ in named],
         dtype=dtype,
         raw_bytes=array.nbytes,
         file_bytes=out.stat().st_size,

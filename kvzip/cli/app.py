@@ -35,9 +35,9 @@ def _root(
 
 
 def _register() -> None:
-    from kvzip.cli import decode, encode, generate, info, verify
+    from kvzip.cli import bench, decode, encode, generate, info, verify
 
-    for module in (encode, info, decode, verify, generate):
+    for module in (encode, info, decode, verify, generate, bench):
         module.register(app)
 
 

@@ -314,6 +314,17 @@ class KVModel:
             )
         return cache
 
+    @torch.inference_mode()
+    def teacher_force(self, kv: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+        """Logits [len(ids), vocab] (float32) for ``ids`` read after the cached context ``kv``."""
+        cache = self.build_cache(kv)
+        out = self.model(
+            input_ids=torch.tensor([list(ids)], dtype=torch.long),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[0].float()
+
     # --------------------------------------------------------------- generate
     @torch.inference_mode()
     def generate(
