@@ -11,28 +11,49 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from kvzip import __version__
-from kvzip.codecs import LEVELS, STORAGE_DTYPES, ChunkContext, Codec, codec_for_level
+from kvzip.codecs import LEVELS, STORAGE_DTYPES
 from kvzip.errors import InputError, UnknownLevelError
-from kvzip.formats import KvzReader, KvzWriter, open_kvz
-from kvzip.model import TORCH_DTYPES, ChatTemplate, KVModel
+from kvzip.formats import open_kvz
+from kvzip.model import ChatTemplate, KVModel
+from kvzip.pipeline import (
+    DEFAULT_CHUNK_TOKENS,
+    EncodeSummary,
+    LoadedKV,
+    Progress,
+    kv_to_storage,
+    load_kv,
+    no_progress,
+    storage_to_kv,
+    write_kvz,
+)
 
-Progress = Callable[[str, int, int], None]
 ModelLike = KVModel | str | None
 
-DEFAULT_CHUNK_TOKENS = 256
-
-
-def _noop(stage: str, done: int, total: int) -> None:
-    pass
+__all__ = [
+    "DEFAULT_CHUNK_TOKENS",
+    "DecodeSummary",
+    "EncodeSummary",
+    "GenerateResult",
+    "LoadedKV",
+    "VerifyReport",
+    "decode",
+    "encode",
+    "generate",
+    "info",
+    "kv_to_storage",
+    "load_kv",
+    "load_model",
+    "read_text",
+    "storage_to_kv",
+    "verify",
+    "write_kvz",
+]
 
 
 def load_model(model: ModelLike = None) -> KVModel:
@@ -59,44 +80,7 @@ def read_text(source: str | os.PathLike[str]) -> str:
         raise InputError(f"{path} is not UTF-8 text (byte {exc.start} is invalid)") from None
 
 
-# --------------------------------------------------------------------- tensors
-def kv_to_storage(kv: torch.Tensor, dtype: str) -> np.ndarray:
-    """A [2, L, H, T, D] tensor as the numpy array codecs take (bf16 as uint16 bits)."""
-    kv = kv.detach().to(TORCH_DTYPES[dtype]).contiguous()
-    if dtype == "bfloat16":
-        return kv.view(torch.int16).numpy().view(np.uint16)
-    return kv.numpy()
-
-
-def storage_to_kv(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """The inverse of :func:`kv_to_storage` (float32 arrays from lossy codecs are cast)."""
-    if dtype == "bfloat16" and array.dtype == np.uint16:
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array)).to(TORCH_DTYPES[dtype])
-
-
 # ---------------------------------------------------------------------- encode
-@dataclass
-class EncodeSummary:
-    path: str
-    model: str
-    tokens: int
-    chunks: int
-    levels: list[str]
-    dtype: str
-    raw_bytes: int  # the captured cache in its dtype
-    file_bytes: int
-    prefill_seconds: float
-    encode_seconds: float
-
-    @property
-    def ratio(self) -> float:
-        return self.raw_bytes / self.file_bytes if self.file_bytes else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "ratio": round(self.ratio, 4)}
-
-
 def _check_levels(levels: Sequence[str]) -> list[str]:
     names = list(dict.fromkeys(levels))
     if not names:
@@ -119,7 +103,7 @@ def encode(
     dtype: str | None = None,
     chat: bool = False,
     source_name: str | None = None,
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
 ) -> EncodeSummary:
     """Prefill ``text`` with the model and write its KV cache to ``out`` as a ``.kvz``."""
     names = _check_levels(levels)
@@ -150,70 +134,6 @@ def encode(
     )
     summary.prefill_seconds = prefill_seconds
     return summary
-
-
-def write_kvz(
-    kv: torch.Tensor,
-    token_ids: Sequence[int],
-    out: str | os.PathLike[str],
-    km: KVModel,
-    *,
-    levels: Sequence[str | tuple[str, Codec]],
-    chunk_tokens: int,
-    dtype: str,
-    extra_header: dict[str, Any] | None = None,
-    progress: Progress = _noop,
-) -> EncodeSummary:
-    """Encode an already captured cache ([2, L, H, T, D]) into a ``.kvz`` at ``out``.
-
-    ``levels`` are level names, or (name, codec) pairs for codecs that no named
-    level stands for (``kvzip bench`` stores reference codecs that way).
-    """
-    started = time.perf_counter()
-    named = [(x, codec_for_level(x)) if isinstance(x, str) else x for x in levels]
-    array = kv_to_storage(kv, dtype)
-    _, n_layers, kv_heads, n_tokens, head_dim = array.shape
-    inv_freq = km.rope_inv_freq()
-    header: dict[str, Any] = {
-        "format": "kvz",
-        "kvzip_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": km.identity(),
-        "num_layers": n_layers,
-        "kv_heads": kv_heads,
-        "head_dim": head_dim,
-        "dtype": dtype,
-        "token_count": n_tokens,
-        "chunk_tokens": chunk_tokens,
-        "levels": [{"name": name, "codec": codec.config()} for name, codec in named],
-        "rope": None if inv_freq is None else {"inv_freq": list(inv_freq)},
-        **(extra_header or {}),
-    }
-    codecs = [codec for _, codec in named]
-    starts = list(range(0, n_tokens, chunk_tokens))
-    out = Path(out)
-    with KvzWriter(out, header) as writer:
-        writer.set_token_ids(np.asarray(token_ids, dtype=np.int64))
-        for chunk, start in enumerate(starts):
-            count = min(chunk_tokens, n_tokens - start)
-            piece = np.ascontiguousarray(array[:, :, :, start : start + count, :])
-            ctx = ChunkContext(start, count, n_layers, kv_heads, head_dim, dtype, inv_freq)
-            for level, codec in enumerate(codecs):
-                writer.add_kv(chunk, level, start, count, codec.encode(piece, ctx))
-            progress("encode", chunk + 1, len(starts))
-        writer.commit()
-    return EncodeSummary(
-        path=str(out),
-        model=km.name,
-        tokens=n_tokens,
-        chunks=len(starts),
-        levels=[name for name, _ in named],
-        dtype=dtype,
-        raw_bytes=array.nbytes,
-        file_bytes=out.stat().st_size,
-        prefill_seconds=0.0,
-        encode_seconds=time.perf_counter() - started,
-    )
 
 
 # --------------------------------------------------------------------- inspect
@@ -277,36 +197,6 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
 
 
 # ---------------------------------------------------------------------- decode
-def _level_name(reader: KvzReader, level: str | None) -> str:
-    """The level asked for, or by default the file's best (largest) one."""
-    names = reader.header.level_names
-    if level is None:
-        sizes = [sum(e.length for e in reader.kv_entries(name)) for name in names]
-        return names[sizes.index(max(sizes))]
-    if level not in names:
-        raise UnknownLevelError(f"this file has no level {level!r} (it has: {', '.join(names)})")
-    return level
-
-
-@dataclass
-class LoadedKV:
-    header: dict[str, Any]
-    token_ids: list[int]
-    kv: torch.Tensor  # [2, L, H, T, D] in the stored dtype
-    level: str
-
-
-def load_kv(
-    path: str | os.PathLike[str], level: str | None = None, progress: Progress = _noop
-) -> LoadedKV:
-    """Decode one level of a ``.kvz`` into a tensor, with its header and token ids."""
-    with open_kvz(path) as reader:
-        name = _level_name(reader, level)
-        array = reader.decode_level(name)
-        kv = storage_to_kv(array, reader.header.dtype)
-        return LoadedKV(reader.header.raw, reader.token_ids().tolist(), kv, name)
-
-
 @dataclass
 class DecodeSummary:
     path: str
@@ -321,7 +211,7 @@ def decode(
     out: str | os.PathLike[str],
     *,
     level: str | None = None,
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
 ) -> DecodeSummary:
     """Decode a ``.kvz`` into a safetensors file (``layers.{i}.key/value``, ``token_ids``).
 
@@ -388,7 +278,7 @@ def generate(
     max_new_tokens: int = 64,
     level: str | None = None,
     compare: bool = False,
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
 ) -> GenerateResult:
     """Attach the cache stored in ``path`` to the model and continue after ``prompt``."""
     if max_new_tokens < 1:

@@ -8,7 +8,13 @@ from pathlib import Path
 import typer
 
 from kvzip import api
-from kvzip.cli.console import err_console, human_bytes, out_console, progress_bars, status
+from kvzip.cli.console import (
+    err_console,
+    human_bytes,
+    out_console,
+    progress_bars,
+    status,
+)
 from kvzip.cli.errors import handle_errors
 from kvzip.errors import InputError
 

@@ -1,0 +1,1 @@
+"""RAG pre-cache store: passage artifacts, SQLite index and retrieval."""

@@ -1,0 +1,1 @@
+"""Streaming: serve-chunks HTTP server, client and adaptive controller."""
