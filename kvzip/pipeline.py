@@ -79,12 +79,15 @@ def write_kvz(
     chunk_tokens: int,
     dtype: str,
     extra_header: dict[str, Any] | None = None,
+    chunk_texts: bool = True,
     progress: Progress = no_progress,
 ) -> EncodeSummary:
     """Encode an already captured cache ([2, L, H, T, D]) into a ``.kvz`` at ``out``.
 
     ``levels`` are level names, or (name, codec) pairs for codecs that no named
     level stands for (``kvzip bench`` stores reference codecs that way).
+    ``chunk_texts`` stores each chunk's text too, so a streaming client that
+    cannot fetch a chunk in time can recompute it from its text.
     """
     started = time.perf_counter()
     named = [(x, codec_for_level(x)) if isinstance(x, str) else x for x in levels]
@@ -117,6 +120,9 @@ def write_kvz(
             ctx = ChunkContext(start, count, n_layers, kv_heads, head_dim, dtype, inv_freq)
             for level, codec in enumerate(codecs):
                 writer.add_kv(chunk, level, start, count, codec.encode(piece, ctx))
+            if chunk_texts and km.tokenizer is not None:
+                text = km.tokenizer.decode(list(token_ids[start : start + count]))
+                writer.add_text(chunk, start, count, text)
             progress("encode", chunk + 1, len(starts))
         writer.commit()
     return EncodeSummary(

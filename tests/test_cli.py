@@ -12,6 +12,7 @@ from tiny import save_tiny_model
 from typer.testing import CliRunner
 
 from kvzip.cli.app import app
+from kvzip.formats import open_kvz
 from kvzip.formats.spec import PREAMBLE_SIZE
 
 runner = CliRunner()
@@ -170,8 +171,10 @@ def test_unknown_major_version(kvz, tmp_path):
 
 
 def test_flipped_bit_in_payload(kvz, tmp_path):
+    with open_kvz(kvz) as reader:
+        last = reader.kv_entries("lossless")[-1]
     data = bytearray(kvz.read_bytes())
-    data[-20] ^= 0x10  # inside the last payload
+    data[last.offset + last.length // 2] ^= 0x10  # inside the last KV payload
     bad = tmp_path / "flip.kvz"
     bad.write_bytes(bytes(data))
     result = run("verify", bad)
