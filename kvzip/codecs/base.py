@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import zstandard
 
-from kvzip.errors import CodecError
+from kvzip.errors import CodecError, KvzipError
 
 STORAGE_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
@@ -69,6 +70,42 @@ def to_float32(kv: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return bf16_bits_to_float32(kv)
     return kv.astype(np.float32, copy=False)
+
+
+def from_float32(kv: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast float32 values to a storage dtype (bfloat16 rounds to nearest even)."""
+    target = STORAGE_DTYPES[dtype]
+    if kv.dtype == target:
+        return kv
+    if dtype != "bfloat16":
+        return kv.astype(target)
+    # float32 -> bfloat16 bit patterns, rounding to nearest even; NaNs stay (quiet) NaNs.
+    bits = np.ascontiguousarray(kv, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(kv)
+    rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
+    return rounded
+
+
+def zstd_decompress_bounded(
+    payload: bytes, limit: int, what: str, error: type[KvzipError] = CodecError
+) -> bytes:
+    """zstd-decompress a frame that declares a content size of at most ``limit`` bytes.
+
+    ``ZstdDecompressor.decompress`` allocates whatever size the frame header
+    declares (``max_output_size`` does not stop it), so a tiny hostile payload
+    could ask for gigabytes; the declared size is checked first.  kvzip's
+    writers always declare it.
+    """
+    try:
+        declared = zstandard.frame_content_size(payload)
+        if declared < 0:
+            raise error(f"{what}: zstd frame does not declare its size")
+        if declared > limit:
+            raise error(f"{what}: zstd frame declares {declared} bytes, the cap is {limit}")
+        return zstandard.ZstdDecompressor().decompress(payload)
+    except zstandard.ZstdError as exc:
+        raise error(f"{what}: corrupt zstd data ({exc})") from None
 
 
 class Codec(ABC):

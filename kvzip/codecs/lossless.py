@@ -13,13 +13,9 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from kvzip.codecs.base import STORAGE_DTYPES, ChunkContext, Codec
+from kvzip.codecs.base import STORAGE_DTYPES, ChunkContext, Codec, zstd_decompress_bounded
 from kvzip.codecs.registry import register_codec
 from kvzip.errors import CodecError
-
-# A payload never expands beyond this factor of its raw size plus slack; used to
-# bound decompression so a hostile payload cannot make us allocate without limit.
-_MAX_FRAME_SLACK = 1 << 16
 
 
 @register_codec
@@ -47,12 +43,7 @@ class ByteGroupZstd(Codec):
     def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
         dtype = STORAGE_DTYPES[ctx.dtype]
         expected = ctx.numel * dtype.itemsize
-        try:
-            data = zstandard.ZstdDecompressor().decompress(
-                payload, max_output_size=expected + _MAX_FRAME_SLACK
-            )
-        except zstandard.ZstdError as exc:
-            raise CodecError(f"corrupt bytegroup-zstd payload: {exc}") from None
+        data = zstd_decompress_bounded(payload, expected, "bytegroup-zstd payload")
         if len(data) != expected:
             raise CodecError(
                 f"bytegroup-zstd payload holds {len(data)} bytes, expected {expected}"

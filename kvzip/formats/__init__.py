@@ -1,0 +1,53 @@
+"""The ``.kvz`` container: spec constants, pure parse/validate, reader and writer.
+
+The byte layout is documented in ``docs/format.md``.  This package imports only
+``kvzip.errors`` and ``kvzip.codecs`` from kvzip.
+"""
+
+from kvzip.formats.container import (
+    ChunkIndex,
+    IndexEntry,
+    KvzHeader,
+    Preamble,
+    QualityLevel,
+    describe_entry,
+    encode_header,
+    pack_index,
+    pack_preamble,
+    parse_header,
+    parse_index,
+    parse_preamble,
+    validate,
+)
+from kvzip.formats.reader import KvzReader, Problem, open_kvz
+from kvzip.formats.source import ByteSource, BytesSource, FileSource, checked_range
+from kvzip.formats.spec import MAGIC, VERSION_MAJOR, VERSION_MINOR, EntryKind
+from kvzip.formats.writer import KvzWriter
+
+__all__ = [
+    "MAGIC",
+    "VERSION_MAJOR",
+    "VERSION_MINOR",
+    "ByteSource",
+    "BytesSource",
+    "ChunkIndex",
+    "EntryKind",
+    "FileSource",
+    "IndexEntry",
+    "KvzHeader",
+    "KvzReader",
+    "KvzWriter",
+    "Preamble",
+    "Problem",
+    "QualityLevel",
+    "checked_range",
+    "describe_entry",
+    "encode_header",
+    "open_kvz",
+    "pack_index",
+    "pack_preamble",
+    "parse_header",
+    "parse_index",
+    "parse_preamble",
+    "validate",
+]

@@ -1,0 +1,525 @@
+"""Pure parse, serialise and validate of the ``.kvz`` v1 container.
+
+Bytes in, checked objects out; no I/O, so the reader (over any byte source) and
+the writer share exactly the same rules.  ``docs/format.md`` is the byte layout
+these functions implement.  Every rule a file can break raises its own
+:class:`~kvzip.errors.FormatError` subclass before any payload is read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvzip.errors import (
+    BadMagicError,
+    ChunkIndexError,
+    HeaderError,
+    TruncatedFileError,
+    UnsupportedVersionError,
+)
+from kvzip.formats.spec import (
+    DTYPES,
+    FORMAT_NAME,
+    INDEX_ENTRY,
+    INDEX_ENTRY_SIZE,
+    MAGIC,
+    MAX_CHUNK_ELEMENTS,
+    MAX_HEADER_BYTES,
+    MAX_INDEX_ENTRIES,
+    MAX_LEVELS,
+    MAX_TOKEN_COUNT,
+    PREAMBLE,
+    PREAMBLE_SIZE,
+    U64_MAX,
+    VERSION_MAJOR,
+    VERSION_MINOR,
+    EntryKind,
+)
+
+# --- preamble ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preamble:
+    """The fixed 48 bytes at the start of every ``.kvz`` (magic not included)."""
+
+    header_length: int
+    index_length: int
+    header_crc: int
+    index_crc: int
+    data_offset: int
+    major: int = VERSION_MAJOR
+    minor: int = VERSION_MINOR
+    flags: int = 0
+
+    @classmethod
+    def for_sections(cls, header: bytes, index: bytes) -> Preamble:
+        """The preamble of a current-version file with these header and index bytes."""
+        return cls(
+            header_length=len(header),
+            index_length=len(index),
+            header_crc=zlib.crc32(header),
+            index_crc=zlib.crc32(index),
+            data_offset=PREAMBLE_SIZE + len(header) + len(index),
+        )
+
+    @property
+    def entry_count(self) -> int:
+        return self.index_length // INDEX_ENTRY_SIZE
+
+
+def pack_preamble(preamble: Preamble) -> bytes:
+    p = preamble
+    return PREAMBLE.pack(
+        MAGIC,
+        p.major,
+        p.minor,
+        p.flags,
+        p.header_length,
+        p.index_length,
+        p.header_crc,
+        p.index_crc,
+        p.data_offset,
+    )
+
+
+def parse_preamble(data: bytes) -> Preamble:
+    """Parse and check the preamble at the start of ``data`` (at least its first 48 bytes)."""
+    if data[: len(MAGIC)] != MAGIC:
+        if len(data) < len(MAGIC) and MAGIC.startswith(data):
+            raise TruncatedFileError(f"file ends after {len(data)} bytes, inside the magic")
+        raise BadMagicError("not a .kvz file (it does not start with the .kvz magic bytes)")
+    if len(data) < PREAMBLE_SIZE:
+        raise TruncatedFileError(
+            f"file ends after {len(data)} bytes, inside the {PREAMBLE_SIZE}-byte preamble"
+        )
+    _, major, minor, flags, header_length, index_length, header_crc, index_crc, data_offset = (
+        PREAMBLE.unpack_from(data)
+    )
+    if major != VERSION_MAJOR:
+        raise UnsupportedVersionError(
+            f".kvz version {major}.{minor} is not supported (this kvzip reads {VERSION_MAJOR}.x)"
+        )
+    if flags:
+        raise UnsupportedVersionError(
+            f"reserved preamble flags are set (0x{flags:08x}); was this written by a newer kvzip?"
+        )
+    if header_length > MAX_HEADER_BYTES:
+        raise HeaderError(f"header length {header_length} exceeds the cap of {MAX_HEADER_BYTES}")
+    if index_length % INDEX_ENTRY_SIZE:
+        raise ChunkIndexError(
+            f"index length {index_length} is not a multiple of the {INDEX_ENTRY_SIZE}-byte entry"
+        )
+    if index_length // INDEX_ENTRY_SIZE > MAX_INDEX_ENTRIES:
+        raise ChunkIndexError(f"index holds more than {MAX_INDEX_ENTRIES} entries")
+    if data_offset != PREAMBLE_SIZE + header_length + index_length:
+        raise ChunkIndexError(
+            f"data offset {data_offset} does not follow the header and index "
+            f"(expected {PREAMBLE_SIZE + header_length + index_length})"
+        )
+    return Preamble(
+        header_length, index_length, header_crc, index_crc, data_offset, major, minor, flags
+    )
+
+
+# --- header --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QualityLevel:
+    """One stored quality level: its name and the codec config that decodes it."""
+
+    name: str
+    codec: dict[str, Any]
+
+
+class KvzHeader:
+    """A validated header: typed views over the JSON object, kept whole in ``raw``.
+
+    Construction validates every required field, so holding a ``KvzHeader``
+    means the shapes and caps are sane.  Unknown fields stay in ``raw`` untouched.
+    """
+
+    def __init__(self, raw: Any):
+        self.levels = _check_header(raw)
+        self.raw: dict[str, Any] = raw
+
+    @property
+    def num_layers(self) -> int:
+        return self.raw["num_layers"]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.raw["kv_heads"]
+
+    @property
+    def head_dim(self) -> int:
+        return self.raw["head_dim"]
+
+    @property
+    def dtype(self) -> str:
+        return self.raw["dtype"]
+
+    @property
+    def token_count(self) -> int:
+        return self.raw["token_count"]
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.raw["chunk_tokens"]
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return tuple(level.name for level in self.levels)
+
+    def level_index(self, name: str) -> int:
+        """Position of the level called ``name``; ``KeyError`` if the file has none."""
+        for i, level in enumerate(self.levels):
+            if level.name == name:
+                return i
+        raise KeyError(name)
+
+    @property
+    def rope_inv_freq(self) -> tuple[float, ...] | None:
+        rope = self.raw["rope"]
+        return None if rope is None else tuple(float(f) for f in rope["inv_freq"])
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.raw["model"]["fingerprint"]
+
+    def __repr__(self) -> str:
+        return (
+            f"KvzHeader(model={self.model_fingerprint!r}, tokens={self.token_count}, "
+            f"levels={list(self.level_names)})"
+        )
+
+
+def encode_header(fields: Mapping[str, Any]) -> bytes:
+    """Header fields -> the UTF-8 JSON bytes stored in the file."""
+    try:
+        data = json.dumps(
+            fields, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        ).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise HeaderError(f"header is not plain JSON: {exc}") from None
+    if len(data) > MAX_HEADER_BYTES:
+        raise HeaderError(f"header is {len(data)} bytes; the cap is {MAX_HEADER_BYTES}")
+    return data
+
+
+def parse_header(data: bytes) -> KvzHeader:
+    """Parse and fully validate the header's JSON bytes."""
+    if len(data) > MAX_HEADER_BYTES:
+        raise HeaderError(f"header is {len(data)} bytes; the cap is {MAX_HEADER_BYTES}")
+    try:
+        raw = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_reject_duplicate_keys,
+            parse_constant=_reject_non_finite,
+        )
+    except RecursionError:
+        raise HeaderError("header JSON nests too deeply") from None
+    except ValueError as exc:  # includes UnicodeDecodeError and JSONDecodeError
+        raise HeaderError(f"header is not UTF-8 JSON: {exc}") from None
+    return KvzHeader(raw)
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two readers must never see two different values for one field.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise HeaderError("header JSON repeats a key in one object")
+    return obj
+
+
+def _reject_non_finite(name: str) -> Any:
+    raise HeaderError(f"header JSON holds {name}, which is not standard JSON")
+
+
+def _check_header(raw: Any) -> tuple[QualityLevel, ...]:
+    """Validate the required fields; return the parsed levels."""
+    if not isinstance(raw, dict):
+        raise HeaderError("header must be a JSON object")
+    if _required(raw, "format") != FORMAT_NAME:
+        raise HeaderError(f"header field 'format' must be {FORMAT_NAME!r}")
+    model = _object(_required(raw, "model"), "model")
+    _string(_required(model, "fingerprint", "model."), "model.fingerprint")
+    for name in ("name", "architecture", "tokenizer_fingerprint"):
+        if name in model:
+            _string(model[name], f"model.{name}")
+    layers, heads, head_dim, tokens, chunk_tokens = (
+        _positive_int(_required(raw, name), name)
+        for name in ("num_layers", "kv_heads", "head_dim", "token_count", "chunk_tokens")
+    )
+    if tokens > MAX_TOKEN_COUNT:
+        raise HeaderError(f"header field 'token_count' is {tokens}; the cap is {MAX_TOKEN_COUNT}")
+    chunk_elements = 2 * layers * heads * head_dim * chunk_tokens
+    if chunk_elements > MAX_CHUNK_ELEMENTS:
+        raise HeaderError(
+            f"a chunk of {chunk_tokens} tokens would hold {chunk_elements} K/V elements; "
+            f"the cap is {MAX_CHUNK_ELEMENTS} (check num_layers, kv_heads, head_dim, chunk_tokens)"
+        )
+    if _required(raw, "dtype") not in DTYPES:
+        raise HeaderError(f"header field 'dtype' must be one of {', '.join(DTYPES)}")
+    _check_rope(_required(raw, "rope"), head_dim)
+    return _check_levels(_required(raw, "levels"))
+
+
+def _check_rope(rope: Any, head_dim: int) -> None:
+    if rope is None:
+        return
+    inv_freq = _required(_object(rope, "rope"), "inv_freq", "rope.")
+    if (
+        not isinstance(inv_freq, list)
+        or len(inv_freq) != head_dim // 2
+        or not all(_is_finite_number(f) for f in inv_freq)
+    ):
+        raise HeaderError(
+            f"header field 'rope.inv_freq' must be a list of {head_dim // 2} finite numbers"
+        )
+
+
+def _check_levels(levels: Any) -> tuple[QualityLevel, ...]:
+    if not isinstance(levels, list) or not 0 < len(levels) <= MAX_LEVELS:
+        raise HeaderError(f"header field 'levels' must be a list of 1 to {MAX_LEVELS} levels")
+    parsed = []
+    for i, level in enumerate(levels):
+        where = f"levels[{i}]"
+        level = _object(level, where)
+        name = _string(_required(level, "name", f"{where}."), f"{where}.name")
+        codec = _object(_required(level, "codec", f"{where}."), f"{where}.codec")
+        _string(_required(codec, "id", f"{where}.codec."), f"{where}.codec.id")
+        parsed.append(QualityLevel(name, codec))
+    names = [level.name for level in parsed]
+    if len(set(names)) != len(names):
+        raise HeaderError("header field 'levels' names a level twice")
+    return tuple(parsed)
+
+
+def _required(obj: dict[str, Any], key: str, prefix: str = "") -> Any:
+    if key not in obj:
+        raise HeaderError(f"header field '{prefix}{key}' is missing")
+    return obj[key]
+
+
+def _object(value: Any, field: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise HeaderError(f"header field '{field}' must be an object")
+    return value
+
+
+def _string(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise HeaderError(f"header field '{field}' must be a string")
+    return value
+
+
+def _positive_int(value: Any, field: str) -> int:
+    if type(value) is not int or value <= 0:  # type() check: bool is an int subclass
+        raise HeaderError(f"header field '{field}' must be a positive integer, got {value!r:.40}")
+    return value
+
+
+def _is_finite_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+# --- index ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)  # slots: an index may hold a million of these
+class IndexEntry:
+    """One index entry: what a payload holds and where its bytes are."""
+
+    kind: EntryKind
+    level: int  # index into header levels (KV); 0 for other kinds
+    chunk: int
+    token_start: int
+    token_count: int
+    offset: int  # absolute, in bytes from the start of the file
+    length: int
+    crc32: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def token_range(self) -> tuple[int, int]:
+        return self.token_start, self.token_start + self.token_count
+
+
+def pack_index(entries: Iterable[IndexEntry]) -> bytes:
+    return b"".join(
+        INDEX_ENTRY.pack(
+            e.kind,
+            e.level,
+            0,
+            e.chunk,
+            e.token_start,
+            e.token_count,
+            e.offset,
+            e.length,
+            e.crc32,
+            0,
+        )
+        for e in entries
+    )
+
+
+def parse_index(data: bytes) -> list[IndexEntry]:
+    """Parse index bytes; unknown kinds and non-zero reserved fields are errors."""
+    if len(data) % INDEX_ENTRY_SIZE:
+        raise ChunkIndexError(
+            f"index length {len(data)} is not a multiple of the {INDEX_ENTRY_SIZE}-byte entry"
+        )
+    if len(data) // INDEX_ENTRY_SIZE > MAX_INDEX_ENTRIES:
+        raise ChunkIndexError(f"index holds more than {MAX_INDEX_ENTRIES} entries")
+    known_kinds = {kind.value for kind in EntryKind}
+    entries = []
+    for i, fields in enumerate(INDEX_ENTRY.iter_unpack(data)):
+        kind, level, reserved_a, chunk, start, count, offset, length, crc, reserved_b = fields
+        if kind not in known_kinds:
+            raise ChunkIndexError(f"index entry {i} has unknown kind {kind}")
+        if reserved_a or reserved_b:
+            raise ChunkIndexError(f"index entry {i} has non-zero reserved fields")
+        entries.append(IndexEntry(EntryKind(kind), level, chunk, start, count, offset, length, crc))
+    return entries
+
+
+def describe_entry(entry: IndexEntry, level_names: Sequence[str]) -> str:
+    """A human name for an entry, for error messages."""
+    if entry.kind is EntryKind.KV:
+        level = level_names[entry.level] if entry.level < len(level_names) else entry.level
+        return f"chunk {entry.chunk} of level {level!r}"
+    if entry.kind is EntryKind.TEXT:
+        return f"text of chunk {entry.chunk}"
+    return "token ids"
+
+
+@dataclass(frozen=True)
+class ChunkIndex:
+    """A validated index, grouped the way readers use it."""
+
+    kv: tuple[tuple[IndexEntry, ...], ...]  # per header level, in chunk order
+    token_ids: IndexEntry
+    texts: tuple[IndexEntry, ...] | None  # in chunk order; None when the file has none
+
+
+def validate(
+    header: KvzHeader, entries: Sequence[IndexEntry], file_size: int, data_offset: int
+) -> ChunkIndex:
+    """Check every entry against the header and the file before any payload is read.
+
+    Payloads lie inside ``[data_offset, file_size)`` without overlapping; each
+    level's chunks number 0..n-1 and tile tokens ``[0, token_count)`` in order,
+    every level (and the optional texts) with the same token ranges.
+    """
+    if data_offset > file_size:
+        raise TruncatedFileError(
+            f"file is {file_size} bytes but its header and index end at byte {data_offset}"
+        )
+    if len(entries) > MAX_INDEX_ENTRIES:
+        raise ChunkIndexError(f"index holds more than {MAX_INDEX_ENTRIES} entries")
+    names = header.level_names
+    for entry in entries:
+        _check_entry_bounds(entry, names, file_size, data_offset)
+    by_offset = sorted(entries, key=lambda e: e.offset)
+    for before, after in itertools.pairwise(by_offset):
+        if after.offset < before.end:
+            raise ChunkIndexError(
+                f"{describe_entry(after, names)} overlaps {describe_entry(before, names)}"
+            )
+
+    kv: list[list[IndexEntry]] = [[] for _ in names]
+    token_ids: list[IndexEntry] = []
+    texts: list[IndexEntry] = []
+    for entry in entries:
+        if entry.kind is EntryKind.KV:
+            kv[entry.level].append(entry)
+        elif entry.kind is EntryKind.TOKEN_IDS:
+            token_ids.append(entry)
+        else:
+            texts.append(entry)
+
+    kv_chunks = tuple(
+        _check_chunks(chunks, header, f"level {name!r}")
+        for name, chunks in zip(names, kv, strict=True)
+    )
+    ranges = [e.token_range for e in kv_chunks[0]]
+    for name, chunks in zip(names[1:], kv_chunks[1:], strict=True):
+        if [e.token_range for e in chunks] != ranges:
+            raise ChunkIndexError(
+                f"level {name!r} splits the tokens differently from level {names[0]!r}"
+            )
+    if len(token_ids) != 1:
+        raise ChunkIndexError(f"index must hold exactly one token-id entry, found {len(token_ids)}")
+    tokens = token_ids[0]
+    if (tokens.chunk, tokens.token_start, tokens.token_count) != (0, 0, header.token_count):
+        raise ChunkIndexError(
+            f"token-id entry must be chunk 0 covering tokens [0, {header.token_count})"
+        )
+    text_chunks = None
+    if texts:
+        text_chunks = _check_chunks(texts, header, "chunk texts")
+        if [e.token_range for e in text_chunks] != ranges:
+            raise ChunkIndexError("chunk texts do not match the KV chunks' token ranges")
+    return ChunkIndex(kv=kv_chunks, token_ids=tokens, texts=text_chunks)
+
+
+def _check_entry_bounds(
+    entry: IndexEntry, level_names: Sequence[str], file_size: int, data_offset: int
+) -> None:
+    what = describe_entry(entry, level_names)
+    if entry.kind is EntryKind.KV:
+        if entry.level >= len(level_names):
+            raise ChunkIndexError(f"{what}: the header defines only {len(level_names)} level(s)")
+    elif entry.level != 0:
+        raise ChunkIndexError(f"{what}: level must be 0, got {entry.level}")
+    if entry.length == 0:
+        raise ChunkIndexError(f"{what}: empty payload")
+    if entry.offset < data_offset:
+        raise ChunkIndexError(
+            f"{what}: offset {entry.offset} points before the data region at {data_offset}"
+        )
+    if entry.end > U64_MAX:
+        raise ChunkIndexError(f"{what}: offset {entry.offset} + length {entry.length} overflows")
+    if entry.end > file_size:
+        raise TruncatedFileError(
+            f"{what} ends at byte {entry.end} but the file has only {file_size} bytes"
+        )
+
+
+def _check_chunks(
+    entries: list[IndexEntry], header: KvzHeader, what: str
+) -> tuple[IndexEntry, ...]:
+    """Chunks numbered 0..n-1 that tile tokens [0, token_count) in order."""
+    chunks = sorted(entries, key=lambda e: e.chunk)
+    next_token = 0
+    for number, entry in enumerate(chunks):
+        if entry.chunk < number:
+            raise ChunkIndexError(f"{what}: chunk {entry.chunk} appears twice")
+        if entry.chunk > number:
+            raise ChunkIndexError(f"{what}: chunk {number} is missing")
+        if entry.token_start != next_token:
+            raise ChunkIndexError(
+                f"{what}: chunk {number} starts at token {entry.token_start}, expected {next_token}"
+            )
+        if not 0 < entry.token_count <= header.chunk_tokens:
+            raise ChunkIndexError(
+                f"{what}: chunk {number} holds {entry.token_count} tokens "
+                f"(must be 1 to chunk_tokens={header.chunk_tokens})"
+            )
+        next_token += entry.token_count
+    if next_token != header.token_count:
+        raise ChunkIndexError(
+            f"{what}: chunks cover {next_token} tokens, the header says {header.token_count}"
+        )
+    return tuple(chunks)
