@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvzip-installed
 DEMO_DIR ?= demo-out
 DEMO_DOC ?= /usr/share/common-licenses/Apache-2.0
-DEMO_QUESTION ?= Who publishes this license?
+DEMO_QUESTION ?= Which organization wrote this license?
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 

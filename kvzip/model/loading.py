@@ -66,7 +66,9 @@ def resolve_model(spec: str | None) -> ModelSource:
 
 
 def _quiet_transformers() -> None:
+    """Keep transformers' logs and bars (GGUF de-quantization uses tqdm) off the terminal."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
