@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from kvzip.codecs import LEVELS, STORAGE_DTYPES
+from kvzip.codecs import DEFAULT_LEVEL, LEVELS, STORAGE_DTYPES
 from kvzip.errors import InputError, UnknownLevelError
 from kvzip.formats import open_kvz
 from kvzip.model import ChatTemplate, KVModel
@@ -98,7 +98,7 @@ def encode(
     out: str | os.PathLike[str],
     *,
     model: ModelLike = None,
-    levels: Sequence[str] = ("lossless",),
+    levels: Sequence[str] = (DEFAULT_LEVEL,),
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     dtype: str | None = None,
     chat: bool = False,

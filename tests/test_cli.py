@@ -42,7 +42,8 @@ def doc(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def kvz(tiny_model_dir, doc, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("kvz") / "doc.kvz"
-    result = run("encode", doc, "-o", out, "--model", tiny_model_dir, "--chunk-tokens", "64", "-q")
+    result = run("encode", doc, "-o", out, "--model", tiny_model_dir, "--chunk-tokens", "64",
+                 "--level", "lossless", "-q")
     assert result.exit_code == 0, result.output
     return out
 
@@ -54,7 +55,18 @@ def test_encode_prints_a_summary(tiny_model_dir, doc, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["tokens"] == len(TEXT.encode())  # byte-level tokenizer
     assert summary["file_bytes"] == out.stat().st_size
-    assert summary["ratio"] > 1.0
+    assert summary["levels"] == ["balanced"]  # the default level
+    assert summary["ratio"] > 5.0
+
+
+def test_encode_stores_several_levels(tiny_model_dir, doc, tmp_path):
+    out = tmp_path / "multi.kvz"
+    result = run("encode", doc, "-o", out, "--model", tiny_model_dir, "--level",
+                 "small,balanced,high", "-q")
+    assert result.exit_code == 0, result.output
+    levels = {lvl["name"]: lvl for lvl in json.loads(run("info", out, "--json").stdout)["levels"]}
+    assert list(levels) == ["small", "balanced", "high"]
+    assert levels["small"]["payload_bytes"] < levels["balanced"]["payload_bytes"] < levels["high"]["payload_bytes"]
 
 
 def test_encode_reads_stdin(tiny_model_dir, tmp_path):

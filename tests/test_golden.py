@@ -16,7 +16,10 @@ import pytest
 from kvzip.formats import open_kvz
 
 GOLDEN_DIRS = sorted((Path(__file__).parent / "fixtures").glob("v[0-9]*"))
-GOLDEN_FILES = [path for d in GOLDEN_DIRS for path in sorted(d.glob("*.kvz"))]
+# Each directory's expected.json names its exact (hash-checked) golden files.
+GOLDEN_FILES = [
+    d / name for d in GOLDEN_DIRS for name in sorted(json.loads((d / "expected.json").read_text()))
+]
 
 
 def _expected(path: Path) -> dict:
@@ -42,3 +45,28 @@ def test_golden_file_decodes(path: Path):
         ids = reader.token_ids().astype("<i8")
         assert hashlib.sha256(ids.tobytes()).hexdigest() == expected["token_ids_sha256"]
         assert reader.chunk_texts() == expected["chunk_texts"]
+
+
+LOSSY_FILES = [p for d in GOLDEN_DIRS for p in sorted(d.glob("golden_lossy_*.kvz"))]
+
+
+def test_lossy_golden_files_exist():
+    assert len(LOSSY_FILES) >= 2
+
+
+@pytest.mark.parametrize("path", LOSSY_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_lossy_golden_file_decodes(path: Path):
+    """Lossy files decode to the stored arrays within float rounding of RoPE's cos/sin."""
+    expected = json.loads((path.parent / "expected_lossy.json").read_text())[path.name]
+    with open_kvz(path) as reader:
+        assert reader.verify(decode=True) == []
+        for level, npy in expected["decoded"].items():
+            want = np.load(path.parent / npy)
+            got = reader.decode_level(level)
+            assert got.dtype == want.dtype and list(got.shape) == expected["shape"]
+            if got.dtype == np.uint16:  # bfloat16 bit patterns: compare values
+                got = (got.astype(np.uint32) << 16).view(np.float32)
+                want = (want.astype(np.uint32) << 16).view(np.float32)
+            np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-4)
+        ids = reader.token_ids().astype("<i8")
+        assert hashlib.sha256(ids.tobytes()).hexdigest() == expected["token_ids_sha256"]

@@ -4,6 +4,8 @@ Importing this package registers every built-in codec and quality level.
 This is the only package that imports ``constriction``.
 """
 
+from kvzip.codecs import cachegen as _cachegen  # noqa: F401  (registers)
+from kvzip.codecs import kvzip_lossy as _kvzip_lossy  # noqa: F401  (registers)
 from kvzip.codecs import lossless as _lossless  # noqa: F401  (registers)
 from kvzip.codecs.base import STORAGE_DTYPES, ChunkContext, Codec, to_float32
 from kvzip.codecs.registry import (
@@ -17,6 +19,14 @@ from kvzip.codecs.registry import (
 )
 
 register_level("lossless", {"id": "bytegroup-zstd", "zstd_level": 3})
+# Lossy levels (measured in benchmarks/codec_quality.py; numbers in the codec docs).
+_KVZIP_LOSSY_BASE = {
+    "id": "kvzip-lossy", "prerope": True, "key_channel_exp": 0.0, "value_token_exp": 0.5,
+    "sink_tokens": 4, "sink_factor": 16.0, "early_layers": 0, "early_factor": 1.0, "entropy": "param",
+}
+register_level("high", {**_KVZIP_LOSSY_BASE, "key_step": 0.12, "value_step": 0.2})
+register_level("balanced", {**_KVZIP_LOSSY_BASE, "key_step": 0.27, "value_step": 0.5})
+register_level("small", {**_KVZIP_LOSSY_BASE, "key_step": 0.55, "value_step": 1.0})
 
 __all__ = [
     "DEFAULT_LEVEL",

@@ -15,7 +15,7 @@ _REGISTRY: dict[str, type[Codec]] = {}
 
 # Named levels a user picks with --level.  Each is a full codec config.
 LEVELS: dict[str, dict[str, Any]] = {}
-DEFAULT_LEVEL = "lossless"
+DEFAULT_LEVEL = "balanced"
 
 
 def register_codec(cls: type[Codec]) -> type[Codec]:

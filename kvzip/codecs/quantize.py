@@ -1,0 +1,182 @@
+"""Quantisers: float32 KV [2, L, H, T, D] -> integer symbol matrices + side info.
+
+Symbol matrices put one probability-model group per row:
+
+* :class:`TokenAbsmaxQuantizer` (CacheGen): per (K/V, layer, token) absmax across
+  all heads and channels, ``2 * (bins // 2 - 1) + 1`` levels, bins chosen per layer.
+  Rows are (K/V, layer, channel), channel = (head, dim), as in CacheGen/LMCache.
+* :class:`UniformStepQuantizer` (kvzip): ``round(x / step)`` with one step per
+  (K/V, layer) set relative to that layer's RMS in the chunk, so the error is
+  bounded by ``step / 2`` everywhere; optional per-channel (keys) and per-token
+  (values) step scaling; the first tokens of the sequence (attention sinks) get a
+  finer step.  Rows are (K/V, layer, head, channel) over the chunk's tokens; sink
+  tokens form their own rows per (K/V, layer).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvzip.codecs.base import ChunkContext
+from kvzip.codecs.stages import Quantizer, SymbolBlocks
+from kvzip.errors import CodecError
+
+_MAX_ABS_SYMBOL = 1 << 20
+
+
+def _check_finite(x: np.ndarray) -> None:
+    if not np.isfinite(x).all():
+        raise CodecError("lossy codecs need finite KV values (found inf or nan)")
+
+
+def _to_rows(x: np.ndarray) -> np.ndarray:
+    """[2, L, H, T, D] -> [2*L*H*D, T] (rows: K/V, layer, head, channel)."""
+    two, layers, heads, tokens, dim = x.shape
+    return np.ascontiguousarray(x.transpose(0, 1, 2, 4, 3)).reshape(-1, tokens)
+
+
+def _from_rows(rows: np.ndarray, shape) -> np.ndarray:
+    two, layers, heads, tokens, dim = shape
+    return rows.reshape(two, layers, heads, dim, tokens).transpose(0, 1, 2, 4, 3)
+
+
+class TokenAbsmaxQuantizer(Quantizer):
+    """CacheGen's quantiser: per-token absmax scale per layer, layer-wise bins."""
+
+    def __init__(self, key_bins: list[int], value_bins: list[int]):
+        self.bins = np.array([key_bins, value_bins], dtype=np.int64)  # [2, L]
+        if (self.bins < 4).any():
+            raise CodecError("cachegen bins must be >= 4")
+
+    def _levels(self, ctx: ChunkContext) -> np.ndarray:
+        if self.bins.shape[1] != ctx.num_layers:
+            raise AssertionError("bins built for another layer count")
+        return (self.bins // 2 - 1).astype(np.float32)  # C: symbols in [-C, C]
+
+    def symbol_shapes(self, ctx):
+        return [(2 * ctx.num_layers * ctx.kv_heads * ctx.head_dim, ctx.token_count)]
+
+    def quantize(self, x, ctx):
+        _check_finite(x)
+        c = self._levels(ctx)[:, :, None, None, None]
+        amax = np.abs(x).max(axis=(2, 4)).astype(np.float16)  # [2, L, T]
+        a = amax.astype(np.float32)
+        a = np.where(a > 0, a, 1.0)[:, :, None, :, None]
+        sym = np.clip(np.rint(x / a * c), -c, c).astype(np.int32)
+        return SymbolBlocks([_to_rows(sym)], amax.astype("<f2").tobytes())
+
+    def dequantize(self, blocks, ctx):
+        n = 2 * ctx.num_layers * ctx.token_count
+        if len(blocks.side) != 2 * n:
+            raise CodecError("cachegen scale block has the wrong size")
+        amax = np.frombuffer(blocks.side, "<f2").astype(np.float32).reshape(2, ctx.num_layers, 1, ctx.token_count, 1)
+        if not np.isfinite(amax).all():
+            raise CodecError("cachegen scale block holds non-finite scales")
+        c = self._levels(ctx)[:, :, None, None, None]
+        sym = _from_rows(blocks.matrices[0], ctx.shape).astype(np.float32)
+        return sym * (amax / c)
+
+
+def _q4(ratio: np.ndarray) -> np.ndarray:
+    """Quarter-octave int8 code of a positive ratio."""
+    r = np.maximum(ratio, 2.0**-31)
+    return np.clip(np.rint(4 * np.log2(r)), -127, 127).astype(np.int8)
+
+
+class UniformStepQuantizer(Quantizer):
+    """kvzip's quantiser: a bounded-error uniform step per (K/V, layer)."""
+
+    def __init__(self, key_step, value_step, key_channel_exp=0.0, value_token_exp=0.0,
+                 sink_tokens=4, sink_factor=16.0, early_layers=0, early_factor=1.0):
+        self.rel = np.array([key_step, value_step], dtype=np.float32)
+        self.key_channel_exp = float(key_channel_exp)
+        self.value_token_exp = float(value_token_exp)
+        self.sink_tokens = int(sink_tokens)
+        self.sink_factor = float(sink_factor)
+        self.early_layers = int(early_layers)
+        self.early_factor = float(early_factor)
+
+    def _sinks(self, ctx) -> int:
+        return max(0, min(ctx.token_count, self.sink_tokens - ctx.token_start))
+
+    def symbol_shapes(self, ctx):
+        ns = self._sinks(ctx)
+        shapes = [(2 * ctx.num_layers * ctx.kv_heads * ctx.head_dim, ctx.token_count - ns)]
+        if ns:
+            shapes.append((2 * ctx.num_layers, ctx.kv_heads * ns * ctx.head_dim))
+        return shapes
+
+    # side info: ref [2, L] f32 | key channel codes [L, H, D] i8 | value token codes [L, T] i8
+    def _side_sizes(self, ctx):
+        L, H, T, D = ctx.num_layers, ctx.kv_heads, ctx.token_count, ctx.head_dim
+        return 8 * L, (L * H * D if self.key_channel_exp else 0), (L * T if self.value_token_exp else 0)
+
+    def _steps(self, ref, kcode, vcode, ctx) -> np.ndarray:
+        """Step per element, broadcastable to [2, L, H, T, D] (float32)."""
+        L, H, T, D = ctx.num_layers, ctx.kv_heads, ctx.token_count, ctx.head_dim
+        layer_mult = np.ones(L, np.float32)
+        layer_mult[: self.early_layers] = 1.0 / self.early_factor
+        base = (ref * self.rel[:, None] * layer_mult[None, :]).astype(np.float32)  # [2, L]
+        ks = np.broadcast_to(base[0][:, None, None, None], (L, 1, 1, 1)).astype(np.float32)
+        vs = np.broadcast_to(base[1][:, None, None, None], (L, 1, 1, 1)).astype(np.float32)
+        if kcode is not None:
+            ks = ks * np.exp2(kcode.astype(np.float32) * (0.25 * self.key_channel_exp)).reshape(L, H, 1, D)
+        if vcode is not None:
+            vs = vs * np.exp2(vcode.astype(np.float32) * (0.25 * self.value_token_exp)).reshape(L, 1, T, 1)
+        return ks, vs
+
+    def quantize(self, x, ctx):
+        _check_finite(x)
+        ns = self._sinks(ctx)
+        body = x[:, :, :, ns:, :] if ns < ctx.token_count else x
+        ref = np.sqrt(np.mean(np.square(body, dtype=np.float64), axis=(2, 3, 4))).astype(np.float32)
+        ref = np.where(ref > 0, ref, np.float32(1.0)).astype(np.float32)
+        kcode = vcode = None
+        if self.key_channel_exp:
+            kb = body[0]
+            std = np.sqrt(np.maximum(kb.var(axis=2, dtype=np.float64), 0))  # [L, H, D]
+            kcode = _q4(std / ref[0][:, None, None])
+        if self.value_token_exp:
+            rms_t = np.sqrt(np.mean(np.square(x[1], dtype=np.float64), axis=(1, 3)))  # [L, T]
+            vcode = _q4(rms_t / ref[1][:, None])
+        ks, vs = self._steps(ref, kcode, vcode, ctx)
+        sym = np.empty(x.shape, np.int64)
+        sym[0] = np.rint(x[0] / ks)
+        sym[1] = np.rint(x[1] / vs)
+        if ns:
+            sym[0, :, :, :ns] = np.rint(x[0, :, :, :ns] / (ks * np.float32(1 / self.sink_factor)))
+            vsink = vs[:, :, :ns] if self.value_token_exp else vs
+            sym[1, :, :, :ns] = np.rint(x[1, :, :, :ns] / (vsink * np.float32(1 / self.sink_factor)))
+        if np.abs(sym).max(initial=0) > _MAX_ABS_SYMBOL:
+            raise CodecError("values too large for the configured step")
+        mats = [_to_rows(sym[:, :, :, ns:, :])]
+        if ns:
+            mats.append(np.ascontiguousarray(sym[:, :, :, :ns, :]).reshape(2 * ctx.num_layers, -1))
+        side = ref.astype("<f4").tobytes()
+        if kcode is not None:
+            side += kcode.tobytes()
+        if vcode is not None:
+            side += vcode.tobytes()
+        return SymbolBlocks([m.astype(np.int32) for m in mats], side)
+
+    def dequantize(self, blocks, ctx):
+        L, H, T, D = ctx.num_layers, ctx.kv_heads, ctx.token_count, ctx.head_dim
+        nref, nk, nv = self._side_sizes(ctx)
+        if len(blocks.side) != nref + nk + nv:
+            raise CodecError("kvzip-lossy side info has the wrong size")
+        ref = np.frombuffer(blocks.side, "<f4", 2 * L).reshape(2, L).astype(np.float32)
+        if not np.isfinite(ref).all() or (ref <= 0).any():
+            raise CodecError("kvzip-lossy side info holds invalid scales")
+        kcode = np.frombuffer(blocks.side, np.int8, nk, nref) if nk else None
+        vcode = np.frombuffer(blocks.side, np.int8, nv, nref + nk) if nv else None
+        ks, vs = self._steps(ref, kcode, vcode, ctx)
+        ns = self._sinks(ctx)
+        out = np.empty(ctx.shape, np.float32)
+        main = _from_rows(blocks.matrices[0], (2, L, H, T - ns, D))
+        out[0, :, :, ns:] = main[0] * ks
+        out[1, :, :, ns:] = main[1] * (vs[:, :, ns:] if nv else vs)
+        if ns:
+            sk = blocks.matrices[1].reshape(2, L, H, ns, D).astype(np.float32)
+            out[0, :, :, :ns] = sk[0] * (ks * np.float32(1 / self.sink_factor))
+            out[1, :, :, :ns] = sk[1] * ((vs[:, :, :ns] if nv else vs) * np.float32(1 / self.sink_factor))
+        return out

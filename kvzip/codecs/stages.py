@@ -1,0 +1,145 @@
+"""Typed codec stages and the pipeline that chains them.
+
+A lossy kvzip codec is three kinds of stage, in this order::
+
+    ArrayTransform*  (float32 [2, L, H, T, D] -> float32, same shape, invertible)
+    Quantizer        (float32 array -> SymbolBlocks: integer symbol matrices + side bytes)
+    SymbolCoder      (SymbolBlocks -> bytes)
+
+:class:`StagePipeline` checks that order once, when it is built (as zarr does
+for its array->array / array->bytes / bytes->bytes codecs), so the hot loop
+never re-checks it.  Codecs (``cachegen``, ``kvzip-lossy``) are thin: they map
+their JSON config onto stages and frame the resulting sections into one
+self-contained payload with a CRC.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvzip.codecs.base import ChunkContext
+from kvzip.errors import CodecError
+
+
+@dataclass
+class SymbolBlocks:
+    """What a quantizer hands the entropy coder.
+
+    ``matrices`` are int32 arrays of shape [groups, n]: each row is one group of
+    symbols that shares one probability model (e.g. one (layer, channel)).
+    ``side`` are the quantizer's own bytes (scales, steps) stored beside them.
+    """
+
+    matrices: list[np.ndarray]
+    side: bytes = b""
+    shapes: list[tuple[int, int]] = field(default_factory=list)
+
+
+class ArrayTransform(ABC):
+    """array -> array, exactly invertible up to float rounding."""
+
+    @abstractmethod
+    def forward(self, x: np.ndarray, ctx: ChunkContext) -> np.ndarray: ...
+
+    @abstractmethod
+    def inverse(self, x: np.ndarray, ctx: ChunkContext) -> np.ndarray: ...
+
+
+class Quantizer(ABC):
+    """array -> integer symbols (+ side info), and back."""
+
+    @abstractmethod
+    def symbol_shapes(self, ctx: ChunkContext) -> list[tuple[int, int]]:
+        """Shapes of the symbol matrices for a chunk (known to the decoder from ctx)."""
+
+    @abstractmethod
+    def quantize(self, x: np.ndarray, ctx: ChunkContext) -> SymbolBlocks: ...
+
+    @abstractmethod
+    def dequantize(self, blocks: SymbolBlocks, ctx: ChunkContext) -> np.ndarray: ...
+
+
+class SymbolCoder(ABC):
+    """symbol matrices -> bytes, and back (lossless)."""
+
+    @abstractmethod
+    def encode(self, matrix: np.ndarray) -> bytes: ...
+
+    @abstractmethod
+    def decode(self, data: bytes, shape: tuple[int, int]) -> np.ndarray: ...
+
+
+_FRAME_VERSION = 1
+_FRAME_HEAD = struct.Struct("<BII")  # version, crc32 of the rest, section count
+_LEN = struct.Struct("<I")
+
+
+def pack_sections(sections: list[bytes]) -> bytes:
+    body = b"".join(_LEN.pack(len(s)) for s in sections) + b"".join(sections)
+    return _FRAME_HEAD.pack(_FRAME_VERSION, zlib.crc32(body), len(sections)) + body
+
+
+def unpack_sections(payload: bytes, expected: int) -> list[bytes]:
+    """Split a framed payload; every inconsistency is a CodecError."""
+    mv = memoryview(payload)
+    if len(mv) < _FRAME_HEAD.size:
+        raise CodecError("lossy payload truncated before its header")
+    version, crc, count = _FRAME_HEAD.unpack_from(mv, 0)
+    if version != _FRAME_VERSION:
+        raise CodecError(f"lossy payload frame version {version} is not supported")
+    body = mv[_FRAME_HEAD.size :]
+    if zlib.crc32(body) != crc:
+        raise CodecError("lossy payload checksum mismatch (corrupt or truncated)")
+    if count != expected:
+        raise CodecError(f"lossy payload has {count} sections, expected {expected}")
+    if len(body) < count * _LEN.size:
+        raise CodecError("lossy payload truncated in its section table")
+    lengths = [_LEN.unpack_from(body, i * _LEN.size)[0] for i in range(count)]
+    pos = count * _LEN.size
+    if pos + sum(lengths) != len(body):
+        raise CodecError("lossy payload section lengths do not add up")
+    out = []
+    for n in lengths:
+        out.append(bytes(body[pos : pos + n]))
+        pos += n
+    return out
+
+
+class StagePipeline:
+    """transforms -> quantizer -> symbol coder, order checked at construction."""
+
+    def __init__(self, stages: list[object]):
+        *transforms, quantizer, coder = stages if len(stages) >= 2 else (None, None)
+        if not all(isinstance(t, ArrayTransform) for t in transforms):
+            raise CodecError("pipeline: array transforms must come first")
+        if not isinstance(quantizer, Quantizer):
+            raise CodecError("pipeline: a quantizer must follow the transforms")
+        if not isinstance(coder, SymbolCoder):
+            raise CodecError("pipeline: a symbol coder must come last")
+        self.transforms: list[ArrayTransform] = transforms
+        self.quantizer: Quantizer = quantizer
+        self.coder: SymbolCoder = coder
+
+    def encode(self, x: np.ndarray, ctx: ChunkContext) -> bytes:
+        for t in self.transforms:
+            x = t.forward(x, ctx)
+        blocks = self.quantizer.quantize(x, ctx)
+        shapes = self.quantizer.symbol_shapes(ctx)
+        if [m.shape for m in blocks.matrices] != [tuple(s) for s in shapes]:
+            raise AssertionError("quantizer produced matrices of unexpected shapes")
+        sections = [blocks.side] + [self.coder.encode(m) for m in blocks.matrices]
+        return pack_sections(sections)
+
+    def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
+        shapes = self.quantizer.symbol_shapes(ctx)
+        sections = unpack_sections(payload, 1 + len(shapes))
+        mats = [self.coder.decode(s, shape) for s, shape in zip(sections[1:], shapes)]
+        x = self.quantizer.dequantize(SymbolBlocks(mats, sections[0], shapes), ctx)
+        for t in reversed(self.transforms):
+            x = t.inverse(x, ctx)
+        return x
