@@ -32,6 +32,9 @@ from kvzip.pipeline import (
     storage_to_kv,
     write_kvz,
 )
+from kvzip.stream.client import StreamResult
+from kvzip.stream.client import stream_generate as _stream_generate
+from kvzip.stream.fetch import FetchSummary, fetch
 
 ModelLike = KVModel | str | None
 
@@ -39,13 +42,18 @@ __all__ = [
     "DEFAULT_CHUNK_TOKENS",
     "DecodeSummary",
     "EncodeSummary",
+    "FetchSummary",
+    "StreamResult",
     "GenerateResult",
     "LoadedKV",
     "VerifyReport",
     "decode",
     "encode",
+    "fetch",
     "generate",
+    "generate_url",
     "info",
+    "is_url",
     "kv_to_storage",
     "load_kv",
     "load_model",
@@ -323,3 +331,24 @@ def generate(
         result.baseline_identical = base_ids == new_ids
         progress("baseline", 1, 1)
     return result
+
+
+def is_url(source: str | os.PathLike[str]) -> bool:
+    return str(source).startswith(("http://", "https://"))
+
+
+def generate_url(
+    url: str,
+    prompt: str,
+    *,
+    model: ModelLike = None,
+    max_new_tokens: int = 64,
+    deadline: float | None = None,
+    level: str | None = None,
+    progress: Progress = no_progress,
+) -> StreamResult:
+    """Stream a context from ``url`` (adapting quality to ``deadline``) and generate after ``prompt``."""
+    return _stream_generate(
+        url, prompt, load_model(model), deadline=deadline, max_new_tokens=max_new_tokens,
+        levels=None if level is None else [level], progress=progress,
+    )

@@ -35,9 +35,9 @@ def _root(
 
 
 def _register() -> None:
-    from kvzip.cli import bench, decode, encode, generate, info, verify
+    from kvzip.cli import bench, decode, encode, fetch, generate, info, serve, verify
 
-    for module in (encode, info, decode, verify, generate, bench):
+    for module in (encode, info, decode, verify, generate, fetch, serve, bench):
         module.register(app)
 
 

@@ -23,6 +23,8 @@ STAGE_LABELS = {
     "encode": "encode (chunks)",
     "decode": "decode (chunks)",
     "baseline": "baseline: generate from the text",
+    "fetch": "fetch (bytes)",
+    "stream": "stream (chunks)",
 }
 
 

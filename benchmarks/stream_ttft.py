@@ -1,0 +1,193 @@
+"""Time to first token over a throttled link: kvzip adaptive vs full fp16 KV vs text + recompute.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/stream_ttft.py [--tokens 2048] [--mbps 50,200,1000]
+        [--deadline 1.0] [--trace-runs 12] [--json out.json]
+
+Prefills a real text (a licence from /usr/share/common-licenses, which no one on the
+project wrote) with the default model, stores its cache twice under a temporary
+root (kvzip's levels, and raw fp16 as a reference level), then for each link
+speed starts ``kvzip serve-chunks`` in a subprocess throttled to that speed
+(``--throttle-mbps``) and measures time to first token for
+
+- kvzip adaptive: ``stream_generate`` with ``--deadline`` on the context, told this
+  machine's prefill speed (measured while encoding) so it recomputes only when that is
+  faster than fetching;
+- full fp16 KV: the same client restricted to the raw fp16 file (no compression);
+- text + recompute: the same client with no level allowed (the model prefills
+  every chunk from its token ids on this CPU).
+
+Then it serves through a bandwidth trace that cycles every second and reports
+the share of runs whose context was ready by the deadline, for the adaptive
+client and for fixed levels.  All numbers are from one run per cell on the
+machine it runs on; nothing here is simulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvzip.codecs import ChunkContext, Codec, register_codec
+from kvzip.model import KVModel
+from kvzip.pipeline import write_kvz
+from kvzip.stream.client import stream_generate
+
+LEVELS = ["lossless", "high", "balanced", "small"]
+PROMPT = "Summarise the text above in one sentence."
+TRACE = [(1.0, 200.0), (1.0, 50.0), (1.0, 20.0), (1.0, 100.0)]  # (seconds, Mbit/s), cycled
+
+
+@register_codec
+class RawFP16(Codec):
+    """No compression at all: the fp16 bytes as the model holds them (the reference transfer)."""
+
+    codec_id = "bench-raw"
+    lossless = True
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def encode(self, kv: np.ndarray, ctx: ChunkContext) -> bytes:
+        return np.ascontiguousarray(kv).tobytes()
+
+    def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
+        return np.frombuffer(payload, dtype=np.float16).reshape(ctx.shape).copy()
+
+
+def start_server(root: Path, throttle: str) -> tuple[subprocess.Popen, str]:
+    """``serve-chunks`` in its own process, so serving does not share the client's GIL."""
+    code = (
+        "import sys\nfrom kvzip.stream.server import Throttle, serve\n"
+        f"serve(sys.argv[1], port=0, throttle=Throttle({throttle}), log_level='warning',"
+        " on_ready=lambda url: print(url, file=sys.stderr, flush=True))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stderr=subprocess.PIPE,
+                            text=True, env=env)
+    line = proc.stderr.readline()
+    match = re.search(r"http://\S+", line)
+    if match is None:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line}")
+    return proc, match.group(0)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(timeout=15)
+
+
+def run(km: KVModel, url: str, **kwargs: Any) -> dict[str, Any]:
+    result = stream_generate(url, PROMPT, km, max_new_tokens=1, **kwargs)
+    return {
+        "ttft_s": round(result.first_token_seconds, 3),
+        "ready_s": round(result.context_ready_seconds, 3),
+        "network_s": round(result.network_seconds, 3),
+        "wait_s": round(result.network_wait_seconds, 3),
+        "decode_s": round(result.decode_seconds, 3),
+        "recompute_s": round(result.recompute_seconds, 3),
+        "first_token_s": round(result.prompt_and_first_token_seconds, 3),
+        "bytes": result.bytes_fetched,
+        "deadline_met": result.deadline_met,
+        "levels": result.levels,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--mbps", default="50,200,1000", help="link speeds; empty: trace only")
+    parser.add_argument("--deadline", type=float, default=1.0)
+    parser.add_argument("--trace-runs", type=int, default=6)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--recompute-once", action="store_true",
+                        help="measure text + recompute at the first link speed only")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    km = KVModel.load(None)
+    print(f"model {km.name} loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    text = Path("/usr/share/common-licenses/GPL-3").read_text()
+    ids = km.document_ids(text, None)[: args.tokens]
+    t0 = time.perf_counter()
+    kv = km.prefill(ids)
+    # What a deployment would calibrate once per machine: how fast this model prefills here.
+    prefill_tps = len(ids) / (time.perf_counter() - t0)
+    report: dict[str, Any] = {"tokens": len(ids), "deadline_s": args.deadline,
+                              "cpus": os.cpu_count(), "prefill_tokens_per_s": round(prefill_tps, 1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        kvz = write_kvz(kv, ids, root / "ctx.kvz", km, levels=LEVELS, chunk_tokens=256,
+                        dtype="float16")
+        raw = write_kvz(kv, ids, root / "fp16.kvz", km, levels=[("fp16", RawFP16())],
+                        chunk_tokens=256, dtype="float16")
+        report["file_bytes"] = {"kvzip": kvz.file_bytes, "fp16": raw.file_bytes}
+        print(f"files: kvzip {kvz.file_bytes} B, fp16 {raw.file_bytes} B", file=sys.stderr)
+        run_local_warmup(km, root)
+
+        rows = []
+        for i, mbps in enumerate(float(x) for x in args.mbps.split(",") if x):
+            proc, url = start_server(root, f"[(1.0, {mbps})]")
+            try:
+                ctx, fp16 = url + "/contexts/ctx.kvz/manifest", url + "/contexts/fp16.kvz/manifest"
+                cells = {
+                    "kvzip adaptive": run(km, ctx, deadline=args.deadline,
+                                          recompute_tokens_per_second=prefill_tps),
+                    "full fp16 KV": run(km, fp16),
+                }
+                # Recomputing moves only the manifest over the link, so its time barely
+                # depends on the link; on a CPU it takes minutes, so it is measured once.
+                if i == 0 or not args.recompute_once:
+                    cells["text + recompute"] = run(km, ctx, levels=[])
+            finally:
+                stop_server(proc)
+            for method, cell in cells.items():
+                rows.append({"mbps": mbps, "method": method, **cell})
+                print(f"{mbps:>6.0f} Mbit/s  {method:<17} {json.dumps(cell)}", file=sys.stderr)
+        report["ttft"] = rows
+
+        proc, url = start_server(root, repr(TRACE))
+        try:
+            ctx = url + "/contexts/ctx.kvz/manifest"
+            methods = (("kvzip adaptive", None), ("lossless only", ["lossless"]),
+                       ("small only", ["small"]))
+            trace: dict[str, list[bool]] = {method: [] for method, _ in methods}
+            for _ in range(args.trace_runs):
+                for method, levels in methods:
+                    cell = run(km, ctx, deadline=args.deadline, levels=levels,
+                               recompute_tokens_per_second=prefill_tps)
+                    trace[method].append(bool(cell["deadline_met"]))
+        finally:
+            stop_server(proc)
+        report["trace"] = {"schedule_mbps": TRACE, "runs": args.trace_runs,
+                           "deadline_met_share": {m: sum(v) / len(v) for m, v in trace.items()}}
+        print(json.dumps(report["trace"]), file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+def run_local_warmup(km: KVModel, root: Path) -> None:
+    """One unthrottled pass so that first-call costs (kernels, allocators) are not measured."""
+    proc, url = start_server(root, "[(1.0, 100000.0)]")
+    try:
+        stream_generate(url + "/contexts/ctx.kvz/manifest", PROMPT, km, max_new_tokens=1,
+                        levels=["small"])
+    finally:
+        stop_server(proc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""``kvzip ask``: retrieve passages from a store, attach their caches, answer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+
+from kvzip import api
+from kvzip.cli.console import err_console, out_console, progress_bars, status
+from kvzip.cli.errors import handle_errors
+from kvzip.store import PassageStore, ask
+
+
+@handle_errors
+def ask_command(
+    question: str = typer.Argument(..., help="The question."),
+    store: Path = typer.Option(..., "--store", "-s", help="A store made by `kvzip precache`."),
+    top_k: int = typer.Option(3, "--top-k", "-k", help="Passages to retrieve (BM25)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate."),
+    blend_recompute: float = typer.Option(0.0, "--blend-recompute", help="Share of each passage's first tokens to recompute with the real preceding context (0-1; CacheBlend-style)."),
+    level: str = typer.Option(None, "--level", "-l", help="Level of the caches to use (default: the store's)."),
+    model: str = typer.Option(None, "--model", "-m", help="The model the store was filled with (default: embedded SmolLM2-135M-Instruct)."),
+    compare: bool = typer.Option(True, "--compare/--no-compare", help="Also time a full prefill of the same prompt."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Answer QUESTION from the store's best passages, reusing their caches (greedy)."""
+    with PassageStore(store) as passage_store:
+        with status("loading model…", not quiet):
+            km = api.load_model(model)
+        with progress_bars(not quiet) as progress:
+            result = ask(
+                passage_store, question, km, top_k=top_k, max_new_tokens=max_new_tokens,
+                level=level, blend_recompute=blend_recompute, compare=compare, progress=progress,
+            )
+    if json_out:
+        out_console.print_json(data={**asdict(result), "speedup": result.speedup})
+        return
+    out_console.print(result.answer.strip(), highlight=False, markup=False)
+    err_console.print("[bold]sources[/]", highlight=False)
+    for s in result.sources:
+        where = s.doc_key if s.doc_key == s.source else f"{s.doc_key} ({s.source})"
+        err_console.print(f"  {where} passage {s.passage} ({s.tokens} tokens, bm25 {-s.bm25:.2f})", highlight=False, markup=False)
+    err_console.print(
+        f"[dim]{result.context_tokens} context + {result.prompt_tokens} prompt tokens, level "
+        f"{result.level}, recompute {result.blend_recompute:g}: fetch {result.fetch_seconds:.2f} s, "
+        f"assemble {result.assemble_seconds:.2f} s, first token after {result.first_token_seconds:.2f} s[/]"
+    )
+    if result.baseline_first_token_seconds is not None:
+        same = "identical" if result.baseline_identical else "different"
+        err_console.print(
+            f"full prefill of the same prompt: first token after "
+            f"{result.baseline_first_token_seconds:.2f} s -> {result.speedup:.1f}x faster; answer {same}"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ask")(ask_command)

@@ -1,0 +1,93 @@
+"""``kvzip precache``: documents -> passages -> one cached artifact per passage in a store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from kvzip import api
+from kvzip.cli.console import err_console, human_bytes, out_console, status
+from kvzip.cli.errors import handle_errors
+from kvzip.store import DEFAULT_PASSAGE_TOKENS, ENGINES, PassageStore, check_level, precache
+
+_LABELS = {"split": "split documents", "precache": "prefill + store passages"}
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second (rich's own speed column counts bytes)."""
+
+    def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:.2f}/s", style="progress.data.speed")
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator:
+    if not enabled:
+        yield lambda stage, done, total: None
+        return
+    bars = Progress(
+        TextColumn("{task.description:<26}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(_LABELS.get(stage, stage), total=total)
+        bars.update(tasks[stage], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+@handle_errors
+def precache_command(
+    docs: list[Path] = typer.Argument(..., help="Text files, directories (read recursively) and .jsonl files ({\"id\", \"text\"} per line)."),
+    store: Path = typer.Option(..., "--store", "-s", help="Store directory (created if missing): index.sqlite and, by default, artifacts/."),
+    passage_tokens: int = typer.Option(DEFAULT_PASSAGE_TOKENS, "--passage-tokens", help="Most tokens per passage (cuts prefer paragraph, then sentence ends)."),
+    level: str = typer.Option(None, "--level", "-l", help="Quality level of the stored caches (default: balanced, or lossless where no lossy level exists)."),
+    model: str = typer.Option(None, "--model", "-m", help="Model: local dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)."),
+    artifacts: str = typer.Option(None, "--artifacts", help="Where artifacts live, as an fsspec URL (s3://bucket/prefix, file:///path); remembered by the store."),
+    engine: str = typer.Option("local", "--engine", help=f"Run passages here or as Ray tasks ({', '.join(ENGINES)})."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Split documents into passages, prefill each once on its own, and store its cache."""
+    level = check_level(level)
+    with PassageStore(store, artifacts=artifacts, create=True) as passage_store:
+        with status("loading model…", not quiet):
+            km = api.load_model(model)
+        with _progress(not quiet) as progress:
+            summary = precache(
+                docs, passage_store, km, passage_tokens=passage_tokens, level=level,
+                engine=engine, progress=progress,
+            )
+    if json_out:
+        out_console.print_json(data=summary.to_json())
+        return
+    err_console.print(
+        f"[bold green]{summary.store}[/]: {summary.documents} documents, {summary.passages} passages "
+        f"({summary.unique_passages} distinct), level {summary.level}\n"
+        f"  cached now {summary.cached} ({summary.cached_tokens} tokens, "
+        f"{human_bytes(summary.written_bytes)}) at {summary.passages_per_second:.2f} passages/s; "
+        f"already there {summary.already_cached}, recovered {summary.adopted}",
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("precache")(precache_command)

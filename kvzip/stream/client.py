@@ -1,0 +1,353 @@
+"""Adaptive streaming for generation: fetch a context chunk by chunk, attach it, generate.
+
+:func:`stream_generate` opens a context (a kvzip manifest URL, or a ``.kvz`` URL
+on any server with byte ranges), then a download thread walks the chunks: for
+each it asks :func:`~kvzip.stream.controller.choose_level` for the best level
+that still meets the deadline at the throughput measured so far, fetches that
+payload and checks its checksum, while the calling thread decodes the chunk
+before it (decoding overlaps downloading).  A chunk no level can deliver in
+time is recomputed by the model from its token ids, with the chunks before it
+as cache.  The result reports time to first token and where it went.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from kvzip.codecs import ChunkContext, Codec, codec_from_config
+from kvzip.errors import CodecError, FetchError, InputError, UnknownLevelError
+from kvzip.formats import IndexEntry, KvzHeader, KvzReader
+from kvzip.model import TORCH_DTYPES, ChatTemplate, KVModel
+from kvzip.pipeline import Progress, no_progress, storage_to_kv
+from kvzip.stream.controller import Decision, ThroughputMeter, choose_level, rank_levels
+from kvzip.stream.http import HttpRangeSource, RetryPolicy, get_json, new_client
+from kvzip.stream.manifest import ContextManifest, manifest_from_reader, parse_manifest
+
+RECOMPUTE = "recompute"  # the level reported for a chunk the model recomputed
+LOOKAHEAD = 2  # chunks downloaded ahead of the decoder: overlap, with bounded memory
+
+
+@dataclass
+class ChunkReport:
+    chunk: int
+    tokens: int
+    level: str  # a level name, or RECOMPUTE
+    bytes: int  # payload bytes fetched (0 when recomputed)
+    fetch_seconds: float
+    work_seconds: float  # decoding, or recomputing
+    throughput_mbps: float  # the estimate the decision used
+    seconds_left: float | None  # network time left before the deadline, at the decision
+
+
+@dataclass
+class StreamResult:
+    text: str
+    new_token_ids: list[int]
+    cached_tokens: int
+    prompt_tokens: int
+    deadline: float | None
+    deadline_met: bool | None  # context ready (fetched, decoded, recomputed) by the deadline
+    context_ready_seconds: float
+    first_token_seconds: float  # time to first token, from the call
+    total_seconds: float
+    # Where the time to first token went; network and decoding overlap, so
+    # network_seconds (time spent in transfers) and decode_seconds can add up to
+    # more than context_ready_seconds.  network_wait_seconds is the part the
+    # decoder spent waiting for bytes.
+    manifest_seconds: float
+    network_seconds: float
+    network_wait_seconds: float
+    decode_seconds: float
+    recompute_seconds: float
+    prompt_and_first_token_seconds: float
+    bytes_fetched: int
+    chunks: list[ChunkReport] = field(default_factory=list)
+
+    @property
+    def levels(self) -> list[str]:
+        return [c.level for c in self.chunks]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "levels": self.levels}
+
+
+# ---------------------------------------------------------------- open a context
+def open_context(
+    url: str, client: httpx.Client, policy: RetryPolicy = RetryPolicy()
+) -> tuple[ContextManifest, HttpRangeSource, float]:
+    """(manifest, source of the file's bytes, throughput estimate in bytes/s) for ``url``.
+
+    A URL whose path ends in ``.kvz`` is read with range requests from any
+    server; anything else is taken as a kvzip manifest URL.  The estimate is the
+    rate the bodies arrived at; small bodies underestimate a fast link, which
+    errs on the side of meeting the deadline, and the first chunk corrects it.
+    """
+    if httpx.URL(url).path.endswith(".kvz"):
+        source = HttpRangeSource(url, client, policy=policy)
+        reader = KvzReader(source)
+        manifest = manifest_from_reader(reader, url, source.etag)
+        rate = source.bytes_received / max(source.body_seconds, 1e-6)
+    else:
+        data, rate = get_json(client, url, policy)
+        manifest = parse_manifest(data, url)
+        source = HttpRangeSource(
+            manifest.file_url, client, etag=manifest.etag, size=manifest.file_size, policy=policy
+        )
+    return manifest, source, rate
+
+
+# ------------------------------------------------------------------ decode a chunk
+class ChunkDecoder:
+    """Decodes payloads with the codecs a header names, into the header's storage dtype."""
+
+    def __init__(self, header: KvzHeader):
+        self.header = header
+        self._codecs: dict[int, Codec] = {}
+
+    def decode(self, entry: IndexEntry, payload: bytes) -> torch.Tensor:
+        h = self.header
+        if entry.level not in self._codecs:
+            self._codecs[entry.level] = codec_from_config(h.levels[entry.level].codec)
+        ctx = ChunkContext(
+            entry.token_start, entry.token_count, h.num_layers, h.kv_heads, h.head_dim,
+            h.dtype, h.rope_inv_freq,
+        )
+        kv = self._codecs[entry.level].decode(payload, ctx)
+        if kv.shape != ctx.shape:
+            raise CodecError(f"chunk {entry.chunk} decoded to shape {kv.shape}, expected {ctx.shape}")
+        return storage_to_kv(np.asarray(kv), h.dtype)
+
+
+@torch.inference_mode()
+def recompute_chunk(km: KVModel, previous: Sequence[torch.Tensor], ids: Sequence[int]) -> torch.Tensor:
+    """The KV of ``ids`` read after the cached chunks ``previous``, as [2, L, H, len(ids), D]."""
+    if not previous:
+        return km.prefill(ids)
+    past = torch.cat(list(previous), dim=3)
+    cache = km.build_cache(past)
+    km.model(input_ids=torch.tensor([list(ids)], dtype=torch.long), past_key_values=cache,
+             use_cache=True)
+    cached = past.shape[3]
+    return km.cache_to_tensor(cache, cached + len(ids))[:, :, :, cached:]
+
+
+# ------------------------------------------------------------------- the download thread
+@dataclass
+class _Fetched:
+    report: ChunkReport
+    entry: IndexEntry | None  # None: recompute
+    payload: bytes = b""
+
+
+class _Downloader(threading.Thread):
+    """Fetches chunk payloads in order, one level decision per chunk, at most LOOKAHEAD ahead."""
+
+    def __init__(self, manifest: ContextManifest, source: HttpRangeSource, levels: list[str],
+                 meter: ThroughputMeter, deadline: float | None, started: float):
+        super().__init__(name="kvzip-stream-download", daemon=True)
+        self.manifest, self.source, self.levels = manifest, source, levels
+        self.meter, self.deadline, self.started = meter, deadline, started
+        self.out: queue.Queue[_Fetched | BaseException] = queue.Queue(LOOKAHEAD)
+        self.stop = threading.Event()
+        self.consumed = threading.Semaphore(0)  # released by the consumer after each chunk
+        self._consumed = 0
+        # Seconds the decoder last took for a chunk: the last chunk is decoded after the
+        # network is done, so that much of the deadline is kept back from the network.
+        self.tail_seconds = 0.0
+        # A prior from the caller, then measured by the consumer on each recomputed chunk.
+        self.recompute_seconds_per_token: float | None = None
+
+    def run(self) -> None:
+        try:
+            chunks = self.manifest.chunks
+            for i, chunk in enumerate(chunks):
+                left = None if self.deadline is None else (
+                    self.deadline - (time.perf_counter() - self.started) - self.tail_seconds)
+                per_token = self.recompute_seconds_per_token
+                decision = choose_level(
+                    [c.sizes() for c in chunks[i:]], self.levels, self.meter.bytes_per_second,
+                    math.inf if left is None else left,
+                    None if per_token is None else per_token * sum(c.token_count for c in chunks[i:]),
+                )
+                self._put(self._fetch(chunk.chunk, chunk.token_count, chunk.payloads, decision, left))
+                if decision.recompute:
+                    # Decide the next chunk only once this one is recomputed: by then the
+                    # clock has moved and the recompute's cost is measured.
+                    self._wait_until_consumed(i + 1)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._put(exc)
+
+    def _wait_until_consumed(self, count: int) -> None:
+        while self._consumed < count and not self.stop.is_set():
+            if self.consumed.acquire(timeout=0.1):
+                self._consumed += 1
+
+    def _fetch(self, number: int, tokens: int, payloads: dict[str, IndexEntry],
+               decision: Decision, left: float | None) -> _Fetched:
+        report = ChunkReport(number, tokens, decision.level or RECOMPUTE, 0, 0.0, 0.0,
+                             self.meter.bytes_per_second * 8 / 1e6, left)
+        if decision.level is None:
+            return _Fetched(report, None)
+        entry = payloads[decision.level]
+        t0 = time.perf_counter()
+        payload = self.source.get_bytes(entry.offset, entry.length)
+        report.fetch_seconds = time.perf_counter() - t0
+        report.bytes = len(payload)
+        if zlib.crc32(payload) != entry.crc32:
+            raise FetchError(
+                f"chunk {number} of level {decision.level!r}: checksum mismatch "
+                f"(expected {entry.crc32:08x}, got {zlib.crc32(payload):08x}); the server sent "
+                "corrupt bytes"
+            )
+        self.meter.add(len(payload), report.fetch_seconds)
+        return _Fetched(report, entry, payload)
+
+    def _put(self, item: _Fetched | BaseException) -> None:
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+
+# --------------------------------------------------------------------------- generate
+def stream_generate(
+    url: str,
+    prompt: str,
+    model: KVModel,
+    *,
+    deadline: float | None = None,
+    max_new_tokens: int = 64,
+    levels: Sequence[str] | None = None,
+    initial_mbps: float | None = None,
+    recompute_tokens_per_second: float | None = None,
+    client: httpx.Client | None = None,
+    policy: RetryPolicy = RetryPolicy(),
+    progress: Progress = no_progress,
+) -> StreamResult:
+    """Stream the context at ``url`` into ``model``'s cache and generate after ``prompt``.
+
+    ``deadline`` (seconds from the call) bounds the time until the context is
+    ready; None fetches every chunk at the best level.  ``levels`` restricts the
+    levels used (an empty list recomputes everything, the text-only baseline).
+    ``initial_mbps`` replaces the throughput estimate taken while opening.
+    ``recompute_tokens_per_second`` is a prior for how fast ``model`` recomputes
+    (its prefill speed on this machine); without it the first recompute is taken
+    on CacheGen's assumption that recomputing is cheap, and measured.
+    """
+    if max_new_tokens < 1:
+        raise InputError("--max-new-tokens must be at least 1")
+    if deadline is not None and not deadline > 0:
+        raise InputError(f"--deadline must be a positive number of seconds, got {deadline}")
+    started = time.perf_counter()
+    own_client = client is None
+    client = client or new_client()
+    try:
+        manifest, source, estimate = open_context(url, client, policy)
+        manifest_seconds = time.perf_counter() - started
+        header = manifest.header
+        model.check_identity(header.raw["model"])
+        allowed = _allowed_levels(manifest, levels)
+        meter = ThroughputMeter(initial_mbps * 1e6 / 8 if initial_mbps else estimate)
+        downloader = _Downloader(manifest, source, allowed, meter, deadline, started)
+        if recompute_tokens_per_second:
+            downloader.recompute_seconds_per_token = 1 / recompute_tokens_per_second
+        downloader.start()
+        try:
+            parts, reports, wait, decode_s, recompute_s = _assemble(
+                manifest, model, downloader, progress)
+        finally:
+            downloader.stop.set()
+            downloader.join()
+    finally:
+        if own_client:
+            client.close()
+    ready = time.perf_counter()
+    kv = torch.cat(parts, dim=3)
+    chat = ChatTemplate(**header.raw["chat"]) if header.raw.get("chat") else None
+    doc_ids = manifest.token_ids
+    prompt_ids = model.prompt_ids(prompt, chat)
+    first: list[float] = []
+    new_ids = model.generate(
+        doc_ids + prompt_ids, kv=kv, max_new_tokens=max_new_tokens,
+        on_token=lambda: first.append(time.perf_counter()) if not first else None,
+    )
+    done = time.perf_counter()
+    first_at = first[0] if first else done
+    context_ready = ready - started
+    return StreamResult(
+        text=model.decode_ids(new_ids),
+        new_token_ids=new_ids,
+        cached_tokens=len(doc_ids),
+        prompt_tokens=len(prompt_ids),
+        deadline=deadline,
+        deadline_met=None if deadline is None else context_ready <= deadline,
+        context_ready_seconds=context_ready,
+        first_token_seconds=first_at - started,
+        total_seconds=done - started,
+        manifest_seconds=manifest_seconds,
+        network_seconds=sum(r.fetch_seconds for r in reports),
+        network_wait_seconds=wait,
+        decode_seconds=decode_s,
+        recompute_seconds=recompute_s,
+        prompt_and_first_token_seconds=first_at - ready,
+        bytes_fetched=sum(r.bytes for r in reports),
+        chunks=reports,
+    )
+
+
+def _allowed_levels(manifest: ContextManifest, levels: Sequence[str] | None) -> list[str]:
+    ranked = rank_levels([c.sizes() for c in manifest.chunks])
+    if levels is None:
+        return ranked
+    unknown = [name for name in levels if name not in ranked]
+    if unknown:
+        raise UnknownLevelError(
+            f"the context has no level {unknown[0]!r} (it has: {', '.join(ranked)})"
+        )
+    return [name for name in ranked if name in levels]
+
+
+def _assemble(
+    manifest: ContextManifest, model: KVModel, downloader: _Downloader, progress: Progress
+) -> tuple[list[torch.Tensor], list[ChunkReport], float, float, float]:
+    """Decode or recompute each chunk as the downloader delivers it, in order."""
+    decoder = ChunkDecoder(manifest.header)
+    dtype = TORCH_DTYPES[manifest.header.dtype]
+    parts: list[torch.Tensor] = []
+    reports: list[ChunkReport] = []
+    wait = decode_s = recompute_s = 0.0
+    total = len(manifest.chunks)
+    for chunk in manifest.chunks:
+        t0 = time.perf_counter()
+        item = downloader.out.get()
+        t1 = time.perf_counter()
+        wait += t1 - t0
+        if isinstance(item, BaseException):
+            raise item
+        if item.entry is None:
+            parts.append(recompute_chunk(model, parts, chunk.token_ids).to(dtype))
+            item.report.work_seconds = time.perf_counter() - t1
+            recompute_s += item.report.work_seconds
+            downloader.recompute_seconds_per_token = item.report.work_seconds / chunk.token_count
+        else:
+            parts.append(decoder.decode(item.entry, item.payload))
+            item.report.work_seconds = time.perf_counter() - t1
+            decode_s += item.report.work_seconds
+            downloader.tail_seconds = item.report.work_seconds
+        reports.append(item.report)
+        downloader.consumed.release()
+        progress("stream", len(parts), total)
+    return parts, reports, wait, decode_s, recompute_s

@@ -1,0 +1,360 @@
+"""``kvzip serve-chunks``: a read-only HTTP server for the ``.kvz`` files under one root.
+
+Routes (described in :mod:`kvzip.stream.openapi`, served at ``/openapi.json``):
+
+- ``GET /contexts`` lists the contexts;
+- ``GET /contexts/{name}/manifest`` is a context's manifest (:mod:`kvzip.stream.manifest`);
+- ``GET /contexts/{name}/chunks/{chunk}/{level}`` is one chunk payload;
+- ``GET /{name}`` is the whole file, with a single byte range, a strong ETag,
+  ``If-None-Match`` and ``If-Range``, exactly what a static server or CDN gives,
+  so clients that only need ranges can be pointed at one instead.
+
+Files are opened per request and served from the open descriptor, so a file
+replaced by an atomic rename mid-response keeps serving the old bytes under the
+old ETag.  Manifests are cached per file identity (inode, mtime, size).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from kvzip.errors import InputError, KvzipError
+from kvzip.formats import KvzReader
+from kvzip.formats.source import checked_range
+from kvzip.stream.manifest import build_manifest, manifest_url
+from kvzip.stream.middleware import GuardMiddleware, Throttle, ThrottleMiddleware, error_response
+from kvzip.stream.openapi import openapi_spec
+from kvzip.stream.paths import PathRejected, list_contexts, resolve_context
+from kvzip.stream.ranges import RangeNotSatisfiableError, RangeSyntaxError, parse_range
+
+BODY_PIECE = 64 << 10  # file bodies are read and sent in pieces this size
+MAX_MANIFEST_BYTES = 64 << 20  # the client's cap on JSON bodies
+MANIFEST_CACHE = 128  # manifests kept in memory (each is small next to its file)
+
+
+# ------------------------------------------------------------------------ files
+class OpenFile:
+    """An open file served by descriptor: a thread-safe ByteSource (``pread``) with its ETag."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(self.fd)
+        self.identity = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        self._size = st.st_size
+        # Strong: any rewrite changes mtime or inode (atomic writes rename a new inode in).
+        digest = hashlib.sha256(repr(self.identity).encode()).hexdigest()[:24]
+        self.etag = f'"{digest}"'
+
+    def size(self) -> int:
+        return self._size
+
+    def get_bytes(self, offset: int, length: int) -> bytes:
+        start, end = checked_range(offset, length, self._size)
+        data = os.pread(self.fd, end - start, start)
+        if len(data) != length:
+            raise InputError("file shrank while it was being served")
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+async def _open(path: Path) -> OpenFile:
+    return await anyio.to_thread.run_sync(OpenFile, path)
+
+
+async def _pieces(file: OpenFile, start: int, end: int) -> AsyncIterator[bytes]:
+    """The bytes ``[start, end)`` in pieces, read off the event loop; closes the file."""
+    try:
+        while start < end:
+            n = min(BODY_PIECE, end - start)
+            yield await anyio.to_thread.run_sync(file.get_bytes, start, n)
+            start += n
+    finally:
+        file.close()
+
+
+# -------------------------------------------------------------------- responses
+def _etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match's weak comparison: W/ prefixes are ignored, ``*`` matches anything."""
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+def _file_response(request: Request, file: OpenFile) -> Response:
+    """200, 206, 304, 400 or 416 for a GET/HEAD of the whole file; the caller opened ``file``."""
+    size, etag = file.size(), file.etag
+    headers = {"etag": etag, "accept-ranges": "bytes", "cache-control": "no-cache"}
+    inm = request.headers.get("if-none-match")
+    if inm is not None and _etag_matches(inm, etag):
+        file.close()
+        return Response(status_code=304, headers=headers)
+    ranges = request.headers.getlist("range")
+    if_range = request.headers.get("if-range")
+    # If-Range compares strongly; a date or another ETag means "send it all".
+    if if_range is not None and if_range.strip() != etag:
+        ranges = []
+    status, start, end = 200, 0, size
+    try:
+        if len(ranges) > 1:
+            raise RangeSyntaxError("more than one Range header")
+        if ranges:
+            byte_range = parse_range(ranges[0], size)
+            status, start, end = 206, byte_range.start, byte_range.end
+            headers["content-range"] = byte_range.content_range()
+    except RangeSyntaxError as exc:
+        file.close()
+        return error_response(400, str(exc), headers)
+    except RangeNotSatisfiableError as exc:
+        file.close()
+        return error_response(416, str(exc), {**headers, "content-range": f"bytes */{size}"})
+    headers["content-length"] = str(end - start)
+    media = "application/octet-stream"
+    if request.method == "HEAD":
+        file.close()
+        return Response(status_code=status, headers=headers, media_type=media)
+    return StreamingResponse(_pieces(file, start, end), status, headers, media)
+
+
+# --------------------------------------------------------------------- contexts
+@dataclass(frozen=True)
+class Context:
+    """What the server knows about one valid ``.kvz``: its manifest, cached per file identity."""
+
+    etag: str
+    manifest: dict[str, Any]
+    manifest_bytes: bytes
+
+
+class ContextCache:
+    """Manifests by file identity, least recently used first out."""
+
+    def __init__(self, capacity: int = MANIFEST_CACHE):
+        self._items: OrderedDict[tuple[int, ...], Context] = OrderedDict()
+        self._capacity = capacity
+
+    def get(self, file: OpenFile, name: str) -> Context:
+        """The context of the open ``file``; raises :class:`KvzipError` if it is not a valid .kvz."""
+        key = file.identity
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        manifest = build_manifest(KvzReader(file), name, file.etag)
+        data = json.dumps(manifest, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise InputError(f"manifest would be {len(data)} bytes, over {MAX_MANIFEST_BYTES}")
+        context = Context(file.etag, manifest, data)
+        self._items[key] = context
+        if len(self._items) > self._capacity:
+            self._items.popitem(last=False)
+        return context
+
+
+class KvzApp:
+    """The route handlers; ``root`` must exist and is resolved once."""
+
+    def __init__(self, root: Path):
+        self.root = root.resolve(strict=True)
+        if not self.root.is_dir():
+            raise InputError(f"not a directory: {root}")
+        self.cache = ContextCache()
+
+    async def _context(self, name: str) -> tuple[OpenFile, Context]:
+        file = await _open(resolve_context(self.root, name))
+        try:
+            context = await anyio.to_thread.run_sync(self.cache.get, file, name)
+        except BaseException:
+            file.close()
+            raise
+        return file, context
+
+    async def listing(self, request: Request) -> Response:
+        names = await anyio.to_thread.run_sync(lambda: list(list_contexts(self.root)))
+        contexts = []
+        for name in names:
+            entry: dict[str, Any] = {"name": name, "url": "/" + name, "manifest": manifest_url(name)}
+            try:
+                file, context = await self._context(name)
+            except (PathRejected, OSError):
+                continue  # removed since the walk
+            except KvzipError as exc:
+                entry["error"] = str(exc)
+            else:
+                file.close()
+                header = context.manifest["header"]
+                entry.update(
+                    size=context.manifest["file"]["size"],
+                    etag=context.etag,
+                    tokens=header["token_count"],
+                    levels=[level["name"] for level in header["levels"]],
+                    model_fingerprint=context.manifest["model_fingerprint"],
+                )
+            contexts.append(entry)
+        return JSONResponse({"contexts": contexts})
+
+    async def manifest(self, request: Request) -> Response:
+        file, context = await self._context(request.path_params["name"])
+        file.close()
+        if_none_match = request.headers.get("if-none-match")
+        headers = {"etag": context.etag, "cache-control": "no-cache"}
+        if if_none_match is not None and _etag_matches(if_none_match, context.etag):
+            return Response(status_code=304, headers=headers)
+        return Response(context.manifest_bytes, headers=headers, media_type="application/json")
+
+    async def chunk(self, request: Request) -> Response:
+        params = request.path_params
+        file, context = await self._context(params["name"])
+        try:
+            chunks = context.manifest["chunks"]
+            number, level = params["chunk"], params["level"]
+            if number >= len(chunks) or level not in chunks[number]["levels"]:
+                return error_response(404, f"no chunk {number} at level {level!r}")
+            where = chunks[number]["levels"][level]
+            data = await anyio.to_thread.run_sync(file.get_bytes, where["offset"], where["length"])
+        finally:
+            file.close()
+        headers = {"etag": context.etag, "x-kvzip-crc32": f"{where['crc32']:08x}"}
+        return Response(data, headers=headers, media_type="application/octet-stream")
+
+    async def whole_file(self, request: Request) -> Response:
+        file = await _open(resolve_context(self.root, request.path_params["name"]))
+        return _file_response(request, file)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_spec())
+
+
+async def _path_rejected(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, PathRejected)
+    return error_response(exc.status, str(exc))
+
+
+async def _invalid_kvz(request: Request, exc: Exception) -> Response:
+    return error_response(422, f"not a valid .kvz: {exc}")
+
+
+async def _unreadable(request: Request, exc: Exception) -> Response:
+    return error_response(404, "not found")  # unreadable or vanished: say no more than for missing
+
+
+# -------------------------------------------------------------------------- app
+def create_app(root: str | os.PathLike[str], throttle: Throttle | None = None) -> ASGIApp:
+    """The ASGI app serving ``root``; ``throttle`` paces bodies (tests and benchmarks only)."""
+    handlers = KvzApp(Path(root))
+    app = Starlette(
+        routes=[
+            Route("/openapi.json", handlers.openapi, methods=["GET"]),
+            Route("/contexts", handlers.listing, methods=["GET"]),
+            Route("/contexts/{name:path}/manifest", handlers.manifest, methods=["GET"]),
+            Route("/contexts/{name:path}/chunks/{chunk:int}/{level}", handlers.chunk,
+                  methods=["GET"]),
+            Route("/{name:path}", handlers.whole_file, methods=["GET"]),
+        ],
+        exception_handlers={
+            PathRejected: _path_rejected, KvzipError: _invalid_kvz, OSError: _unreadable,
+        },
+    )
+    inner: ASGIApp = app if throttle is None else ThrottleMiddleware(app, throttle)
+    return GuardMiddleware(inner)
+
+
+def log_config(level: str = "info") -> dict[str, Any]:
+    """uvicorn's logging config plus kvzip's access log, all on stderr."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["kvzip.stream"] = {"handlers": ["default"], "level": level.upper(),
+                                         "propagate": False}
+    return config
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket; port 0 picks a free one (read it back from ``getsockname()``)."""
+    try:
+        return socket.create_server((host, port))
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def make_server(app: ASGIApp, log_level: str | None = "info") -> Any:
+    """A uvicorn server for ``app`` with kvzip's bounds; run it with ``server.run(sockets=[...])``.
+
+    uvicorn installs SIGINT/SIGTERM handlers when run in the main thread and
+    then stops accepting, lets open responses finish (up to the grace time) and
+    exits.  ``log_level`` None leaves the process's logging alone (embedded use).
+    """
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        log_config=None if log_level is None else log_config(log_level),
+        log_level=log_level,
+        access_log=False,  # kvzip.stream.access logs with sizes and times instead
+        limit_concurrency=512,  # beyond this uvicorn answers 503
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+        h11_max_incomplete_event_size=16 << 10,  # caps request line + headers
+        server_header=False,
+    )
+    return uvicorn.Server(config)
+
+
+def serve(
+    root: str | os.PathLike[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    throttle: Throttle | None = None,
+    on_ready: Callable[[str], None] | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve ``root`` until SIGINT or SIGTERM; ``on_ready`` gets the base URL once listening."""
+    app = create_app(root, throttle)
+    sock = bind(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    if on_ready is not None:
+        on_ready(f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}")
+    make_server(app, log_level).run(sockets=[sock])
+
+
+@contextmanager
+def serve_in_thread(app: ASGIApp, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run ``app`` on a free port of ``host`` in a background thread; yields the base URL.
+
+    For tests and benchmarks: the server is always stopped (and its thread
+    joined) when the block ends, however it ends.
+    """
+    sock = bind(host, 0)
+    server = make_server(app, log_level=None)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
