@@ -160,11 +160,17 @@ class LoadedKV:
 
 
 def load_kv(
-    path: str | os.PathLike[str], level: str | None = None, progress: Progress = no_progress
+    path: str | os.PathLike[str], level: str | None = None, progress: Progress = no_progress,
+    *, decoders: int | None = None,
 ) -> LoadedKV:
-    """Decode one level of a ``.kvz`` into a tensor, with its header and token ids."""
+    """Decode one level of a ``.kvz`` into a tensor, with its header and token ids.
+
+    Large levels decode on several processes straight into a shared buffer that
+    the returned tensor wraps without a copy (``decoders``: see
+    :meth:`KvzReader.decode_level`).
+    """
     with open_kvz(path) as reader:
         name = _level_name(reader, level)
-        array = reader.decode_level(name)
+        array = reader.decode_level(name, decoders=decoders)
         kv = storage_to_kv(array, reader.header.dtype)
         return LoadedKV(reader.header.raw, reader.token_ids().tolist(), kv, name)

@@ -24,6 +24,7 @@ Python); constriction itself runs at roughly 30-50 M symbols/s on one core.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -99,6 +100,26 @@ def _param_weights(k, mu4, sidx, shape):
     u = (d << 22) // _s_fixed(sidx)
     np.minimum(u, _U_LEN - 1, out=u)
     return _GG[shape, u]
+
+
+@functools.lru_cache(maxsize=4096)
+def _cluster_models(frac: int, sidx: int, shape: int, lo: int, span: int):
+    """constriction models of one cluster: (single, pair or None, pair lookup table or None).
+
+    A cluster's model is fixed by five small integers that recur across rows, layers
+    and chunks, so the models (building one costs as much as decoding a few thousand
+    symbols) are built once per process.  The table maps a pair symbol
+    ``a * span + b`` to ``(a + lo, b + lo)``.
+    """
+    k = np.arange(lo, lo + span, dtype=np.int64)
+    w = _param_weights(k, np.int64(frac), np.int64(sidx), np.int64(shape)).astype(np.float64)
+    single = _Categorical(w, perfect=False)
+    if span > _PAIR_MAX_SPAN:
+        return single, None, None
+    pair = _Categorical(np.outer(w, w).ravel(), perfect=False)
+    p = np.arange(span * span, dtype=np.int32)
+    table = np.stack([p // span + lo, p % span + lo], axis=1).astype(np.int32)
+    return single, pair, table
 
 
 class RangeCoder(SymbolCoder):
@@ -191,42 +212,22 @@ class RangeCoder(SymbolCoder):
             self._code_cluster(enc, sym, c_frac[c], c_sidx[c], c_shape[c], c_lo[c], c_span[c])
         return side, enc.get_compressed()
 
-    @staticmethod
-    def _cluster_weights(frac, sidx, shape, lo, span):
-        k = np.arange(lo, lo + span, dtype=np.int64)
-        w = _param_weights(k, np.int64(frac), np.int64(sidx), np.int64(shape))
-        return w.astype(np.float64)
-
-    def _code_cluster(self, coder, sym, frac, sidx, shape, lo, span, count=0):
-        """Encode ``sym`` (0-based) or, when ``count`` is given, decode that many."""
-        w = self._cluster_weights(frac, sidx, shape, lo, span)
-        m = sym.size if count == 0 else count
-        npairs = m // 2 if span <= _PAIR_MAX_SPAN else 0
-        single = _Categorical(w, perfect=False)
+    def _code_cluster(self, coder, sym, frac, sidx, shape, lo, span):
+        """Encode ``sym`` (0-based symbols of one cluster)."""
+        single, pair, _ = _cluster_models(int(frac), int(sidx), int(shape), int(lo), int(span))
+        m = sym.size
+        npairs = m // 2 if pair is not None else 0
         if npairs:
-            pair = _Categorical(np.outer(w, w).ravel(), perfect=False)
-        if count == 0:
-            if npairs:
-                coder.encode((sym[0 : 2 * npairs : 2] * span + sym[1 : 2 * npairs : 2]).astype(np.int32), pair)
-            if m > 2 * npairs:
-                coder.encode(sym[2 * npairs :].astype(np.int32), single)
-            return None
-        out = np.empty(m, np.int32)
-        if npairs:
-            p = coder.decode(pair, npairs)
-            q = p // np.int32(span)
-            out[0 : 2 * npairs : 2] = q
-            out[1 : 2 * npairs : 2] = p - q * np.int32(span)
+            coder.encode((sym[0 : 2 * npairs : 2] * span + sym[1 : 2 * npairs : 2]).astype(np.int32), pair)
         if m > 2 * npairs:
-            out[2 * npairs :] = coder.decode(single, m - 2 * npairs)
-        return out
+            coder.encode(sym[2 * npairs :].astype(np.int32), single)
 
     def _decode_clustered(self, raw, words, g, n):
         nc = struct.unpack_from("<I", raw, 0)[0]
         if len(raw) != 4 + 6 * g + 11 * nc:
             raise CodecError("entropy side info has the wrong size")
         pos = 4
-        center = np.frombuffer(raw, "<i4", g, pos).astype(np.int64)
+        center = np.frombuffer(raw, "<i4", g, pos).astype(np.int32)
         cid = np.frombuffer(raw, "<u2", g, pos + 4 * g).astype(np.int64)
         pos += 6 * g
         c_frac = np.frombuffer(raw, np.uint8, nc, pos).astype(np.int64)
@@ -240,21 +241,37 @@ class RangeCoder(SymbolCoder):
         if ((cid >= nc) & (cid != _CONST_ROW)).any():
             raise CodecError("entropy side info names an unknown model")
         out = np.empty((g, n), np.int32)
-        out[:] = center.astype(np.int32)[:, None]
-        if nc:
-            dec = _RangeDecoder(words)
-            rows_by_c = np.argsort(cid, kind="stable")
-            bounds = np.searchsorted(cid[rows_by_c], np.arange(nc + 1))
-            if (np.diff(bounds) == 0).any():
-                raise CodecError("entropy side info has an unused model")
-            parts = [
-                self._code_cluster(dec, None, c_frac[c], c_sidx[c], c_shape[c], c_lo[c], c_span[c],
-                                   count=int(bounds[c + 1] - bounds[c]) * n)
-                for c in range(nc)
-            ]
-            coded_rows = rows_by_c[: bounds[nc]]
-            out[coded_rows] += (np.concatenate(parts).reshape(-1, n)
-                                + c_lo[cid[coded_rows]].astype(np.int32)[:, None])
+        const = np.flatnonzero(cid == _CONST_ROW)
+        out[const] = center[const][:, None]
+        if not nc:
+            return out
+        rows_by_c = np.argsort(cid, kind="stable")
+        bounds = np.searchsorted(cid[rows_by_c], np.arange(nc + 1))
+        sizes = np.diff(bounds)
+        if (sizes == 0).any():
+            raise CodecError("entropy side info has an unused model")
+        # Clusters decode into one buffer in cluster order (a pair symbol is split by
+        # one table lookup); then one pass adds each row's centre and one copies the
+        # rows to their places.
+        dec = _RangeDecoder(words)
+        ncoded = int(bounds[nc])
+        buf = np.empty((ncoded, n), np.int32)
+        flat = buf.reshape(-1)
+        params = np.stack([c_frac, c_sidx, c_shape, c_lo, c_span], axis=1).tolist()
+        pos = 0
+        for c, m in enumerate((sizes * n).tolist()):
+            frac, sidx, shape, lo, span = params[c]
+            single, pair, table = _cluster_models(frac, sidx, shape, lo, span)
+            npairs = m // 2 if pair is not None else 0
+            if npairs:
+                np.take(table, dec.decode(pair, npairs), axis=0, mode="clip",
+                        out=flat[pos : pos + 2 * npairs].reshape(npairs, 2))
+            if m > 2 * npairs:
+                np.add(dec.decode(single, m - 2 * npairs), np.int32(lo), out=flat[pos + 2 * npairs : pos + m])
+            pos += m
+        rows = rows_by_c[:ncoded]
+        buf += center[rows][:, None]
+        out[rows] = buf
         return out
 
     def encode(self, matrix: np.ndarray) -> bytes:

@@ -173,8 +173,11 @@ class UniformStepQuantizer(Quantizer):
         ns = self._sinks(ctx)
         out = np.empty(ctx.shape, np.float32)
         main = _from_rows(blocks.matrices[0], (2, L, H, T - ns, D))
-        out[0, :, :, ns:] = main[0] * ks
-        out[1, :, :, ns:] = main[1] * (vs[:, :, ns:] if nv else vs)
+        # int32 symbols times float32 steps computed in float32: symbols are below
+        # 2**24, so this is the correctly rounded product, as a float64 product
+        # rounded to float32 would be, without the float64 temporaries.
+        np.multiply(main[0], ks, out=out[0, :, :, ns:], dtype=np.float32)
+        np.multiply(main[1], vs[:, :, ns:] if nv else vs, out=out[1, :, :, ns:], dtype=np.float32)
         if ns:
             sk = blocks.matrices[1].reshape(2, L, H, ns, D).astype(np.float32)
             out[0, :, :, :ns] = sk[0] * (ks * np.float32(1 / self.sink_factor))

@@ -28,14 +28,32 @@ def rope_cos_sin(ctx: ChunkContext) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def rotate(keys: np.ndarray, cos: np.ndarray, sin: np.ndarray, sign: float) -> np.ndarray:
-    """Apply (sign=+1) or undo (sign=-1) RoPE on keys [..., tokens, head_dim]."""
+def rotate(keys: np.ndarray, cos: np.ndarray, sin: np.ndarray, sign: float,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """Apply (sign=+1) or undo (sign=-1) RoPE on keys [..., tokens, head_dim].
+
+    ``out`` may be ``keys`` itself (rotation in place).  Works through the leading
+    axes a slab at a time so the temporaries stay in cache; the arithmetic (and so
+    every bit of the result) is the same as the whole-array formula
+    ``a * cos - b * s, b * cos + a * s``.
+    """
+    if out is None:
+        out = np.empty(keys.shape, keys.dtype)
     h = keys.shape[-1] // 2
-    a, b = keys[..., :h], keys[..., h:]
     s = sin if sign > 0 else -sin
-    out = np.empty_like(keys)
-    out[..., :h] = a * cos - b * s
-    out[..., h:] = b * cos + a * s
+    flat_in = keys.reshape(-1, *keys.shape[-2:])
+    flat_out = out.reshape(-1, *out.shape[-2:])
+    if out.size and not np.may_share_memory(flat_out, out):  # reshape had to copy
+        raise AssertionError("rotate needs an output whose leading axes merge without a copy")
+    per = max(1, (1 << 16) // max(1, keys.shape[-2] * h))  # ~256 KiB of float32 per temporary
+    for i in range(0, flat_in.shape[0], per):
+        a, b = flat_in[i : i + per, :, :h], flat_in[i : i + per, :, h:]
+        t1 = a * cos
+        t1 -= b * s
+        t2 = b * cos
+        t2 += a * s
+        flat_out[i : i + per, :, :h] = t1
+        flat_out[i : i + per, :, h:] = t2
     return out
 
 
@@ -59,5 +77,5 @@ class UnRoPE(ArrayTransform):
         if ctx.rope_inv_freq is None:
             return x
         cos, sin = rope_cos_sin(ctx)
-        x[0] = rotate(x[0], cos, sin, +1.0)
+        rotate(x[0], cos, sin, +1.0, out=x[0])
         return x

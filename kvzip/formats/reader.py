@@ -23,6 +23,7 @@ from kvzip.errors import (
     KvzipError,
     UnknownLevelError,
 )
+from kvzip.formats import parallel
 from kvzip.formats.container import (
     IndexEntry,
     describe_entry,
@@ -145,17 +146,22 @@ class KvzReader:
             )
         return from_float32(kv, ctx.dtype)
 
-    def decode_level(self, level_name: str) -> np.ndarray:
-        """A whole level as ``[2, layers, kv_heads, token_count, head_dim]``."""
+    def decode_level(self, level_name: str, *, decoders: int | None = None) -> np.ndarray:
+        """A whole level as ``[2, layers, kv_heads, token_count, head_dim]``.
+
+        A large level of a local file is decoded by several processes into a shared
+        buffer (see :mod:`kvzip.formats.parallel`); ``decoders`` sets how many
+        (1 = this process only; default: ``KVZIP_DECODE_WORKERS`` or the CPU count,
+        and in-process for small levels).  The result is the same either way, bit for bit.
+        """
         entries = self.kv_entries(level_name)
         h = self.header
-        kv = np.empty(
-            (2, h.num_layers, h.kv_heads, h.token_count, h.head_dim),
-            dtype=STORAGE_DTYPES[h.dtype],
-        )
-        for entry in entries:
-            start, end = entry.token_range
-            kv[:, :, :, start:end] = self.decode_chunk(entry)
+        shape = (2, h.num_layers, h.kv_heads, h.token_count, h.head_dim)
+        n = parallel.want_parallel(self, int(np.prod(shape)), len(entries), decoders)
+        if n > 1:
+            return parallel.decode_level_parallel(self, level_name, n)
+        kv = np.empty(shape, dtype=STORAGE_DTYPES[h.dtype])
+        parallel.decode_into(self, level_name, list(range(len(entries))), kv)
         return kv
 
     def verify(self, decode: bool = False) -> list[Problem]:

@@ -1,0 +1,177 @@
+"""Decode (and encode) speed of the lossy levels, file -> tensor, in-process and parallel.
+
+    PYTHONPATH=. python benchmarks/decode_speed.py [--tokens 2048,4096,8000] [--levels high,balanced,small]
+                                                   [--repeat 3] [--kv /tmp/kv_gpl3.safetensors]
+
+KV of SmolLM2-135M geometry ([2, 30, 3, T, 64] float32) comes from a real captured
+cache (key "kv", 2048 tokens), tiled along tokens with the keys re-rotated to their
+new positions, so its statistics are realistic at any length.  For each length and
+level it writes a ``.kvz`` (256-token chunks) and reports, as medians of ``--repeat``
+runs, in M K/V elements per second:
+
+* encode: one process (the codec alone, chunk by chunk);
+* decode 1p: ``open_kvz`` + ``decode_level(decoders=1)`` + ``torch.from_numpy``;
+* decode Np: the same with the default number of decoders (all CPUs);
+* peak MB: the most memory the decode held at once (private memory of this process
+  and its decode workers, sampled every 5 ms, plus the shared output buffer),
+  beside the decoded cache's size in float32.
+
+The machine may be shared: compare numbers from one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def realistic_kv(path: str, tokens: int) -> tuple[np.ndarray, tuple[float, ...]]:
+    from safetensors.numpy import load_file
+
+    from kvzip.codecs.base import ChunkContext
+    from kvzip.codecs.transforms import rope_cos_sin, rotate
+
+    src = load_file(path)["kv"]
+    _, layers, heads, n, dim = src.shape
+    inv = tuple((1 / (100000 ** (np.arange(0, dim, 2) / dim))).tolist())
+    cos0, sin0 = rope_cos_sin(ChunkContext(0, n, layers, heads, dim, "float32", inv))
+    pre = rotate(src[0], cos0, sin0, -1.0)
+    out = np.empty((2, layers, heads, tokens, dim), np.float32)
+    for start in range(0, tokens, n):
+        m = min(n, tokens - start)
+        cos, sin = rope_cos_sin(ChunkContext(start, m, layers, heads, dim, "float32", inv))
+        out[0, :, :, start : start + m] = rotate(np.ascontiguousarray(pre[:, :, :m]), cos, sin, +1.0)
+        out[1, :, :, start : start + m] = src[1, :, :, :m]
+    return out, inv
+
+
+def write_file(kv: np.ndarray, inv, level: str, path: Path, chunk: int = 256) -> float:
+    """Write a one-level .kvz; returns the encode time (codec only, one process)."""
+    from kvzip.codecs import LEVELS, ChunkContext, codec_from_config
+    from kvzip.formats import KvzWriter
+
+    _, layers, heads, tokens, dim = kv.shape
+    codec = codec_from_config(LEVELS[level])
+    header = {
+        "format": "kvz", "model": {"fingerprint": "sha256:bench", "name": "SmolLM2-135M-geometry"},
+        "num_layers": layers, "kv_heads": heads, "head_dim": dim, "dtype": "float32",
+        "token_count": tokens, "chunk_tokens": chunk, "rope": {"inv_freq": list(inv)}, "chat": None,
+        "levels": [{"name": level, "codec": codec.config()}],
+    }
+    spent = 0.0
+    with KvzWriter(path, header) as writer:
+        for i, start in enumerate(range(0, tokens, chunk)):
+            n = min(chunk, tokens - start)
+            piece = np.ascontiguousarray(kv[:, :, :, start : start + n])
+            t0 = time.perf_counter()
+            payload = codec.encode(piece, ChunkContext(start, n, layers, heads, dim, "float32", inv))
+            spent += time.perf_counter() - t0
+            writer.add_kv(i, 0, start, n, payload)
+        writer.set_token_ids(np.zeros(tokens, np.int64))
+        writer.commit()
+    return spent
+
+
+def _private_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class PeakMemory:
+    """Peak of (private memory of this process + decode workers) while running."""
+
+    def __enter__(self):
+        from kvzip.formats import parallel
+
+        self.pids = lambda: [os.getpid(), *parallel.worker_pids()]
+        self.peak = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, sum(_private_kib(p) for p in self.pids()))
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def decode_once(path: Path, level: str, decoders: int | None):
+    import torch
+
+    from kvzip.formats import open_kvz
+
+    base = sum(_private_kib(p) for p in [os.getpid()])
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        with open_kvz(path) as reader:
+            array = reader.decode_level(level, decoders=decoders)
+        tensor = torch.from_numpy(array)
+        seconds = time.perf_counter() - t0
+    shared = tensor.numel() * tensor.element_size() if not array.flags.owndata and array.base is not None else 0
+    peak_mb = (mem.peak - base) / 1024 + shared / 2**20
+    return seconds, peak_mb, tensor
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="2048,4096,8000")
+    ap.add_argument("--levels", default="high,balanced,small")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--kv", default="/tmp/kv_gpl3.safetensors")
+    args = ap.parse_args()
+    from kvzip.formats import parallel
+
+    print(f"decoders for 'Np': {parallel.default_decoders()}  (cpus: {os.cpu_count()})")
+    print(f"{'tokens':>6} {'level':9} {'bits':>5} {'encode':>7} {'dec 1p':>7} {'dec Np':>7} "
+          f"{'peak MB 1p':>10} {'peak MB Np':>10} {'fp32 MB':>8}   (M elem/s, medians)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for tokens in [int(t) for t in args.tokens.split(",")]:
+            kv, inv = realistic_kv(args.kv, tokens)
+            for level in args.levels.split(","):
+                path = Path(tmp) / f"{level}-{tokens}.kvz"
+                enc = write_file(kv, inv, level, path)
+                bits = path.stat().st_size * 8 / kv.size
+                res = {}
+                ref = None
+                for label, decoders in (("1p", 1), ("Np", None)):
+                    times, peaks = [], []
+                    for _ in range(args.repeat):
+                        s, peak, tensor = decode_once(path, level, decoders)
+                        times.append(s)
+                        peaks.append(peak)
+                        if ref is None:
+                            ref = tensor.numpy().copy()
+                        elif not np.array_equal(tensor.numpy(), ref):
+                            raise SystemExit("parallel decode differs from in-process decode")
+                        del tensor
+                    res[label] = (kv.size / statistics.median(times) / 1e6, max(peaks))
+                print(f"{tokens:6d} {level:9} {bits:5.2f} {kv.size / enc / 1e6:7.1f} {res['1p'][0]:7.1f} "
+                      f"{res['Np'][0]:7.1f} {res['1p'][1]:10.0f} {res['Np'][1]:10.0f} {kv.nbytes / 2**20:8.0f}",
+                      flush=True)
+                path.unlink()
+            del kv
+
+
+if __name__ == "__main__":
+    main()

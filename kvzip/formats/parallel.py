@@ -1,0 +1,315 @@
+"""Decoding one level's chunks on several processes into one shared buffer.
+
+constriction holds the GIL while it decodes, so threads cannot share the work;
+processes can.  The design, and why:
+
+* The output is a file in ``/dev/shm`` (or the temporary directory when shared
+  memory is missing or too small), mapped by the parent and by each worker.
+  Workers write their chunks straight into the final ``[2, L, H, T, D]`` array,
+  so nothing is copied back; the parent unlinks the name as soon as the call
+  ends (the mapping lives on inside the returned array, and nothing is left
+  behind whether the call succeeds or fails).
+* Workers are plain ``python -c`` subprocesses speaking JSON lines over their
+  stdin/stdout, started once and reused across calls.  ``multiprocessing``'s
+  spawn and forkserver re-import the caller's ``__main__`` in every worker
+  (``python -m kvzip`` would re-run the CLI, a script without a main guard would
+  re-run itself, and either may import torch), and fork copies a multi-threaded
+  process (torch's thread pools), which can deadlock.  A worker imports only
+  ``kvzip.formats`` (numpy, zstandard, constriction).
+* Each worker opens the file itself and checks it is the same file (size and
+  header/index checksums) before decoding; payload checksums are checked as
+  always.  A worker's error comes back as its kvzip error type; a worker that
+  dies is a :class:`CodecError`, never a hang (its pipe reaches EOF).
+* The calling process decodes chunks too, taking them from the same queue, so
+  ``n`` decoders need ``n - 1`` workers, and a cold start overlaps with useful
+  work instead of delaying it.  Small levels are decoded in-process only
+  (:data:`MIN_PARALLEL_ELEMENTS`).
+
+``KVZIP_DECODE_WORKERS`` sets the number of decoders (1 = in-process only);
+the default is the number of CPUs this process may run on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import mmap
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvzip import errors
+from kvzip.codecs import STORAGE_DTYPES
+from kvzip.errors import CodecError, FormatError, KvzipError
+
+ENV_WORKERS = "KVZIP_DECODE_WORKERS"
+# Below this many decoded elements (about 3 chunks of 256 tokens of a 135M model,
+# ~0.1 s of decoding) a level decodes in-process: handing out work costs more.
+MIN_PARALLEL_ELEMENTS = 8_000_000
+BUFFER_PREFIX = "kvzip-decode-"
+# Whether the calling process decodes chunks too (tests turn it off to make the
+# workers do every chunk).
+PARENT_DECODES = True
+_SHM_DIR = Path("/dev/shm")
+
+
+def default_decoders() -> int:
+    """How many processes decode a large level: ``KVZIP_DECODE_WORKERS`` or the CPU count."""
+    env = os.environ.get(ENV_WORKERS, "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise errors.InputError(f"{ENV_WORKERS} must be an integer, got {env!r}") from None
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def buffer_dir(nbytes: int) -> Path:
+    """Where a shared output buffer of ``nbytes`` goes: /dev/shm when it has room."""
+    try:
+        st = os.statvfs(_SHM_DIR)
+        if st.f_bavail * st.f_frsize >= 2 * nbytes:
+            return _SHM_DIR
+    except (OSError, AttributeError):
+        pass
+    return Path(tempfile.gettempdir())
+
+
+# ------------------------------------------------------------------ the worker side
+def decode_into(reader: Any, level_name: str, chunks: list[int], out: np.ndarray) -> None:
+    """Decode chunks (positions in the level's entry list) into their slices of ``out``."""
+    entries = reader.kv_entries(level_name)
+    for i in chunks:
+        entry = entries[i]
+        start, end = entry.token_range
+        out[:, :, :, start:end] = reader.decode_chunk(entry)
+
+
+def file_identity(reader: Any) -> list[int]:
+    """What tells two opens of a path apart: size and header/index checksums."""
+    return [reader.source.size(), reader.preamble.header_crc, reader.preamble.index_crc]
+
+
+def _map_output(path: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[mmap.mmap, np.ndarray]:
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), nbytes)
+    return mm, np.frombuffer(mm, dtype, int(np.prod(shape))).reshape(shape)
+
+
+def _handle(request: dict[str, Any]) -> None:
+    from kvzip.formats.reader import open_kvz  # the reader imports this module
+
+    with open_kvz(request["path"]) as reader:
+        if file_identity(reader) != request["identity"]:
+            raise FormatError(f"{request['path']} changed while it was being decoded")
+        mm, out = _map_output(request["out"], tuple(request["shape"]), np.dtype(request["dtype"]))
+        try:
+            decode_into(reader, request["level"], request["chunks"], out)
+        finally:
+            del out
+            try:
+                mm.close()
+            except BufferError:  # a traceback still holds a view; unmapped once collected
+                pass
+
+
+def serve() -> None:
+    """A worker's main loop: one JSON request per line on stdin, one reply per line."""
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    sys.stdout = sys.stderr  # nothing a library prints may corrupt the replies
+    for line in sys.stdin:
+        try:
+            _handle(json.loads(line))
+            reply: dict[str, Any] = {"ok": True}
+        except KvzipError as exc:
+            reply = {"error": type(exc).__name__, "message": str(exc)}
+        except Exception as exc:  # a bug or an unexpected failure: still an answer
+            reply = {"error": "CodecError", "message": f"decode worker failed: {type(exc).__name__}: {exc}"}
+        replies.write(json.dumps(reply) + "\n")
+
+
+# ------------------------------------------------------------------ the parent side
+def _error_from_reply(reply: dict[str, Any]) -> KvzipError:
+    cls = getattr(errors, str(reply.get("error")), None)
+    if not (isinstance(cls, type) and issubclass(cls, KvzipError)):
+        cls = CodecError
+    return cls(str(reply.get("message", "decode worker failed")))
+
+
+class _Worker:
+    def __init__(self) -> None:
+        root = str(Path(__file__).resolve().parents[2])  # the directory holding kvzip/
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env[ENV_WORKERS] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from kvzip.formats.parallel import serve; serve()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        )
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError, ValueError):
+            line = b""
+        if not line:
+            code = self.proc.poll()
+            raise CodecError(f"a decode worker exited unexpectedly (exit status {code})")
+        return json.loads(line)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self, timeout: float = 2.0) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+
+class _Pool:
+    """Worker processes kept between calls; one parallel decode at a time."""
+
+    def __init__(self) -> None:
+        self.workers: list[_Worker] = []
+        self.busy = threading.Lock()
+
+    def take(self, n: int) -> list[_Worker]:
+        self.workers = [w for w in self.workers if w.alive()]
+        while len(self.workers) < n:
+            self.workers.append(_Worker())
+        return self.workers[:n]
+
+    def discard(self, worker: _Worker) -> None:
+        if worker in self.workers:
+            self.workers.remove(worker)
+        worker.close(timeout=0.5)
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            w.close()
+        self.workers = []
+
+
+_POOL = _Pool()
+atexit.register(_POOL.shutdown)
+
+
+def shutdown_workers() -> None:
+    """Stop the worker processes (they restart on the next large decode)."""
+    with _POOL.busy:
+        _POOL.shutdown()
+
+
+def worker_pids() -> list[int]:
+    """Process ids of the live decode workers (for tests and diagnostics)."""
+    return [w.proc.pid for w in _POOL.workers if w.alive()]
+
+
+def want_parallel(reader: Any, numel: int, n_chunks: int, decoders: int | None) -> int:
+    """How many decoders a level should use (1 = in-process)."""
+    n = default_decoders() if decoders is None else max(1, int(decoders))
+    if getattr(reader.source, "path", None) is None or n_chunks < 2:
+        return 1
+    if decoders is None and numel < MIN_PARALLEL_ELEMENTS:
+        return 1
+    return min(n, n_chunks)
+
+
+def decode_level_parallel(reader: Any, level_name: str, decoders: int) -> np.ndarray:
+    """A whole level decoded by ``decoders`` processes (this one included)."""
+    h = reader.header
+    entries = reader.kv_entries(level_name)
+    shape = (2, h.num_layers, h.kv_heads, h.token_count, h.head_dim)
+    dtype = STORAGE_DTYPES[h.dtype]
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    directory = buffer_dir(nbytes)
+    name = str(directory / f"{BUFFER_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.ftruncate(fd, nbytes)
+            mm = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        out = np.frombuffer(mm, dtype, int(np.prod(shape))).reshape(shape)
+        # Small tasks balance the load; each costs a file open (~1 ms) in a worker.
+        per_task = max(1, len(entries) // (4 * decoders))
+        tasks = [list(range(i, min(i + per_task, len(entries)))) for i in range(0, len(entries), per_task)]
+        request = {"path": str(reader.source.path), "identity": file_identity(reader), "level": level_name,
+                   "out": name, "shape": list(shape), "dtype": dtype.str}
+        _run(tasks, decoders - 1, request, lambda chunks: decode_into(reader, level_name, chunks, out))
+    finally:
+        os.unlink(name)
+    return out
+
+
+def _run(tasks: list[list[int]], n_workers: int, request: dict[str, Any],
+         decode_here: Callable[[list[int]], None]) -> None:
+    """Hand tasks to workers and to this process until none is left or one fails."""
+    pending = list(reversed(tasks))
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def next_task() -> list[int] | None:
+        with lock:
+            return pending.pop() if pending and not failures else None
+
+    def feed(worker: _Worker) -> None:
+        while (chunks := next_task()) is not None:
+            try:
+                reply = worker.call({**request, "chunks": chunks})
+            except CodecError as exc:
+                _POOL.discard(worker)
+                with lock:
+                    failures.append(exc)
+                return
+            if "error" in reply:
+                with lock:
+                    failures.append(_error_from_reply(reply))
+                return
+
+    held = n_workers > 0 and _POOL.busy.acquire(blocking=False)  # else another thread has them
+    threads = []
+    try:
+        if held:
+            try:
+                workers = _POOL.take(n_workers)
+            except OSError:  # cannot start processes here: decode in-process
+                workers = []
+            threads = [threading.Thread(target=feed, args=(w,), daemon=True) for w in workers]
+            for t in threads:
+                t.start()
+        while (PARENT_DECODES or not threads) and (chunks := next_task()) is not None:
+            try:
+                decode_here(chunks)
+            except BaseException as exc:
+                with lock:
+                    failures.append(exc)
+                if not isinstance(exc, KvzipError):
+                    raise
+    finally:
+        for t in threads:  # workers finish the task in hand, then stop
+            t.join()
+        if held:
+            _POOL.busy.release()
+    if failures:
+        raise failures[0]
