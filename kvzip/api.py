@@ -301,34 +301,24 @@ def generate(
     chat = ChatTemplate(**loaded.header["chat"]) if loaded.header.get("chat") else None
     prompt_ids = km.prompt_ids(prompt, chat)
     ids = doc_ids + prompt_ids
-    first: list[float] = []
-    new_ids = km.generate(
-        ids, kv=kv, max_new_tokens=max_new_tokens,
-        on_token=lambda: first.append(time.perf_counter()) if not first else None,
-    )
-    done = time.perf_counter()
+    offset = time.perf_counter() - started
+    run = km.generate_timed(ids, kv=kv, max_new_tokens=max_new_tokens)
     result = GenerateResult(
-        text=km.decode_ids(new_ids),
-        new_token_ids=new_ids,
+        text=km.decode_ids(run.new_ids),
+        new_token_ids=run.new_ids,
         cached_tokens=len(doc_ids),
         prompt_tokens=len(prompt_ids),
         level=loaded.level,
         decode_seconds=decode_seconds,
-        first_token_seconds=(first[0] if first else done) - started,
-        total_seconds=done - started,
+        first_token_seconds=offset + run.first_token_seconds,
+        total_seconds=offset + run.total_seconds,
     )
     if compare:
         progress("baseline", 0, 1)
-        base_first: list[float] = []
-        base_start = time.perf_counter()
-        base_ids = km.generate(
-            ids, max_new_tokens=max_new_tokens,
-            on_token=lambda: base_first.append(time.perf_counter()) if not base_first else None,
-        )
-        base_done = time.perf_counter()
-        result.baseline_first_token_seconds = (base_first[0] if base_first else base_done) - base_start
-        result.baseline_total_seconds = base_done - base_start
-        result.baseline_identical = base_ids == new_ids
+        base = km.generate_timed(ids, max_new_tokens=max_new_tokens)
+        result.baseline_first_token_seconds = base.first_token_seconds
+        result.baseline_total_seconds = base.total_seconds
+        result.baseline_identical = base.new_ids == run.new_ids
         progress("baseline", 1, 1)
     return result
 

@@ -35,9 +35,21 @@ def _root(
 
 
 def _register() -> None:
-    from kvzip.cli import bench, decode, encode, fetch, generate, info, serve, verify
+    from kvzip.cli import (
+        ask,
+        bench,
+        decode,
+        encode,
+        fetch,
+        generate,
+        info,
+        precache,
+        serve,
+        store,
+        verify,
+    )
 
-    for module in (encode, info, decode, verify, generate, fetch, serve, bench):
+    for module in (encode, info, decode, verify, generate, fetch, serve, precache, ask, store, bench):
         module.register(app)
 
 

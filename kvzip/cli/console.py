@@ -10,10 +10,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 out_console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -25,7 +27,17 @@ STAGE_LABELS = {
     "baseline": "baseline: generate from the text",
     "fetch": "fetch (bytes)",
     "stream": "stream (chunks)",
+    "split": "split documents",
+    "precache": "prefill + store passages",
 }
+
+
+class RateColumn(ProgressColumn):
+    """Items per second (rich's own speed column counts bytes)."""
+
+    def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:.2f}/s", style="progress.data.speed")
 
 
 @contextmanager
@@ -38,6 +50,7 @@ def progress_bars(enabled: bool = True) -> Iterator:
         TextColumn("{task.description:<34}"),
         BarColumn(),
         MofNCompleteColumn(),
+        RateColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,

@@ -18,7 +18,7 @@ def decode_command(
     level: str = typer.Option(None, "--level", "-l", help="Level to decode (default: the file's best)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Decode a .kvz into safetensors: layers.{i}.key / layers.{i}.value [kv_heads, tokens, head_dim] and token_ids."""
+    """Decode a .kvz into safetensors: layers.{i}.key and layers.{i}.value shaped (kv_heads, tokens, head_dim), and token_ids."""
     with progress_bars(not quiet) as progress:
         summary = api.decode(file, output, level=level, progress=progress)
     err_console.print(

@@ -2,56 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from kvzip import api
-from kvzip.cli.console import err_console, human_bytes, out_console, status
+from kvzip.cli.console import err_console, human_bytes, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
 from kvzip.store import DEFAULT_PASSAGE_TOKENS, ENGINES, PassageStore, check_level, precache
-
-_LABELS = {"split": "split documents", "precache": "prefill + store passages"}
-
-
-class _RateColumn(ProgressColumn):
-    """Items per second (rich's own speed column counts bytes)."""
-
-    def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
-        speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:.2f}/s", style="progress.data.speed")
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator:
-    if not enabled:
-        yield lambda stage, done, total: None
-        return
-    bars = Progress(
-        TextColumn("{task.description:<26}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
-    )
-    tasks: dict[str, int] = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = bars.add_task(_LABELS.get(stage, stage), total=total)
-        bars.update(tasks[stage], completed=done, total=total)
-
-    with bars:
-        yield update
 
 
 @handle_errors
@@ -71,7 +29,7 @@ def precache_command(
     with PassageStore(store, artifacts=artifacts, create=True) as passage_store:
         with status("loading model…", not quiet):
             km = api.load_model(model)
-        with _progress(not quiet) as progress:
+        with progress_bars(not quiet) as progress:
             summary = precache(
                 docs, passage_store, km, passage_tokens=passage_tokens, level=level,
                 engine=engine, progress=progress,

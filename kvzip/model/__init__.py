@@ -7,12 +7,13 @@ from kvzip.model.loading import (
     check_architecture,
     resolve_model,
 )
-from kvzip.model.session import TORCH_DTYPES, ChatTemplate, KVModel
+from kvzip.model.session import TORCH_DTYPES, ChatTemplate, KVModel, TimedGeneration
 
 __all__ = [
     "DEFAULT_GGUF",
     "DEFAULT_MODEL_NAME",
     "TORCH_DTYPES",
+    "TimedGeneration",
     "ChatTemplate",
     "KVModel",
     "ModelSource",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -360,6 +361,21 @@ class KVModel:
         )
         return out[0, len(ids) :].tolist()
 
+    def generate_timed(
+        self, ids: Sequence[int], *, kv: torch.Tensor | None = None, max_new_tokens: int = 64
+    ) -> TimedGeneration:
+        """:meth:`generate`, timing the first new token and the whole run from this call."""
+        started = time.perf_counter()
+        first: list[float] = []
+
+        def stamp() -> None:
+            if not first:
+                first.append(time.perf_counter())
+
+        new_ids = self.generate(ids, kv=kv, max_new_tokens=max_new_tokens, on_token=stamp)
+        done = time.perf_counter()
+        return TimedGeneration(new_ids, (first[0] if first else done) - started, done - started)
+
     def _pad_id(self) -> int | None:
         cfg = self.model.generation_config
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
@@ -369,6 +385,13 @@ class KVModel:
 
     def decode_ids(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class TimedGeneration:
+    new_ids: list[int]
+    first_token_seconds: float
+    total_seconds: float
 
 
 class _TokenClock:

@@ -1,0 +1,222 @@
+"""Answering from the store: BM25-retrieve passages, attach their caches, generate.
+
+The prompt is the chat template's opening (system turn and the start of the user
+turn), then the passages, then the question and the opening of the assistant's
+turn.  Only the short opening and the question are computed at ask time; the
+passages come from their artifacts.  The same token ids prefilled from scratch
+are the baseline, for time to first token and for fidelity.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from kvzip.errors import InputError, UnsupportedModelError
+from kvzip.model import KVModel
+from kvzip.pipeline import Progress, no_progress, storage_to_kv
+from kvzip.store.assemble import CachedPassage, assemble
+from kvzip.store.index import Hit
+from kvzip.store.precache import default_level
+from kvzip.store.store import PassageStore
+
+DEFAULT_TOP_K = 3
+
+
+def query_terms(question: str) -> list[str]:
+    """The words of a question, for an FTS5 query in which any word may match."""
+    terms = re.findall(r"\w+", question)
+    if not terms:
+        raise InputError("the question has no words to search for")
+    return terms
+
+
+def choose_level(store: PassageStore, model: str, level: str | None) -> str:
+    """The level asked for, else the default if the store has it, else the store's only one."""
+    have = store.index.levels(model)
+    if not have:
+        raise InputError(
+            f"{store.root} holds no passage caches for this model (fingerprint {model[:16]}…); "
+            "run `kvzip precache` with the same --model"
+        )
+    if level is not None:
+        if level not in have:
+            raise InputError(f"{store.root} has no caches at level {level!r} (it has: {', '.join(have)})")
+        return level
+    if default_level() in have:
+        return default_level()
+    if len(have) == 1:
+        return have[0]
+    raise InputError(f"{store.root} holds several levels ({', '.join(have)}); pick one with --level")
+
+
+def retrieve(
+    store: PassageStore, question: str, km: KVModel, *, top_k: int, level: str | None = None
+) -> tuple[str, list[Hit]]:
+    """(level, the ``top_k`` best passages that have a cache for ``km`` at that level)."""
+    if top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {top_k}")
+    identity = km.identity()
+    level = choose_level(store, identity["fingerprint"], level)
+    hits = store.index.search(
+        query_terms(question), k=top_k, model=identity["fingerprint"],
+        tokenizer=identity["tokenizer_fingerprint"], level=level,
+    )
+    if not hits:
+        raise InputError("no stored passage shares a word with the question")
+    return level, hits
+
+
+def load_passage(store: PassageStore, hit: Hit, km: KVModel, level: str) -> CachedPassage:
+    """Fetch and decode a retrieved passage's cache, refusing one that cannot be moved."""
+    with store.artifacts.open(hit.artifact) as reader:
+        header = reader.header.raw
+        km.check_identity(header["model"])
+        rope = header.get("rope")
+        if rope is None:
+            raise UnsupportedModelError(
+                f"artifact {hit.artifact} has rope: null (the model's positions are not a plain "
+                "RoPE), so its keys cannot be moved to a new position"
+            )
+        kv = storage_to_kv(reader.decode_level(level), reader.header.dtype)
+        return CachedPassage(reader.token_ids().tolist(), kv, rope["inv_freq"])
+
+
+def load_passages(store: PassageStore, hits: Sequence[Hit], km: KVModel, level: str) -> list[CachedPassage]:
+    """:func:`load_passage` for each hit, in parallel: reading and entropy decoding
+    release the GIL, and the passages are independent."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(hits), os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda hit: load_passage(store, hit, km, level), hits))
+
+
+def prompt_ids(km: KVModel, question: str) -> tuple[list[int], list[int]]:
+    """(ids before the passages, ids after them) for ``question``."""
+    chat = km.chat_template()
+    if chat is None:
+        return km.encode_text("", special_tokens=True), km.encode_text("\n\n" + question, special_tokens=False)
+    return km.encode_text(chat.prefix, special_tokens=False), km.prompt_ids(question, chat)
+
+
+@dataclass
+class Source:
+    doc_key: str
+    source: str
+    passage: int
+    tokens: int
+    bm25: float
+
+
+@dataclass
+class AskResult:
+    answer: str
+    new_token_ids: list[int]
+    level: str
+    sources: list[Source]
+    context_tokens: int  # prefix + passages
+    prompt_tokens: int  # question and the assistant's opening
+    blend_recompute: float
+    retrieve_seconds: float
+    fetch_seconds: float  # fetch + decode every passage
+    assemble_seconds: float  # prefix prefill, key rotation, boundary recompute
+    first_token_seconds: float  # fetch + assemble + the first new token
+    total_seconds: float
+    baseline_first_token_seconds: float | None = None  # full prefill of the same ids
+    baseline_identical: bool | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        if self.baseline_first_token_seconds is None:
+            return None
+        return self.baseline_first_token_seconds / max(self.first_token_seconds, 1e-9)
+
+
+def ask(
+    store: PassageStore,
+    question: str,
+    km: KVModel,
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    max_new_tokens: int = 64,
+    level: str | None = None,
+    blend_recompute: float = 0.0,
+    compare: bool = True,
+    progress: Progress = no_progress,
+) -> AskResult:
+    """Answer ``question`` from the store's passages (greedy), timing it against a full prefill."""
+    if max_new_tokens < 1:
+        raise InputError("--max-new-tokens must be at least 1")
+    if not 0.0 <= blend_recompute <= 1.0:
+        raise InputError(f"--blend-recompute must be between 0 and 1, got {blend_recompute}")
+    started = time.perf_counter()
+    level, hits = retrieve(store, question, km, top_k=top_k, level=level)
+    retrieved = time.perf_counter()
+    passages = load_passages(store, hits, km, level)
+    fetched = time.perf_counter()
+    before, after = prompt_ids(km, question)
+    context_ids, kv = assemble(km, before, passages, blend_fraction=blend_recompute)
+    assembled = time.perf_counter()
+    ids = context_ids + after
+    run = km.generate_timed(ids, kv=kv, max_new_tokens=max_new_tokens)
+    offset = assembled - retrieved
+    result = AskResult(
+        answer=km.decode_ids(run.new_ids),
+        new_token_ids=run.new_ids,
+        level=level,
+        sources=[Source(h.doc_key, h.source, h.number, h.tokens, h.score) for h in hits],
+        context_tokens=len(context_ids),
+        prompt_tokens=len(after),
+        blend_recompute=blend_recompute,
+        retrieve_seconds=retrieved - started,
+        fetch_seconds=fetched - retrieved,
+        assemble_seconds=assembled - fetched,
+        first_token_seconds=offset + run.first_token_seconds,
+        total_seconds=offset + run.total_seconds,
+    )
+    if compare:
+        progress("baseline", 0, 1)
+        base = km.generate_timed(ids, max_new_tokens=max_new_tokens)
+        result.baseline_first_token_seconds = base.first_token_seconds
+        result.baseline_identical = base.new_ids == run.new_ids
+        progress("baseline", 1, 1)
+    return result
+
+
+# -------------------------------------------------------------------- fidelity
+@dataclass
+class Fidelity:
+    """How far answers from an assembled cache stray from a full prefill of the same ids."""
+
+    kl_nats_per_token: float  # mean KL(full || assembled) over the answer's tokens
+    greedy_agreement: float  # share of answer tokens where both caches pick the same token
+    answer_tokens: int
+
+
+@torch.inference_mode()
+def fidelity(
+    km: KVModel,
+    context_ids: Sequence[int],
+    kv: torch.Tensor,
+    after_ids: Sequence[int],
+    *,
+    max_new_tokens: int = 32,
+    full_kv: torch.Tensor | None = None,
+) -> Fidelity:
+    """Teacher-force the full prefill's greedy answer under both caches and compare.
+
+    ``full_kv`` is the full prefill of ``context_ids`` when the caller has it already.
+    """
+    full = km.prefill(context_ids) if full_kv is None else full_kv
+    answer = km.generate(list(context_ids) + list(after_ids), kv=full, max_new_tokens=max_new_tokens)
+    forced = list(after_ids) + answer[:-1]
+    start = len(after_ids) - 1
+    ref = torch.log_softmax(km.teacher_force(full, forced)[start:], dim=-1)
+    got = torch.log_softmax(km.teacher_force(kv, forced)[start:], dim=-1)
+    kl = (ref.exp() * (ref - got)).sum(dim=-1)
+    agree = (got.argmax(dim=-1) == ref.argmax(dim=-1)).float()
+    return Fidelity(float(kl.mean()), float(agree.mean()), len(answer))

@@ -1,0 +1,300 @@
+"""Pre-caching: split documents into passages, prefill each once on its own, store it.
+
+Each passage is prefilled at positions 0..n-1 with nothing before it, so its cache
+depends only on its token ids, the model and the codec, and its artifact is named
+by the hash of exactly those (content-addressed): a rerun, a second concurrent run,
+or the same paragraph in two documents all land on the same name.  A run first
+records every document's passages, then writes artifacts one by one, recording
+each after its file is complete; so an interrupted run keeps everything it
+finished, and the next run picks up at the first passage without a cache.
+
+:func:`cache_passage` is the one per-passage function; the local engine calls it
+in a loop and the Ray engine runs it as Ray tasks (``kvzip[ray]``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kvzip.codecs import LEVELS, codec_for_level
+from kvzip.errors import InputError, KvzipError, ModelMismatchError
+from kvzip.model import KVModel
+from kvzip.pipeline import DEFAULT_CHUNK_TOKENS, Progress, no_progress, write_kvz
+from kvzip.store.artifacts import ArtifactStore
+from kvzip.store.documents import (
+    DEFAULT_PASSAGE_TOKENS,
+    Passage,
+    Tokenize,
+    read_documents,
+    split_document,
+    token_sha256,
+)
+from kvzip.store.index import ArtifactRecord
+from kvzip.store.store import PassageStore
+
+ENGINES = ("local", "ray")
+
+
+def default_level() -> str:
+    """``balanced`` where the lossy levels are registered, else ``lossless``."""
+    return "balanced" if "balanced" in LEVELS else "lossless"
+
+
+def check_level(level: str | None) -> str:
+    """The level to use, refusing unknown names before any model is loaded."""
+    name = level or default_level()
+    codec_for_level(name)  # raises UnknownLevelError with the choices
+    return name
+
+
+@dataclass(frozen=True)
+class PassageJob:
+    """Everything one passage's cache needs besides the model (picklable, for Ray)."""
+
+    token_ids: tuple[int, ...]
+    name: str
+    level: str
+    dtype: str
+    model: str  # fingerprint the artifact must be written under
+
+
+def codec_sha256(level: str) -> str:
+    return hashlib.sha256(
+        json.dumps(codec_for_level(level).config(), sort_keys=True).encode()
+    ).hexdigest()
+
+
+def artifact_name(model: str, level: str, dtype: str, tokens_sha: str) -> str:
+    """The content address of a passage cache: model, codec config, dtype and token ids."""
+    key = hashlib.sha256(
+        f"{model}\n{codec_sha256(level)}\n{dtype}\n{tokens_sha}".encode()
+    ).hexdigest()
+    return f"{key[:2]}/{key}.kvz"
+
+
+def make_job(passage_ids: Sequence[int], km: KVModel, level: str) -> PassageJob:
+    model = km.identity()["fingerprint"]
+    name = artifact_name(model, level, km.dtype, token_sha256(passage_ids))
+    return PassageJob(tuple(passage_ids), name, level, km.dtype, model)
+
+
+def _record(job: PassageJob, size: int) -> ArtifactRecord:
+    return ArtifactRecord(
+        job.name, job.model, job.level, codec_sha256(job.level), job.dtype,
+        token_sha256(job.token_ids), len(job.token_ids), size,
+    )
+
+
+def cache_passage(km: KVModel, job: PassageJob, artifacts: ArtifactStore) -> ArtifactRecord:
+    """Prefill one passage on its own and write its artifact (the unit of work)."""
+    if km.identity()["fingerprint"] != job.model:
+        raise ModelMismatchError(f"a worker loaded {km.name}, not the model the run was planned for")
+    kv = km.prefill(job.token_ids)
+    size = artifacts.write(
+        job.name,
+        lambda path: write_kvz(
+            kv, job.token_ids, path, km, levels=[job.level],
+            chunk_tokens=DEFAULT_CHUNK_TOKENS, dtype=job.dtype,
+        ),
+    )
+    return _record(job, size)
+
+
+def adopt_artifact(job: PassageJob, artifacts: ArtifactStore) -> ArtifactRecord | None:
+    """The record of an artifact a run wrote but did not get to record, if it is sound."""
+    try:
+        with artifacts.open(job.name) as reader:
+            sound = (
+                reader.header.raw["model"].get("fingerprint") == job.model
+                and job.level in reader.header.level_names
+                and tuple(reader.token_ids().tolist()) == job.token_ids
+            )
+            size = reader.source.size()
+    except KvzipError:
+        return None
+    return _record(job, size) if sound else None
+
+
+# --------------------------------------------------------------------- the run
+@dataclass
+class PrecacheSummary:
+    store: str
+    engine: str
+    level: str
+    documents: int
+    passages: int
+    unique_passages: int
+    already_cached: int  # found in the index: nothing to do
+    adopted: int  # found on storage but not in the index (an interrupted run): recorded
+    cached: int  # prefilled and written by this run
+    cached_tokens: int
+    written_bytes: int
+    seconds: float
+
+    @property
+    def passages_per_second(self) -> float:
+        return self.cached / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "passages_per_second": round(self.passages_per_second, 4)}
+
+
+def tokenizer_with_offsets(km: KVModel) -> Tokenize:
+    """Token ids and character offsets of a text (no special tokens), for splitting."""
+
+    def tokenize(text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        try:
+            enc = km.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:
+            raise InputError(f"{km.name}'s tokenizer gives no character offsets") from None
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    return tokenize
+
+
+def plan(
+    inputs: Sequence[str | Path],
+    store: PassageStore,
+    km: KVModel,
+    *,
+    passage_tokens: int,
+    level: str,
+    progress: Progress = no_progress,
+) -> tuple[list[Passage], list[PassageJob]]:
+    """Split every document, record its passages, and list the passages' jobs (deduplicated)."""
+    if passage_tokens < 1:
+        raise InputError(f"--passage-tokens must be positive, got {passage_tokens}")
+    km.check_length(passage_tokens, f"a passage of --passage-tokens {passage_tokens}")
+    docs = read_documents(inputs)
+    identity = km.identity()
+    store.index.add_model(identity)
+    tokenize = tokenizer_with_offsets(km)
+    passages: list[Passage] = []
+    for i, doc in enumerate(docs):
+        found = split_document(doc, tokenize, passage_tokens)
+        store.index.replace_document(doc.key, identity["tokenizer_fingerprint"], found)
+        passages.extend(found)
+        progress("split", i + 1, len(docs))
+    if not passages:
+        raise InputError("the documents hold no text to pre-cache")
+    jobs = {}
+    for passage in passages:
+        job = make_job(passage.token_ids, km, level)
+        jobs.setdefault(job.name, job)
+    return passages, list(jobs.values())
+
+
+def precache(
+    inputs: Sequence[str | Path],
+    store: PassageStore,
+    km: KVModel,
+    *,
+    passage_tokens: int = DEFAULT_PASSAGE_TOKENS,
+    level: str | None = None,
+    engine: str = "local",
+    progress: Progress = no_progress,
+) -> PrecacheSummary:
+    """Pre-cache every passage of ``inputs`` into ``store`` that is not cached yet."""
+    if engine not in ENGINES:
+        raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    level = check_level(level)
+    started = time.perf_counter()
+    passages, jobs = plan(inputs, store, km, passage_tokens=passage_tokens, level=level,
+                          progress=progress)
+    known = store.index.artifact_names()
+    todo, adopted = [], 0
+    for job in jobs:
+        if job.name in known:
+            continue
+        record = adopt_artifact(job, store.artifacts) if store.artifacts.exists(job.name) else None
+        if record is None:
+            todo.append(job)
+        else:
+            store.index.add_artifact(record)
+            adopted += 1
+    written: list[ArtifactRecord] = []
+    raced = 0  # cached by a concurrent run between planning and our turn
+
+    def done(record: ArtifactRecord | None) -> None:
+        nonlocal raced
+        if record is None:
+            raced += 1
+        else:
+            store.index.add_artifact(record)
+            written.append(record)
+        progress("precache", len(written) + raced, len(todo))
+
+    progress("precache", 0, len(todo))
+    if engine == "local":
+        for job in todo:
+            done(None if store.index.has_artifact(job.name) else cache_passage(km, job, store.artifacts))
+    else:
+        _run_ray(todo, km, store.artifacts, done)
+    return PrecacheSummary(
+        store=str(store.root), engine=engine, level=level,
+        documents=len({p.doc_key for p in passages}), passages=len(passages),
+        unique_passages=len(jobs), already_cached=len(jobs) - len(todo) - adopted + raced,
+        adopted=adopted, cached=len(written), cached_tokens=sum(r.tokens for r in written),
+        written_bytes=sum(r.bytes for r in written), seconds=time.perf_counter() - started,
+    )
+
+
+# ------------------------------------------------------------------------ Ray
+def _run_ray(
+    jobs: Sequence[PassageJob], km: KVModel, artifacts: ArtifactStore,
+    done: Callable[[ArtifactRecord], None],
+) -> None:
+    """Run :func:`cache_passage` as Ray tasks; the driver records results as they come.
+
+    Connects to the cluster in ``RAY_ADDRESS`` (or starts a local one) unless
+    Ray is already initialised.  Workers load the model from the same spec and
+    write to the same artifact URL, so it must be one they can reach.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--engine ray needs Ray: pip install 'kvzip[ray]'") from None
+    if artifacts.fs.protocol in ("memory", ("memory",)):
+        raise InputError("memory:// artifacts live in this process only; Ray workers cannot reach them")
+    spec = model_spec(km)
+    if not jobs:
+        return
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    task = ray.remote(num_cpus=1)(_ray_cache_passage)
+    pending = [task.remote(spec, artifacts.url, job) for job in jobs]
+    while pending:
+        finished, pending = ray.wait(pending, num_returns=1)
+        done(ray.get(finished[0]))
+
+
+def model_spec(km: KVModel) -> str | None:
+    """The ``--model`` string that loads ``km`` again in another process."""
+    source = km.source
+    if source is None:
+        raise InputError("--engine ray needs a model that workers can load by name (pass --model)")
+    if source.kind == "default":
+        return None
+    if source.kind == "gguf":
+        return str(Path(source.path) / (source.gguf_file or ""))
+    return source.path
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_model(spec: str | None) -> KVModel:
+    import torch
+
+    torch.set_num_threads(1)  # one Ray CPU per task
+    return KVModel.load(spec)
+
+
+def _ray_cache_passage(spec: str | None, artifacts_url: str, job: PassageJob) -> ArtifactRecord:
+    return cache_passage(_worker_model(spec), job, ArtifactStore(artifacts_url))

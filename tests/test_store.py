@@ -1,0 +1,275 @@
+"""The passage store: reading and splitting documents, the index, artifacts, resume, gc, verify."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvzip.errors import EmptyTextError, InputError, UnknownLevelError
+from kvzip.model import KVModel
+from kvzip.store import PassageStore, ask, check_level, precache, read_documents, split_document
+from kvzip.store.documents import Document
+from kvzip.store.index import StoreIndex
+from kvzip.store.precache import tokenizer_with_offsets
+
+TOPICS = {
+    "volcano.txt": (
+        "Krakatoa erupted in August 1883. The explosion was heard thousands of kilometres away.\n\n"
+        "Ash from the volcano darkened skies around the world for months. "
+    ),
+    "cats.txt": (
+        "Cats purr when they are content. A cat sleeps for most of the day.\n\n"
+        "Kittens learn to hunt by watching their mother stalk mice. "
+    ),
+    "bread.txt": (
+        "Bread rises because yeast ferments sugar and releases carbon dioxide.\n\n"
+        "Bakers knead the dough to develop gluten, which traps the gas. "
+    ),
+}
+PASSAGE_TOKENS = 96  # the byte-level tokenizer: one token per byte
+
+
+@pytest.fixture(scope="module")
+def km(tiny_model_dir) -> KVModel:
+    return KVModel.load(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("docs")
+    for name, text in TOPICS.items():
+        (root / name).write_text(text * 3)
+    return root
+
+
+def fill(store_dir: Path, docs: Path, km: KVModel, **kwargs):
+    with PassageStore(store_dir, create=True, artifacts=kwargs.pop("artifacts", None)) as store:
+        return precache([docs], store, km, passage_tokens=PASSAGE_TOKENS, level="lossless", **kwargs)
+
+
+# ---------------------------------------------------------------- documents
+def test_read_documents_walks_directories_and_skips_binaries(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "sub" / "b.md").write_text("beta")
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / ".hidden.txt").write_text("secret")
+    (tmp_path / "empty.txt").write_text("  \n")
+    docs = read_documents([tmp_path])
+    assert [Path(d.key).name for d in docs] == ["a.txt", "b.md"]
+
+
+def test_read_jsonl(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(
+        json.dumps({"id": "x1", "text": "first"}) + "\n\n" + json.dumps({"id": 7, "text": "second"}) + "\n"
+    )
+    docs = read_documents([path])
+    assert [(d.key, d.text, d.source) for d in docs] == [
+        ("x1", "first", f"{path}:1"),
+        ("7", "second", f"{path}:3"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "line, needle",
+    [("{not json", "line 1: not JSON"), ('{"id": "a"}', "line 1: expected"), ('["a", "b"]', "expected")],
+)
+def test_bad_jsonl(tmp_path, line, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(InputError, match=needle):
+        read_documents([path])
+
+
+def test_missing_and_empty_inputs(tmp_path):
+    with pytest.raises(InputError, match="document not found"):
+        read_documents([tmp_path / "nope.txt"])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(EmptyTextError, match="holds no text"):
+        read_documents([tmp_path / "empty.txt"])
+    (tmp_path / "d").mkdir()
+    with pytest.raises(EmptyTextError, match="no text documents"):
+        read_documents([tmp_path / "d"])
+
+
+def test_split_prefers_paragraphs_then_sentences(km):
+    tokenize = tokenizer_with_offsets(km)
+    para = "One two three. Four five six.\n\n"
+    doc = Document("d", "d", para * 6)
+    passages = split_document(doc, tokenize, 80)
+    assert "".join(p.text for p in passages) == doc.text
+    assert sum(len(p.token_ids) for p in passages) == len(tokenize(doc.text)[0])
+    assert all(len(p.token_ids) <= 80 for p in passages)
+    assert all(p.text.endswith("\n\n") for p in passages[:-1])
+    # No paragraph break within reach: cut after a sentence.
+    doc = Document("s", "s", "A short sentence here. " * 20)
+    for p in split_document(doc, tokenize, 50)[:-1]:
+        assert p.text.endswith(". ")
+
+
+def test_split_without_boundaries_cuts_at_the_limit(km):
+    tokenize = tokenizer_with_offsets(km)
+    doc = Document("x", "x", "x" * 250)
+    assert [len(p.token_ids) for p in split_document(doc, tokenize, 100)] == [100, 100, 50]
+    # Never inside a multi-byte character when a character boundary is near.
+    doc = Document("u", "u", "é" * 120)
+    for p in split_document(doc, tokenize, 51):
+        assert len(p.token_ids) % 2 == 0 and "\ufffd" not in p.text
+
+
+# -------------------------------------------------------------------- store
+def test_precache_is_idempotent_and_content_addressed(km, docs, tmp_path):
+    first = fill(tmp_path / "s", docs, km)
+    assert first.documents == 3 and first.cached == first.unique_passages > 3
+    assert first.unique_passages < first.passages  # each text is repeated: identical passages share
+    again = fill(tmp_path / "s", docs, km)
+    assert (again.cached, again.already_cached) == (0, first.unique_passages)
+    with PassageStore(tmp_path / "s") as store:
+        info = store.info()
+        names = sorted(f.name for f in store.artifacts.listing())
+        assert names == sorted(store.index.artifact_names())
+    assert info["passages_without_cache"] == 0
+    assert info["caches"][0]["artifacts"] == first.unique_passages
+
+
+def test_resume_after_a_crash(km, docs, tmp_path):
+    def crash_after_two(stage, done, total):
+        if stage == "precache" and done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fill(tmp_path / "s", docs, km, progress=crash_after_two)
+    resumed = fill(tmp_path / "s", docs, km)
+    assert resumed.already_cached == 2 and resumed.cached == resumed.unique_passages - 2
+    with PassageStore(tmp_path / "s") as store:
+        assert store.verify().ok
+        assert not [f for f in store.artifacts.listing() if f.temporary]
+
+
+def test_an_artifact_written_but_not_recorded_is_adopted(km, docs, tmp_path, monkeypatch):
+    real = StoreIndex.add_artifact
+
+    def fail_once(self, record):
+        monkeypatch.setattr(StoreIndex, "add_artifact", real)
+        raise KeyboardInterrupt  # killed between the file and its row
+
+    monkeypatch.setattr(StoreIndex, "add_artifact", fail_once)
+    with pytest.raises(KeyboardInterrupt):
+        fill(tmp_path / "s", docs, km)
+    resumed = fill(tmp_path / "s", docs, km)
+    assert resumed.adopted == 1 and resumed.cached == resumed.unique_passages - 1
+
+
+def _precache_in_child(km, store_dir, docs, start, results) -> None:
+    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork()
+    start.wait()  # both children begin together
+    with PassageStore(store_dir, create=True) as store:
+        summary = precache([docs], store, km, passage_tokens=48, level="lossless")
+    results.put((summary.cached, summary.already_cached))
+
+
+def test_two_concurrent_runs_share_a_store(km, docs, tmp_path):
+    # Forked children start in milliseconds with the model already loaded; each
+    # opens its own SQLite connection, as two separate `kvzip precache` would.
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Barrier(2), ctx.Queue()
+    runs = [
+        ctx.Process(target=_precache_in_child, args=(km, tmp_path / "s", docs, start, results))
+        for _ in range(2)
+    ]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=120)
+        assert run.exitcode == 0
+    counts = [results.get(timeout=5) for _ in runs]
+    with PassageStore(tmp_path / "s") as store:
+        info = store.info()
+        report = store.verify()
+        files = store.artifacts.listing()
+    unique = info["caches"][0]["artifacts"]
+    assert report.ok and report.unindexed == 0 and not [f for f in files if f.temporary]
+    assert len(files) == unique and info["passages_without_cache"] == 0
+    assert all(cached + known == unique for cached, known in counts)
+
+
+def test_artifacts_on_an_fsspec_url(km, docs, tmp_path):
+    url = f"memory://kvzip-test-{uuid.uuid4().hex}/artifacts"
+    summary = fill(tmp_path / "s", docs, km, artifacts=url)
+    assert not (tmp_path / "s" / "artifacts").exists()
+    with PassageStore(tmp_path / "s") as store:  # the store remembers where its artifacts are
+        assert store.artifacts.url == url
+        assert store.verify().ok and store.info()["caches"][0]["artifacts"] == summary.cached
+        result = ask(store, "When did Krakatoa erupt?", km, top_k=1, max_new_tokens=2, compare=False)
+    assert Path(result.sources[0].doc_key).name == "volcano.txt"
+    with pytest.raises(InputError, match="keeps its artifacts at"):
+        PassageStore(tmp_path / "s", artifacts="memory://elsewhere")
+
+
+def test_verify_catches_a_corrupted_artifact(km, docs, tmp_path):
+    fill(tmp_path / "s", docs, km)
+    with PassageStore(tmp_path / "s") as store:
+        victim = sorted(store.index.artifact_names())[0]
+        path = Path(store.artifacts.path(victim))
+        data = bytearray(path.read_bytes())
+        data[-10] ^= 0xFF  # inside the last payload
+        path.write_bytes(bytes(data))
+        report = store.verify()
+    assert not report.ok
+    assert len(report.problems) == 1 and report.problems[0].startswith(victim)
+    assert "checksum" in report.problems[0]
+
+
+def test_gc_removes_orphans_and_dangling_rows(km, docs, tmp_path):
+    fill(tmp_path / "s", docs, km)
+    with PassageStore(tmp_path / "s") as store:
+        names = sorted(store.index.artifact_names())
+        root = Path(store.artifacts.root)
+        (root / names[0]).unlink()  # dangling row
+        (root / "zz").mkdir()
+        (root / "zz" / "orphan.kvz").write_bytes((root / names[1]).read_bytes())
+        (root / "zz" / ".orphan.kvz.123.tmp").write_bytes(b"half a file")
+        report = store.gc()
+        assert report.dangling_rows == [names[0]]
+        assert report.orphan_files == report.temporaries == []  # too young: a running precache may own them
+        report = store.gc(grace_seconds=0)
+        assert report.orphan_files == ["zz/orphan.kvz"] and report.temporaries == ["zz/.orphan.kvz.123.tmp"]
+        assert store.verify().ok
+    # Re-splitting the documents makes the old passages' caches unreferenced.
+    with PassageStore(tmp_path / "s") as store:
+        precache([docs], store, km, passage_tokens=PASSAGE_TOKENS // 2, level="lossless")
+        report = store.gc(grace_seconds=0)
+        assert len(report.unreferenced) == len(names) - 1
+        assert store.verify().ok and store.verify().unreferenced == 0
+
+
+def test_bm25_ranks_the_relevant_passage_first(km, docs, tmp_path):
+    fill(tmp_path / "s", docs, km)
+    with PassageStore(tmp_path / "s") as store:
+        for question, expected in [
+            ("Why does bread rise? yeast", "bread.txt"),
+            ("How do kittens learn to hunt mice?", "cats.txt"),
+            ("When did Krakatoa erupt?", "volcano.txt"),
+        ]:
+            result = ask(store, question, km, top_k=2, max_new_tokens=1, compare=False)
+            assert Path(result.sources[0].doc_key).name == expected, question
+
+
+def test_unknown_level_is_refused_before_any_work():
+    with pytest.raises(UnknownLevelError, match="unknown level 'nope'"):
+        check_level("nope")
+
+
+def test_a_store_is_required(tmp_path, km):
+    with pytest.raises(InputError, match="no kvzip store at"):
+        PassageStore(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="must be a directory"):
+        PassageStore(tmp_path / "file", create=True)
