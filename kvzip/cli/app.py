@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
 
 from kvzip import __version__
@@ -57,8 +55,4 @@ _register()
 
 
 def main() -> None:
-    # Offline by default on machines with no hub access is the user's choice;
-    # we only keep transformers' own chatter off the terminal.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
