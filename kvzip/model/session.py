@@ -247,18 +247,31 @@ class KVModel:
             )
 
     # ----------------------------------------------------------------- capture
-    @torch.inference_mode()
     def prefill(
         self, ids: Sequence[int], *, step: int = 512, progress: Progress | None = None
     ) -> torch.Tensor:
-        """Run the model over ``ids`` and return its cache as [2, layers, kv_heads, T, head_dim].
+        """Run the model over ``ids`` and return its cache as [2, layers, kv_heads, T, head_dim]."""
+        return self.extend(None, ids, step=step, progress=progress)
 
-        Prefill runs in ``step``-token pieces so progress can be reported and the
-        attention's working memory stays bounded; the cache is the same one a
-        single forward pass would build (up to float rounding).
+    @torch.inference_mode()
+    def extend(
+        self,
+        kv: torch.Tensor | None,
+        ids: Sequence[int],
+        *,
+        step: int = 512,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
+        """The cache of ``kv``'s context followed by ``ids``: [2, L, H, T + len(ids), D].
+
+        The model reads ``ids`` in ``step``-token pieces so progress can be reported
+        and the attention's working memory stays bounded; the cache is the same one
+        a single forward pass would build (up to float rounding).  Streaming
+        recomputes a chunk this way, and RAG recomputes passage boundaries.
         """
-        self.check_length(len(ids))
-        cache = self.new_cache()
+        cached = 0 if kv is None else kv.shape[3]
+        self.check_length(cached + len(ids))
+        cache = self.new_cache() if kv is None else self.build_cache(kv)
         input_ids = torch.tensor([list(ids)], dtype=torch.long)
         total = input_ids.shape[1]
         for start in range(0, total, step):
@@ -266,7 +279,7 @@ class KVModel:
             self.model(input_ids=piece, past_key_values=cache, use_cache=True)
             if progress is not None:
                 progress(min(start + step, total), total)
-        return self.cache_to_tensor(cache, total)
+        return self.cache_to_tensor(cache, cached + total)
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache

@@ -48,14 +48,6 @@ def move_kv(kv: torch.Tensor, delta: int, inv_freq: Sequence[float]) -> torch.Te
     return torch.stack([rotate_keys(kv[0], delta, inv_freq), kv[1]])
 
 
-@torch.inference_mode()
-def extend_cache(km: KVModel, kv: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
-    """Prefill ``ids`` after the cached context ``kv`` and return the grown cache."""
-    cache = km.build_cache(kv)
-    km.model(input_ids=torch.tensor([list(ids)], dtype=torch.long), past_key_values=cache, use_cache=True)
-    return km.cache_to_tensor(cache, kv.shape[3] + len(ids))
-
-
 @dataclass
 class CachedPassage:
     """A passage's token ids and its cache at positions 0..n-1, with its RoPE frequencies."""
@@ -88,7 +80,7 @@ def assemble(
         offset = len(ids)
         redo = math.ceil(blend_fraction * len(passage.token_ids)) if offset else 0
         if redo:
-            kv = extend_cache(km, kv, passage.token_ids[:redo])
+            kv = km.extend(kv, passage.token_ids[:redo])
         if redo < len(passage.token_ids):
             moved = move_kv(passage.kv[:, :, :, redo:], offset, passage.inv_freq)
             kv = moved if kv is None else torch.cat([kv, moved.to(kv.dtype)], dim=3)

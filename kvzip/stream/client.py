@@ -132,14 +132,9 @@ class ChunkDecoder:
 @torch.inference_mode()
 def recompute_chunk(km: KVModel, previous: Sequence[torch.Tensor], ids: Sequence[int]) -> torch.Tensor:
     """The KV of ``ids`` read after the cached chunks ``previous``, as [2, L, H, len(ids), D]."""
-    if not previous:
-        return km.prefill(ids)
-    past = torch.cat(list(previous), dim=3)
-    cache = km.build_cache(past)
-    km.model(input_ids=torch.tensor([list(ids)], dtype=torch.long), past_key_values=cache,
-             use_cache=True)
-    cached = past.shape[3]
-    return km.cache_to_tensor(cache, cached + len(ids))[:, :, :, cached:]
+    past = torch.cat(list(previous), dim=3) if previous else None
+    cached = 0 if past is None else past.shape[3]
+    return km.extend(past, ids)[:, :, :, cached:]
 
 
 # ------------------------------------------------------------------- the download thread
