@@ -19,7 +19,7 @@ from kvzip.formats.container import (
     parse_preamble,
     validate,
 )
-from kvzip.formats.reader import KvzReader, Problem, open_kvz
+from kvzip.formats.reader import KvzReader, PayloadDecoder, Problem, open_kvz
 from kvzip.formats.source import ByteSource, BytesSource, FileSource, checked_range
 from kvzip.formats.spec import MAGIC, VERSION_MAJOR, VERSION_MINOR, EntryKind
 from kvzip.formats.writer import KvzWriter
@@ -37,6 +37,7 @@ __all__ = [
     "KvzHeader",
     "KvzReader",
     "KvzWriter",
+    "PayloadDecoder",
     "Preamble",
     "Problem",
     "QualityLevel",

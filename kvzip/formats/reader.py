@@ -26,6 +26,7 @@ from kvzip.errors import (
 from kvzip.formats import parallel
 from kvzip.formats.container import (
     IndexEntry,
+    KvzHeader,
     describe_entry,
     parse_header,
     parse_index,
@@ -49,6 +50,46 @@ class Problem:
     message: str
 
 
+class PayloadDecoder:
+    """Decodes KV payloads with the codecs a header names, each codec built once per level.
+
+    The reader uses it on payloads it read itself; a streaming client uses it on
+    payloads it fetched (and checksummed) over the network.
+    """
+
+    def __init__(self, header: KvzHeader):
+        self.header = header
+        self._codecs: dict[int, Codec] = {}
+
+    def context(self, entry: IndexEntry) -> ChunkContext:
+        """What the level's codec needs to know about this chunk."""
+        h = self.header
+        return ChunkContext(
+            token_start=entry.token_start,
+            token_count=entry.token_count,
+            num_layers=h.num_layers,
+            kv_heads=h.kv_heads,
+            head_dim=h.head_dim,
+            dtype=h.dtype,
+            rope_inv_freq=h.rope_inv_freq,
+        )
+
+    def decode(self, entry: IndexEntry, payload: bytes) -> np.ndarray:
+        """One KV chunk as ``[2, layers, kv_heads, tokens, head_dim]`` in the storage dtype."""
+        if entry.kind is not EntryKind.KV:
+            raise ValueError(f"not a KV entry: {entry}")
+        if entry.level not in self._codecs:
+            self._codecs[entry.level] = codec_from_config(self.header.levels[entry.level].codec)
+        ctx = self.context(entry)
+        kv = self._codecs[entry.level].decode(payload, ctx)
+        if kv.shape != ctx.shape:
+            raise CodecError(
+                f"{describe_entry(entry, self.header.level_names)} decoded to shape "
+                f"{kv.shape}, expected {ctx.shape}"
+            )
+        return from_float32(kv, ctx.dtype)
+
+
 class KvzReader:
     """A validated ``.kvz``: header and index parsed up front, payloads on demand."""
 
@@ -67,7 +108,7 @@ class KvzReader:
         self.header = parse_header(header_bytes)
         self.entries = tuple(parse_index(index_bytes))
         self._index = validate(self.header, self.entries, size, end)
-        self._codecs: dict[int, Codec] = {}
+        self._decoder = PayloadDecoder(self.header)
 
     @property
     def version(self) -> tuple[int, int]:
@@ -122,29 +163,13 @@ class KvzReader:
 
     def chunk_context(self, entry: IndexEntry) -> ChunkContext:
         """What the level's codec needs to know about this chunk."""
-        h = self.header
-        return ChunkContext(
-            token_start=entry.token_start,
-            token_count=entry.token_count,
-            num_layers=h.num_layers,
-            kv_heads=h.kv_heads,
-            head_dim=h.head_dim,
-            dtype=h.dtype,
-            rope_inv_freq=h.rope_inv_freq,
-        )
+        return self._decoder.context(entry)
 
     def decode_chunk(self, entry: IndexEntry) -> np.ndarray:
         """One KV chunk as ``[2, layers, kv_heads, tokens, head_dim]`` in the storage dtype."""
         if entry.kind is not EntryKind.KV:
             raise ValueError(f"not a KV entry: {entry}")
-        ctx = self.chunk_context(entry)
-        kv = self._codec(entry.level).decode(self.read_payload(entry), ctx)
-        if kv.shape != ctx.shape:
-            raise CodecError(
-                f"{describe_entry(entry, self.header.level_names)} decoded to shape "
-                f"{kv.shape}, expected {ctx.shape}"
-            )
-        return from_float32(kv, ctx.dtype)
+        return self._decoder.decode(entry, self.read_payload(entry))
 
     def decode_level(self, level_name: str, *, decoders: int | None = None) -> np.ndarray:
         """A whole level as ``[2, layers, kv_heads, token_count, head_dim]``.
@@ -183,11 +208,6 @@ class KvzReader:
             except KvzipError as exc:
                 problems.append(Problem(entry, str(exc)))
         return problems
-
-    def _codec(self, level: int) -> Codec:
-        if level not in self._codecs:
-            self._codecs[level] = codec_from_config(self.header.levels[level].codec)
-        return self._codecs[level]
 
     def close(self) -> None:
         """Close the source if it holds a resource (a file, a connection)."""

@@ -22,12 +22,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
-import numpy as np
 import torch
 
-from kvzip.codecs import ChunkContext, Codec, codec_from_config
-from kvzip.errors import CodecError, FetchError, InputError, UnknownLevelError
-from kvzip.formats import IndexEntry, KvzHeader, KvzReader
+from kvzip.errors import FetchError, InputError, UnknownLevelError
+from kvzip.formats import IndexEntry, KvzReader, PayloadDecoder
 from kvzip.model import TORCH_DTYPES, ChatTemplate, KVModel
 from kvzip.pipeline import Progress, no_progress, storage_to_kv
 from kvzip.stream.controller import Decision, ThroughputMeter, choose_level, rank_levels
@@ -108,27 +106,6 @@ def open_context(
 
 
 # ------------------------------------------------------------------ decode a chunk
-class ChunkDecoder:
-    """Decodes payloads with the codecs a header names, into the header's storage dtype."""
-
-    def __init__(self, header: KvzHeader):
-        self.header = header
-        self._codecs: dict[int, Codec] = {}
-
-    def decode(self, entry: IndexEntry, payload: bytes) -> torch.Tensor:
-        h = self.header
-        if entry.level not in self._codecs:
-            self._codecs[entry.level] = codec_from_config(h.levels[entry.level].codec)
-        ctx = ChunkContext(
-            entry.token_start, entry.token_count, h.num_layers, h.kv_heads, h.head_dim,
-            h.dtype, h.rope_inv_freq,
-        )
-        kv = self._codecs[entry.level].decode(payload, ctx)
-        if kv.shape != ctx.shape:
-            raise CodecError(f"chunk {entry.chunk} decoded to shape {kv.shape}, expected {ctx.shape}")
-        return storage_to_kv(np.asarray(kv), h.dtype)
-
-
 @torch.inference_mode()
 def recompute_chunk(km: KVModel, previous: Sequence[torch.Tensor], ids: Sequence[int]) -> torch.Tensor:
     """The KV of ``ids`` read after the cached chunks ``previous``, as [2, L, H, len(ids), D]."""
@@ -319,7 +296,7 @@ def _assemble(
     manifest: ContextManifest, model: KVModel, downloader: _Downloader, progress: Progress
 ) -> tuple[list[torch.Tensor], list[ChunkReport], float, float, float]:
     """Decode or recompute each chunk as the downloader delivers it, in order."""
-    decoder = ChunkDecoder(manifest.header)
+    decoder = PayloadDecoder(manifest.header)
     dtype = TORCH_DTYPES[manifest.header.dtype]
     parts: list[torch.Tensor] = []
     reports: list[ChunkReport] = []
@@ -338,7 +315,7 @@ def _assemble(
             recompute_s += item.report.work_seconds
             downloader.recompute_seconds_per_token = item.report.work_seconds / chunk.token_count
         else:
-            parts.append(decoder.decode(item.entry, item.payload))
+            parts.append(storage_to_kv(decoder.decode(item.entry, item.payload), manifest.header.dtype))
             item.report.work_seconds = time.perf_counter() - t1
             decode_s += item.report.work_seconds
             downloader.tail_seconds = item.report.work_seconds
