@@ -337,3 +337,20 @@ def test_fetch_and_stream_from_nginx(nginx, context_dir, tiny_llama, tmp_path):
     result = stream_generate(nginx + "/a.kvz", "Q", tiny_llama, levels=["lossless"],
                              max_new_tokens=4)
     assert result.new_token_ids == local_tokens(tiny_llama)
+
+
+def test_decode_time_is_planned_from_a_prior_then_measured(context_dir, tiny_llama):
+    """A decode prior no level can meet the deadline with: the fastest level (the smallest)
+    is fetched, its real decode speed measured, and from then on it fits; a free decode
+    leaves the choice to the network alone (lossless on an unthrottled link)."""
+    with serve_in_thread(create_app(context_dir)) as url:
+        manifest = url + "/contexts/a.kvz/manifest"
+        slow = stream_generate(manifest, "Q", tiny_llama, deadline=5.0, decode_prior=1.0,
+                               recompute_tokens_per_second=1e-3, max_new_tokens=1)
+        free = stream_generate(manifest, "Q", tiny_llama, deadline=5.0, decode_prior=0.0,
+                               max_new_tokens=1)
+    assert slow.levels == ["small"] * 6
+    assert slow.chunks[0].predicted_seconds > 5.0  # planned with the prior: hopeless
+    assert slow.chunks[-1].predicted_seconds < 5.0  # planned with small's measured speed
+    assert free.levels == ["lossless"] * 6
+    assert slow.deadline_met and free.deadline_met

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvzip.stream.controller import ThroughputMeter, choose_level, rank_levels
+from kvzip.stream.controller import (
+    DecodeMeter,
+    ThroughputMeter,
+    choose_level,
+    pipeline_seconds,
+    rank_levels,
+)
+from kvzip.stream.middleware import Throttle
 from kvzip.stream.paths import PathRejected, list_contexts, resolve_context
 from kvzip.stream.ranges import (
     ByteRange,
@@ -226,3 +234,128 @@ def test_a_slow_recompute_falls_back_to_the_smallest_level():
     slow = choose_level(SIZES, ranked, 399, 1.0, recompute_seconds=30.0)
     assert slow.level == "small" and slow.predicted_seconds == pytest.approx(400 / 399)
     assert choose_level(SIZES, [], 399, 1.0, recompute_seconds=30.0).recompute
+
+
+# ------------------------------------------------------- controller: decode time
+
+
+def test_pipeline_overlaps_decoding_with_downloading():
+    # Network-bound: all transfers, then the last decode.
+    assert pipeline_seconds([1.0, 1.0, 1.0], [0.2, 0.2, 0.2]) == pytest.approx(3.2)
+    # Decode-bound: the first transfer, then all decodes.
+    assert pipeline_seconds([0.1, 0.1, 0.1], [1.0, 1.0, 1.0]) == pytest.approx(3.1)
+    # A busy decoder delays the first decode, not the downloads.
+    assert pipeline_seconds([0.1, 0.1], [0.5, 0.5], decoder_busy=2.0) == pytest.approx(3.0)
+    assert pipeline_seconds([], []) == 0.0
+    with pytest.raises(ValueError):
+        pipeline_seconds([1.0], [])
+
+
+@given(st.lists(st.tuples(st.floats(0, 10), st.floats(0, 10)), min_size=1, max_size=10),
+       st.floats(0, 10))
+def test_pipeline_is_bounded_by_its_stages(stages, busy):
+    transfer, decode = [t for t, _ in stages], [d for _, d in stages]
+    total = pipeline_seconds(transfer, decode, busy)
+    lower = max(sum(transfer) + decode[-1], busy + sum(decode), transfer[0] + sum(decode))
+    assert total >= lower - 1e-9
+    assert total <= busy + sum(transfer) + sum(decode) + 1e-9
+
+
+def test_a_level_whose_decode_alone_misses_the_deadline_is_not_chosen_on_an_infinite_link():
+    ranked = rank_levels(SIZES)
+    decode = {"lossless": [0.1] * 4, "balanced": [0.4] * 4, "small": [0.2] * 4}
+    # balanced decodes in 1.6 s > 1 s: skipped for small although both cost no network time.
+    decision = choose_level(SIZES, ranked[1:], math.inf, 1.0, decode_seconds=decode)
+    assert decision.level == "small" and decision.predicted_seconds == pytest.approx(0.8)
+    # Every level too slow to decode: recompute (CacheGen), or the fastest when recomputing
+    # is known to be slower still.
+    slow = {level: [1.0] * 4 for level in ranked} | {"balanced": [0.5] * 4}
+    assert choose_level(SIZES, ranked, math.inf, 1.0, decode_seconds=slow).recompute
+    fallback = choose_level(SIZES, ranked, math.inf, 1.0, recompute_seconds=60.0,
+                            decode_seconds=slow)
+    assert fallback.level == "balanced" and fallback.predicted_seconds == pytest.approx(2.0)
+
+
+def test_decode_time_moves_the_choice_down_where_the_network_alone_would_not():
+    ranked = rank_levels(SIZES)
+    # 4000 B/s: the network alone allows lossless in exactly 1.0 s (see the table above).
+    assert choose_level(SIZES, ranked, 4000, 1.0).level == "lossless"
+    decode = {level: [0.05] * 4 for level in ranked}
+    # The last chunk's 0.05 s decode comes after the network: lossless no longer fits.
+    assert choose_level(SIZES, ranked, 4000, 1.0, decode_seconds=decode).level == "balanced"
+    # Nor does it once the decoder is still busy with chunks already fetched.
+    assert choose_level(SIZES, ranked, 1e9, 1.0, decode_seconds=decode,
+                        decoder_busy=0.9).level is None
+
+
+def test_simulated_cpu_bound_client_meets_the_deadline_that_network_only_planning_misses():
+    """Eight chunks over a 2000 B/s link; decoding costs more per byte at the smaller levels
+    (as entropy-coded levels do on a CPU).  Planning only the network picks a level whose
+    decode then blows the deadline; planning both meets it, and the decode meter learns the
+    true costs from a prior that is wrong for every level."""
+    sizes = [{"lossless": 2000, "balanced": 300, "small": 100}] * 8
+    true_decode = {"lossless": 0.02, "balanced": 0.35, "small": 0.15}  # seconds per chunk
+    ranked, deadline, elements = rank_levels(sizes), 2.0, 1000
+
+    def simulate(plan_decode: bool) -> float:
+        meter, decode_meter = ThroughputMeter(2000), DecodeMeter(1e-4)  # prior: 0.1 s/chunk
+        arrived = decoded = 0.0
+        for i in range(len(sizes)):
+            decode = {level: [decode_meter.predict(level, elements)] * (len(sizes) - i)
+                      for level in ranked}
+            busy = max(0.0, decoded - arrived)
+            decision = choose_level(sizes[i:], ranked, meter.bytes_per_second,
+                                    deadline - arrived, recompute_seconds=100.0,
+                                    decode_seconds=decode if plan_decode else None,
+                                    decoder_busy=busy if plan_decode else 0.0)
+            level = decision.level
+            assert level is not None
+            arrived += sizes[i][level] / 2000
+            meter.add(sizes[i][level], sizes[i][level] / 2000)
+            decoded = max(decoded, arrived) + true_decode[level]
+            decode_meter.add(level, elements, true_decode[level])
+        return decoded
+
+    assert simulate(plan_decode=False) > deadline
+    assert simulate(plan_decode=True) <= deadline
+
+
+def test_decode_meter_starts_from_the_prior_and_learns_each_level():
+    meter = DecodeMeter(1e-6, weight=0.5)
+    assert meter.predict("small", 1000) == pytest.approx(1e-3)
+    meter.add("small", 1000, 0.01)  # 1e-5 s/element: slower than the prior
+    assert meter.seconds_per_element("small") == pytest.approx(1e-5)
+    # An unmeasured level is assumed as slow as the slowest measured one.
+    assert meter.seconds_per_element("high") == pytest.approx(1e-5)
+    meter.add("lossless", 1000, 0.0)
+    assert meter.seconds_per_element("lossless") == 0.0
+    meter.add("small", 1000, 0.03)
+    assert meter.seconds_per_element("small") == pytest.approx(2e-5)
+    with pytest.raises(ValueError):
+        DecodeMeter(-1.0)
+
+
+# ---------------------------------------------------------------------- throttle
+
+
+def test_throttle_credits_late_wake_ups_within_a_response():
+    """A sender that always wakes 1 ms late (epoll's rounding) still gets the full rate."""
+    throttle = Throttle.constant(1000)  # 125 MB/s: a 16 KiB piece every 131 us
+    now, piece, pieces = 1000.0, 16 << 10, 2000
+    throttle._origin = now
+    start = now
+    for i in range(pieces):
+        done = throttle.reserve(piece, now, continuing=i > 0)
+        now = max(now, done + 0.001) if done > now else now + 20e-6  # sleep overshoots 1 ms
+    rate = pieces * piece / (now - start)
+    assert rate == pytest.approx(125e6, rel=0.05)
+
+
+def test_throttle_banks_no_idle_time_for_a_new_response():
+    throttle = Throttle.constant(8)  # 1 MB/s
+    throttle.reserve(1000, 10.0)
+    # An hour idle, then a new response: its first piece still takes its full link time.
+    assert throttle.reserve(10_000, 3610.0) == pytest.approx(3610.01)
+    # A piece of a response already under way may catch up on a late wake-up, by at most slack.
+    assert throttle.reserve(10_000, 3611.0, continuing=True) == pytest.approx(
+        3611.0 - throttle.slack + 0.01)

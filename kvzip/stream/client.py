@@ -3,9 +3,9 @@
 :func:`stream_generate` opens a context (a kvzip manifest URL, or a ``.kvz`` URL
 on any server with byte ranges), then a download thread walks the chunks: for
 each it asks :func:`~kvzip.stream.controller.choose_level` for the best level
-that still meets the deadline at the throughput measured so far, fetches that
-payload and checks its checksum, while the calling thread decodes the chunk
-before it (decoding overlaps downloading).  A chunk no level can deliver in
+that still meets the deadline at the throughput and per-level decode speeds
+measured so far, fetches that payload and checks its checksum, while the
+calling thread decodes the chunk before it (decoding overlaps downloading).  A chunk no level can deliver in
 time is recomputed by the model from its token ids, with the chunks before it
 as cache.  The result reports time to first token and where it went.
 """
@@ -28,7 +28,14 @@ from kvzip.errors import FetchError, InputError, UnknownLevelError
 from kvzip.formats import IndexEntry, KvzReader, PayloadDecoder
 from kvzip.model import TORCH_DTYPES, ChatTemplate, KVModel
 from kvzip.pipeline import Progress, no_progress, storage_to_kv
-from kvzip.stream.controller import Decision, ThroughputMeter, choose_level, rank_levels
+from kvzip.stream.controller import (
+    DEFAULT_DECODE_PRIOR,
+    DecodeMeter,
+    Decision,
+    ThroughputMeter,
+    choose_level,
+    rank_levels,
+)
 from kvzip.stream.http import HttpRangeSource, RetryPolicy, get_json, new_client
 from kvzip.stream.manifest import ContextManifest, manifest_from_reader, parse_manifest
 
@@ -45,7 +52,8 @@ class ChunkReport:
     fetch_seconds: float
     work_seconds: float  # decoding, or recomputing
     throughput_mbps: float  # the estimate the decision used
-    seconds_left: float | None  # network time left before the deadline, at the decision
+    seconds_left: float | None  # time left before the deadline, at the decision
+    predicted_seconds: float | None  # when the plan said the rest would be ready, from then
 
 
 @dataclass
@@ -114,6 +122,12 @@ def recompute_chunk(km: KVModel, previous: Sequence[torch.Tensor], ids: Sequence
     return km.extend(past, ids)[:, :, :, cached:]
 
 
+def _elements_per_token(manifest: ContextManifest) -> int:
+    """K/V elements per token (keys and values, all layers and heads): what decoding scales with."""
+    h = manifest.header
+    return 2 * h.num_layers * h.kv_heads * h.head_dim
+
+
 # ------------------------------------------------------------------- the download thread
 @dataclass
 class _Fetched:
@@ -126,32 +140,50 @@ class _Downloader(threading.Thread):
     """Fetches chunk payloads in order, one level decision per chunk, at most LOOKAHEAD ahead."""
 
     def __init__(self, manifest: ContextManifest, source: HttpRangeSource, levels: list[str],
-                 meter: ThroughputMeter, deadline: float | None, started: float):
+                 meter: ThroughputMeter, decode_meter: DecodeMeter, deadline: float | None,
+                 started: float):
         super().__init__(name="kvzip-stream-download", daemon=True)
         self.manifest, self.source, self.levels = manifest, source, levels
-        self.meter, self.deadline, self.started = meter, deadline, started
+        self.meter, self.decode_meter = meter, decode_meter
+        self.deadline, self.started = deadline, started
         self.out: queue.Queue[_Fetched | BaseException] = queue.Queue(LOOKAHEAD)
         self.stop = threading.Event()
         self.consumed = threading.Semaphore(0)  # released by the consumer after each chunk
         self._consumed = 0
-        # Seconds the decoder last took for a chunk: the last chunk is decoded after the
-        # network is done, so that much of the deadline is kept back from the network.
-        self.tail_seconds = 0.0
+        # The decoder's progress, written by the consumer: chunks done, and when it
+        # started the one it is on (None while it waits for the network).
+        self.decoded = 0
+        self.decoding_since: float | None = None
+        self._predicted_decode: list[float] = []  # per chunk handed over, at its decision
         # A prior from the caller, then measured by the consumer on each recomputed chunk.
         self.recompute_seconds_per_token: float | None = None
+
+    def decoder_busy(self, handed_over: int, now: float) -> float:
+        """Predicted seconds until the decoder has done the chunks already handed over."""
+        done, since = self.decoded, self.decoding_since
+        busy = sum(self._predicted_decode[done:handed_over])
+        if since is not None and done < handed_over:
+            busy -= min(now - since, self._predicted_decode[done])
+        return max(0.0, busy)
 
     def run(self) -> None:
         try:
             chunks = self.manifest.chunks
+            elements = [c.token_count * _elements_per_token(self.manifest) for c in chunks]
             for i, chunk in enumerate(chunks):
-                left = None if self.deadline is None else (
-                    self.deadline - (time.perf_counter() - self.started) - self.tail_seconds)
+                now = time.perf_counter()
+                left = None if self.deadline is None else self.deadline - (now - self.started)
                 per_token = self.recompute_seconds_per_token
+                decode = {level: [self.decode_meter.predict(level, n) for n in elements[i:]]
+                          for level in self.levels}
                 decision = choose_level(
                     [c.sizes() for c in chunks[i:]], self.levels, self.meter.bytes_per_second,
                     math.inf if left is None else left,
                     None if per_token is None else per_token * sum(c.token_count for c in chunks[i:]),
+                    decode_seconds=decode, decoder_busy=self.decoder_busy(i, now),
                 )
+                self._predicted_decode.append(
+                    0.0 if decision.level is None else decode[decision.level][0])
                 self._put(self._fetch(chunk.chunk, chunk.token_count, chunk.payloads, decision, left))
                 if decision.recompute:
                     # Decide the next chunk only once this one is recomputed: by then the
@@ -168,7 +200,9 @@ class _Downloader(threading.Thread):
     def _fetch(self, number: int, tokens: int, payloads: dict[str, IndexEntry],
                decision: Decision, left: float | None) -> _Fetched:
         report = ChunkReport(number, tokens, decision.level or RECOMPUTE, 0, 0.0, 0.0,
-                             self.meter.bytes_per_second * 8 / 1e6, left)
+                             self.meter.bytes_per_second * 8 / 1e6, left,
+                             None if math.isinf(decision.predicted_seconds)
+                             else decision.predicted_seconds)
         if decision.level is None:
             return _Fetched(report, None)
         entry = payloads[decision.level]
@@ -205,6 +239,7 @@ def stream_generate(
     levels: Sequence[str] | None = None,
     initial_mbps: float | None = None,
     recompute_tokens_per_second: float | None = None,
+    decode_prior: float = DEFAULT_DECODE_PRIOR,
     client: httpx.Client | None = None,
     policy: RetryPolicy = RetryPolicy(),
     progress: Progress = no_progress,
@@ -218,6 +253,9 @@ def stream_generate(
     ``recompute_tokens_per_second`` is a prior for how fast ``model`` recomputes
     (its prefill speed on this machine); without it the first recompute is taken
     on CacheGen's assumption that recomputing is cheap, and measured.
+    ``decode_prior`` is the seconds per K/V element assumed for decoding a level
+    not measured yet (default: a conservative :data:`DEFAULT_DECODE_PRIOR`);
+    each level's decode speed is then measured on its chunks.
     """
     if max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
@@ -233,7 +271,8 @@ def stream_generate(
         model.check_identity(header.raw["model"])
         allowed = _allowed_levels(manifest, levels)
         meter = ThroughputMeter(initial_mbps * 1e6 / 8 if initial_mbps else estimate)
-        downloader = _Downloader(manifest, source, allowed, meter, deadline, started)
+        downloader = _Downloader(manifest, source, allowed, meter, DecodeMeter(decode_prior),
+                                 deadline, started)
         if recompute_tokens_per_second:
             downloader.recompute_seconds_per_token = 1 / recompute_tokens_per_second
         downloader.start()
@@ -302,6 +341,7 @@ def _assemble(
     reports: list[ChunkReport] = []
     wait = decode_s = recompute_s = 0.0
     total = len(manifest.chunks)
+    elements_per_token = _elements_per_token(manifest)
     for chunk in manifest.chunks:
         t0 = time.perf_counter()
         item = downloader.out.get()
@@ -309,6 +349,7 @@ def _assemble(
         wait += t1 - t0
         if isinstance(item, BaseException):
             raise item
+        downloader.decoding_since = t1
         if item.entry is None:
             parts.append(recompute_chunk(model, parts, chunk.token_ids).to(dtype))
             item.report.work_seconds = time.perf_counter() - t1
@@ -318,8 +359,11 @@ def _assemble(
             parts.append(storage_to_kv(decoder.decode(item.entry, item.payload), manifest.header.dtype))
             item.report.work_seconds = time.perf_counter() - t1
             decode_s += item.report.work_seconds
-            downloader.tail_seconds = item.report.work_seconds
+            downloader.decode_meter.add(item.report.level, chunk.token_count * elements_per_token,
+                                        item.report.work_seconds)
         reports.append(item.report)
+        downloader.decoding_since = None
+        downloader.decoded += 1
         downloader.consumed.release()
         progress("stream", len(parts), total)
     return parts, reports, wait, decode_s, recompute_s

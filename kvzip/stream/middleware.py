@@ -29,12 +29,27 @@ class Throttle:
     ``schedule`` is ``[(seconds, mbps), ...]``, cycled from when the throttle is
     made; one entry is a constant rate.  A virtual clock says when the link is
     next free, so concurrent responses share the rate instead of each getting it.
+
+    Each piece is sent when the link would have finished carrying it.  The sleeps
+    that wait for that overshoot: asyncio's epoll timers round every wait up to a
+    whole millisecond, and a busy event loop wakes later still.  The clock
+    therefore lets the link fall up to ``slack`` seconds behind schedule and
+    catch up (a token bucket ``slack`` seconds deep) instead of restarting from
+    "now" after each late wake-up, which lost every overshoot and capped the
+    link near one 16 KiB piece per millisecond (~100 Mbit/s) whatever the rate.
+    Only a response already under way gets that credit: its first piece starts
+    no earlier than now, so a link left idle between requests does not bank
+    time and burst it out (which would make a small body, such as a manifest
+    the client measures its first throughput on, look instantaneous).
     """
 
-    def __init__(self, schedule: Sequence[tuple[float, float]]):
+    def __init__(self, schedule: Sequence[tuple[float, float]], slack: float = 0.025):
         if not schedule or any(s <= 0 or r <= 0 for s, r in schedule):
             raise InputError("a throttle needs positive durations and rates")
+        if slack < 0:
+            raise InputError("a throttle's slack cannot be negative")
         self.schedule = list(schedule)
+        self.slack = slack
         self._period = sum(s for s, _ in schedule)
         self._origin = time.monotonic()
         self._free_at = 0.0
@@ -51,33 +66,61 @@ class Throttle:
             t -= seconds
         return self.schedule[-1][1] * 1e6 / 8
 
-    async def pace(self, nbytes: int) -> None:
-        now = time.monotonic()
-        start = max(now, self._free_at)
+    def piece_bytes(self, at: float | None = None) -> int:
+        """How many bytes to send per paced write: about a millisecond of the link's time.
+
+        Pieces far smaller than the timer's resolution cost a wake-up each
+        for nothing; far larger ones make the link bursty.
+        """
+        rate = self.bytes_per_second(time.monotonic() if at is None else at)
+        return int(min(MAX_PIECE, max(MIN_PIECE, rate * 0.001)))
+
+    def reserve(self, nbytes: int, now: float, continuing: bool = False) -> float:
+        """Book ``nbytes`` on the link at ``now``; returns when they have crossed it.
+
+        ``continuing``: the bytes follow earlier ones of the same response, whose
+        sender may have woken up to ``slack`` seconds late.
+        """
+        start = max(self._free_at, now - self.slack if continuing else now)
         self._free_at = start + nbytes / self.bytes_per_second(start)
-        if self._free_at > now:
-            await asyncio.sleep(self._free_at - now)
+        return self._free_at
+
+    async def pace(self, nbytes: int, continuing: bool = False) -> None:
+        now = time.monotonic()
+        done = self.reserve(nbytes, now, continuing)
+        if done > now:
+            await asyncio.sleep(done - now)
+
+
+MIN_PIECE = 16 << 10  # bounds on the throttle's write size (see Throttle.piece_bytes)
+MAX_PIECE = 256 << 10
 
 
 class ThrottleMiddleware:
-    """Sends every response body through a :class:`Throttle`, in pieces of ``piece`` bytes."""
+    """Sends every response body through a :class:`Throttle`, in pieces of about 1 ms of link time."""
 
-    def __init__(self, app: ASGIApp, throttle: Throttle, piece: int = 16 << 10):
-        self.app, self.throttle, self.piece = app, throttle, piece
+    def __init__(self, app: ASGIApp, throttle: Throttle):
+        self.app, self.throttle = app, throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
+        started = False  # whether this response has sent body bytes yet
+
         async def paced_send(message: Message) -> None:
+            nonlocal started
             if message["type"] != "http.response.body" or not message.get("body"):
                 return await send(message)
             body, more = message["body"], message.get("more_body", False)
-            for i in range(0, len(body), self.piece):
-                await self.throttle.pace(len(body[i : i + self.piece]))
-                last = i + self.piece >= len(body)
-                await send({"type": message["type"], "body": body[i : i + self.piece],
-                            "more_body": more or not last})
+            i = 0
+            while i < len(body):
+                piece = body[i : i + self.throttle.piece_bytes()]
+                i += len(piece)
+                await self.throttle.pace(len(piece), continuing=started)
+                started = True
+                await send({"type": message["type"], "body": piece,
+                            "more_body": more or i < len(body)})
 
         await self.app(scope, receive, paced_send)
 
