@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/decode_speed.py [--tokens 2048,4096,8000] [--levels high,balanced,small]
                                                    [--repeat 3] [--kv /tmp/kv_gpl3.safetensors]
+                                                   [--codec JSON]... [--modes 1p,Np] [--cold]
 
 KV of SmolLM2-135M geometry ([2, 30, 3, T, 64] float32) comes from a real captured
 cache (key "kv", 2048 tokens), tiled along tokens with the keys re-rotated to their
@@ -16,12 +17,21 @@ runs, in M K/V elements per second:
   and its decode workers, sampled every 5 ms, plus the shared output buffer),
   beside the decoded cache's size in float32.
 
+``--codec JSON`` (repeatable) adds a codec config beside the levels, e.g.
+``--codec '{"name": "high2", "base": "high", "entropy": "param2"}'``: ``base`` starts
+from that level's config, ``name`` labels the row.  All files of one length are
+written first, then decoded round-robin (config after config, ``--repeat`` rounds),
+so a busy machine slows every config alike.  The entropy coder caches its models
+per process and encoding fills that cache; ``--cold`` empties it before every
+decode, as a fresh process would find it.
+
 The machine may be shared: compare numbers from one run only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -55,13 +65,13 @@ def realistic_kv(path: str, tokens: int) -> tuple[np.ndarray, tuple[float, ...]]
     return out, inv
 
 
-def write_file(kv: np.ndarray, inv, level: str, path: Path, chunk: int = 256) -> float:
+def write_file(kv: np.ndarray, inv, level: str, path: Path, chunk: int = 256, config: dict | None = None) -> float:
     """Write a one-level .kvz; returns the encode time (codec only, one process)."""
     from kvzip.codecs import LEVELS, ChunkContext, codec_from_config
     from kvzip.formats import KvzWriter
 
     _, layers, heads, tokens, dim = kv.shape
-    codec = codec_from_config(LEVELS[level])
+    codec = codec_from_config(config if config is not None else LEVELS[level])
     header = {
         "format": "kvz", "model": {"fingerprint": "sha256:bench", "name": "SmolLM2-135M-geometry"},
         "num_layers": layers, "kv_heads": heads, "head_dim": dim, "dtype": "float32",
@@ -116,11 +126,14 @@ class PeakMemory:
         self.thread.join()
 
 
-def decode_once(path: Path, level: str, decoders: int | None):
+def decode_once(path: Path, level: str, decoders: int | None, cold: bool = False):
     import torch
 
+    from kvzip.codecs.entropy import clear_model_caches
     from kvzip.formats import open_kvz
 
+    if cold:
+        clear_model_caches()
     base = sum(_private_kib(p) for p in [os.getpid()])
     with PeakMemory() as mem:
         t0 = time.perf_counter()
@@ -133,42 +146,67 @@ def decode_once(path: Path, level: str, decoders: int | None):
     return seconds, peak_mb, tensor
 
 
+def configs_from_args(levels: str, codecs: list[str]) -> dict[str, dict]:
+    """name -> codec config: the named levels, then each --codec JSON."""
+    from kvzip.codecs import LEVELS
+
+    out = {level: dict(LEVELS[level]) for level in levels.split(",") if level}
+    for i, text in enumerate(codecs):
+        cfg = json.loads(text)
+        name = str(cfg.pop("name", f"codec{i + 1}"))
+        base = cfg.pop("base", None)
+        out[name] = {**(dict(LEVELS[base]) if base else {}), **cfg}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="2048,4096,8000")
     ap.add_argument("--levels", default="high,balanced,small")
+    ap.add_argument("--codec", action="append", default=[], help="codec config JSON (repeatable)")
+    ap.add_argument("--modes", default="1p,Np", help="decode modes: 1p (one process), Np (all CPUs)")
+    ap.add_argument("--cold", action="store_true", help="empty the entropy model cache before each decode")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--kv", default="/tmp/kv_gpl3.safetensors")
     args = ap.parse_args()
     from kvzip.formats import parallel
 
-    print(f"decoders for 'Np': {parallel.default_decoders()}  (cpus: {os.cpu_count()})")
-    print(f"{'tokens':>6} {'level':9} {'bits':>5} {'encode':>7} {'dec 1p':>7} {'dec Np':>7} "
+    configs = configs_from_args(args.levels, args.codec)
+    modes = [m for m in args.modes.split(",") if m]
+    print(f"decoders for 'Np': {parallel.default_decoders()}  (cpus: {os.cpu_count()})"
+          f"{'  cold model cache' if args.cold else ''}")
+    print(f"{'tokens':>6} {'level':9} {'bits':>6} {'encode':>7} {'dec 1p':>7} {'dec Np':>7} "
           f"{'peak MB 1p':>10} {'peak MB Np':>10} {'fp32 MB':>8}   (M elem/s, medians)")
     with tempfile.TemporaryDirectory() as tmp:
         for tokens in [int(t) for t in args.tokens.split(",")]:
             kv, inv = realistic_kv(args.kv, tokens)
-            for level in args.levels.split(","):
-                path = Path(tmp) / f"{level}-{tokens}.kvz"
-                enc = write_file(kv, inv, level, path)
-                bits = path.stat().st_size * 8 / kv.size
-                res = {}
-                ref = None
-                for label, decoders in (("1p", 1), ("Np", None)):
-                    times, peaks = [], []
-                    for _ in range(args.repeat):
-                        s, peak, tensor = decode_once(path, level, decoders)
-                        times.append(s)
-                        peaks.append(peak)
-                        if ref is None:
-                            ref = tensor.numpy().copy()
-                        elif not np.array_equal(tensor.numpy(), ref):
-                            raise SystemExit("parallel decode differs from in-process decode")
+            files = {}
+            for name, cfg in configs.items():
+                path = Path(tmp) / f"{len(files)}-{tokens}.kvz"
+                enc = write_file(kv, inv, name, path, config=cfg)
+                files[name] = (path, enc, path.stat().st_size * 8 / kv.size)
+            times = {(name, m): [] for name in configs for m in modes}
+            peaks = {(name, m): [] for name in configs for m in modes}
+            refs: dict[str, np.ndarray] = {}
+            for mode in modes:
+                decoders = 1 if mode == "1p" else None
+                for _ in range(args.repeat):
+                    for name in configs:  # round-robin: load changes hit every config alike
+                        s, peak, tensor = decode_once(files[name][0], name, decoders, args.cold)
+                        times[name, mode].append(s)
+                        peaks[name, mode].append(peak)
+                        if name not in refs:
+                            refs[name] = tensor.numpy().copy()
+                        elif not np.array_equal(tensor.numpy(), refs[name]):
+                            raise SystemExit(f"{name}: decodes differ between runs or modes")
                         del tensor
-                    res[label] = (kv.size / statistics.median(times) / 1e6, max(peaks))
-                print(f"{tokens:6d} {level:9} {bits:5.2f} {kv.size / enc / 1e6:7.1f} {res['1p'][0]:7.1f} "
-                      f"{res['Np'][0]:7.1f} {res['1p'][1]:10.0f} {res['Np'][1]:10.0f} {kv.nbytes / 2**20:8.0f}",
-                      flush=True)
+            for name in configs:
+                path, enc, bits = files[name]
+                speed = {m: kv.size / statistics.median(times[name, m]) / 1e6 for m in modes}
+                peak = {m: max(peaks[name, m]) for m in modes}
+                print(f"{tokens:6d} {name:9} {bits:6.3f} {kv.size / enc / 1e6:7.1f} {speed.get('1p', float('nan')):7.1f} "
+                      f"{speed.get('Np', float('nan')):7.1f} {peak.get('1p', float('nan')):10.0f} "
+                      f"{peak.get('Np', float('nan')):10.0f} {kv.nbytes / 2**20:8.0f}", flush=True)
                 path.unlink()
             del kv
 

@@ -12,6 +12,10 @@ describe a row's model:
 ``param``  a discretised generalised Gaussian ``exp(-(|k - mu| / s) ** beta)`` with
            mu on a 1/4 grid, s on a 1/8-octave grid and beta from a fixed set: a
            few bytes per row, chosen by the encoder to minimise the real code length.
+``param2`` the same models, laid out for decode speed: symbol pairs, low bits stored
+           raw where they are nearly uniform, windows on a coarse grid, ANS coding
+           (see the "param2" notes below).  A different bitstream from ``param``;
+           files written with ``param`` keep decoding through the ``param`` path.
 
 Decoder determinism: the probabilities handed to constriction must be bit-identical
 on every machine, so both families turn their side information into *integer*
@@ -39,6 +43,7 @@ from kvzip.errors import CodecError
 _Categorical = constriction.stream.model.Categorical
 _RangeEncoder = constriction.stream.queue.RangeEncoder
 _RangeDecoder = constriction.stream.queue.RangeDecoder
+_AnsCoder = constriction.stream.stack.AnsCoder
 
 MAX_SPAN = 1 << 16  # widest alphabet one row may use
 _ZSTD_LEVEL = 9
@@ -122,12 +127,152 @@ def _cluster_models(frac: int, sidx: int, shape: int, lo: int, span: int):
     return single, pair, table
 
 
+FAMILIES = ("hist", "param", "param2")
+
+# ---- "param2": the "param" models, coded faster ---------------------------------
+# Per cluster the encoder picks ``raw`` low bits and a tuple size ``tup``: each
+# 0-based symbol s splits as s = (h << raw) | b; b is stored verbatim in bit planes
+# (np.packbits) and h is range coded ``tup`` symbols at a time with the product
+# model over span_h ** tup values (span_h = ceil(span / 2 ** raw)), its weights the
+# cluster's integer weights summed over b.  constriction's cost per coded symbol is
+# a fixed part plus a binary search over the alphabet, so tuples amortise the fixed
+# part and raw bits shorten the search; when step << sigma the low bits are nearly
+# uniform; the encoder takes the most low bits that cost at most _RAW_SLACK bits per
+# element in that cluster.  Cluster windows [lo, lo + span) are rounded out to a
+# coarse grid so the same models recur across chunks and layers (a model costs tens
+# of microseconds to build; they are cached per process).  The coded stream is
+# constriction's ANS coder (a stack: the encoder pushes clusters in reverse), a few
+# per cent faster to decode than the range coder; then the bit planes, per cluster
+# ``raw`` planes of ceil(m / 8) bytes (little-endian bit order).
+# Measured on the lossy levels (benchmarks/decode_speed.py): ~+15% decode speed for
+# ``high`` at +0.2% bits; triples (tup 3) and a 1024-value alphabet cap were slower.
+MAX_RAW = 4  # raw low bits per symbol
+MAX_TUP = 2  # symbols per coded tuple (the decoder accepts up to 4)
+MAX_TUP_DECODE = 4
+MAX_ALPHA = 4096  # widest tuple alphabet (memory of a cached model and its table)
+_RAW_SLACK = 0.02  # bits per element a cluster may give up for raw low bits
+_TUP_WEIGHT_BITS = (0, 53, 26, 17, 13)  # per-symbol weight cap so tuple weights stay exact in float64
+
+
+_W_CACHE_MAX_R = 4096  # widest half-window whose weights are cached per model
+
+
+@functools.lru_cache(maxsize=1024)
+def _weights_around(frac: int, sidx: int, shape: int) -> tuple[int, np.ndarray]:
+    """(R, integer weights of k in [-R, R]) for one (frac, sidx, shape); beyond R the
+    weight is constant (the table saturates once |k - mu| >= 64 s)."""
+    s = _R8[sidx & 7] << (sidx >> 3)  # s * 2**20
+    r = min(int(-(-(64 * s) >> 20)) + 2, _W_CACHE_MAX_R)
+    k = np.arange(-r, r + 1, dtype=np.int64)
+    w = _param_weights(k, np.int64(frac), np.int64(sidx), np.int64(shape))
+    w.flags.writeable = False
+    return r, w
+
+
+def _model_weights(frac: int, sidx: int, shape: int, lo: int, span: int) -> np.ndarray:
+    """_param_weights over [lo, lo + span), from the cached window where it covers it."""
+    r, w = _weights_around(frac, sidx, shape)
+    if -r <= lo and lo + span - 1 <= r:
+        return w[lo + r : lo + r + span]
+    return _param_weights(np.arange(lo, lo + span, dtype=np.int64), np.int64(frac), np.int64(sidx),
+                          np.int64(shape))
+
+
+def _h_weights(frac: int, sidx: int, shape: int, lo: int, span: int, raw: int) -> np.ndarray:
+    """Integer weights of h = s >> raw: the cluster's weights summed over the low bits."""
+    w = _model_weights(frac, sidx, shape, lo, span)
+    if not raw:
+        return w
+    span_h = ((span - 1) >> raw) + 1
+    pad = np.zeros(span_h << raw, np.int64)
+    pad[:span] = w
+    return pad.reshape(span_h, 1 << raw).sum(axis=1)
+
+
+@functools.lru_cache(maxsize=256)
+def _tuple_digits(span_h: int, tup: int) -> np.ndarray:
+    """[span_h ** tup, tup] int32: the base-span_h digits of each tuple symbol."""
+    idx = np.arange(span_h**tup, dtype=np.int64)
+    out = np.empty((idx.size, tup), np.int32)
+    for j in range(tup - 1, -1, -1):
+        out[:, j] = idx % span_h
+        idx //= span_h
+    out.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _cluster_models2(frac: int, sidx: int, shape: int, lo: int, span: int, raw: int, tup: int):
+    """("param2") constriction models of one cluster: (tuple model, tuple table,
+    single model, single table).  Tables map a coded symbol to ``tup`` (resp. one)
+    values ``(h << raw) + lo``, ready for the low bits and the row centre."""
+    wh = _h_weights(frac, sidx, shape, lo, span, raw)
+    span_h = wh.size
+    vals = ((np.arange(span_h, dtype=np.int32) << raw) + np.int32(lo)).astype(np.int32)
+    single = _Categorical(wh.astype(np.float64), perfect=False)
+    if tup == 1:
+        return None, None, single, vals
+    cap = _TUP_WEIGHT_BITS[tup]
+    top = int(wh.max()).bit_length()
+    if top > cap:  # integer rescale keeps every tuple product an exact float64
+        wh = np.maximum(wh >> (top - cap), 1)
+    wf = wh.astype(np.float64)
+    prod = wf
+    for _ in range(tup - 1):
+        prod = np.multiply.outer(prod, wf).ravel()
+    table = _tuple_digits(span_h, tup) << raw
+    table += np.int32(lo)
+    return _Categorical(prod, perfect=False), table, single, vals
+
+
+def _round_window(x: np.ndarray) -> np.ndarray:
+    """Round x >= 0 up to the grid 0..8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... (4 steps an octave)."""
+    x = np.asarray(x, np.int64)
+    e = np.maximum(np.floor(np.log2(np.maximum(x, 1))).astype(np.int64) - 2, 0)
+    return ((x + (1 << e) - 1) >> e) << e
+
+
+def _choose_layout(hist: np.ndarray, w: np.ndarray, span: int) -> tuple[int, int]:
+    """Encoder: (raw, tup) for a cluster with symbol histogram ``hist`` and model
+    weights ``w`` (both over its 0-based alphabet).  raw: the most low bits whose
+    extra code length stays within _RAW_SLACK bits per element; tup: the most
+    symbols per tuple whose alphabet fits MAX_ALPHA."""
+    m = hist.sum()
+    pos = np.arange(span)
+    nz = hist > 0
+
+    def cost(raw):
+        wh = np.bincount(pos >> raw, w, ((span - 1) >> raw) + 1)
+        p = wh[pos >> raw] / wh.sum()
+        return -(hist[nz] * np.log2(p[nz])).sum() + raw * m
+
+    base = cost(0)
+    raw = 0
+    for r in range(1, MAX_RAW + 1):
+        if ((span - 1) >> r) == 0:  # keep at least two coded values
+            break
+        if cost(r) - base > _RAW_SLACK * m:
+            break
+        raw = r
+    span_h = ((span - 1) >> raw) + 1
+    tup = 1
+    while tup < MAX_TUP and span_h ** (tup + 1) <= MAX_ALPHA:
+        tup += 1
+    return raw, tup
+
+
+def clear_model_caches() -> None:
+    """Forget every cached model (benchmarks: decode as a fresh process would)."""
+    for f in (_cluster_models, _cluster_models2, _weights_around, _tuple_digits):
+        f.cache_clear()
+
+
 class RangeCoder(SymbolCoder):
     """constriction range coder with one categorical model per matrix row."""
 
     def __init__(self, family: str = "param"):
-        if family not in ("hist", "param"):
-            raise CodecError(f"entropy family must be 'hist' or 'param', got {family!r}")
+        if family not in FAMILIES:
+            raise CodecError(f"entropy family must be one of {', '.join(FAMILIES)}, got {family!r}")
         self.family = family
 
     @staticmethod
@@ -189,28 +334,72 @@ class RangeCoder(SymbolCoder):
         c_hi = np.full(nc, np.iinfo(np.int64).min)
         np.minimum.at(c_lo, inv, rel_lo)
         np.maximum.at(c_hi, inv, rel_hi)
+        if self.family == "param2":  # windows on a coarse grid, so models recur across chunks
+            r_lo, r_hi = -_round_window(-c_lo), _round_window(c_hi)
+            fits = r_hi - r_lo < MAX_SPAN
+            c_lo, c_hi = np.where(fits, r_lo, c_lo), np.where(fits, r_hi, c_hi)
         c_span = c_hi - c_lo + 1
         if nc and int(c_span.max()) > MAX_SPAN:
             raise CodecError(f"symbol range exceeds {MAX_SPAN}; step too fine")
         c_shape = ukeys % len(BETAS)
         c_sidx = (ukeys // len(BETAS)) % 256
         c_frac = ukeys // (len(BETAS) * 256)
-        side = b"".join([
+        parts = [
             struct.pack("<I", nc),
             center.astype("<i4").tobytes(),
             cid.astype("<u2").tobytes(),
             c_frac.astype(np.uint8).tobytes(), c_sidx.astype(np.uint8).tobytes(),
             c_shape.astype(np.uint8).tobytes(),
             c_lo.astype("<i4").tobytes(), c_span.astype("<i4").tobytes(),
-        ])
-        enc = _RangeEncoder()
+        ]
         rows_by_c = np.argsort(cid, kind="stable")
         bounds = np.searchsorted(cid[rows_by_c], np.arange(nc + 1))
+        syms = []
         for c in range(nc):
             rows = rows_by_c[bounds[c] : bounds[c + 1]]
-            sym = (matrix[rows] - center[rows][:, None] - c_lo[c]).ravel()
-            self._code_cluster(enc, sym, c_frac[c], c_sidx[c], c_shape[c], c_lo[c], c_span[c])
-        return side, enc.get_compressed()
+            syms.append((matrix[rows] - center[rows][:, None] - c_lo[c]).ravel())
+        if self.family == "param2":
+            return self._encode_v2(parts, syms, c_frac, c_sidx, c_shape, c_lo, c_span)
+        enc = _RangeEncoder()
+        for c in range(nc):
+            self._code_cluster(enc, syms[c], c_frac[c], c_sidx[c], c_shape[c], c_lo[c], c_span[c])
+        return b"".join(parts), enc.get_compressed(), b""
+
+    @staticmethod
+    def _encode_v2(parts, syms, c_frac, c_sidx, c_shape, c_lo, c_span):
+        nc = len(syms)
+        c_raw = np.zeros(nc, np.int64)
+        c_tup = np.ones(nc, np.int64)
+        todo = []  # (symbols, model) in decode order
+        planes = []
+        for c in range(nc):
+            frac, sidx, shape, lo, span = (int(v[c]) for v in (c_frac, c_sidx, c_shape, c_lo, c_span))
+            sym = syms[c]
+            w = _model_weights(frac, sidx, shape, lo, span).astype(np.float64)
+            raw, tup = _choose_layout(np.bincount(sym, minlength=span).astype(np.float64), w, span)
+            c_raw[c], c_tup[c] = raw, tup
+            tmodel, _, single, _ = _cluster_models2(frac, sidx, shape, lo, span, raw, tup)
+            h = sym >> raw
+            if raw:
+                bits = ((sym[None, :] >> np.arange(raw)[:, None]) & 1).astype(np.uint8)
+                planes.append(np.packbits(bits, axis=1, bitorder="little").tobytes())
+            span_h = ((span - 1) >> raw) + 1
+            m = sym.size
+            nt = m // tup
+            if tup > 1 and nt:
+                t = h[: nt * tup].reshape(nt, tup)
+                code = t[:, 0]
+                for j in range(1, tup):
+                    code = code * span_h + t[:, j]
+                todo.append((code.astype(np.int32), tmodel))
+            rest = h[nt * tup :] if tup > 1 else h
+            if rest.size:
+                todo.append((rest.astype(np.int32), single))
+        enc = _AnsCoder()  # a stack: encode last-decoded first
+        for sym, model in reversed(todo):
+            enc.encode_reverse(sym, model)
+        parts += [c_raw.astype(np.uint8).tobytes(), c_tup.astype(np.uint8).tobytes()]
+        return b"".join(parts), enc.get_compressed(), b"".join(planes)
 
     def _code_cluster(self, coder, sym, frac, sidx, shape, lo, span):
         """Encode ``sym`` (0-based symbols of one cluster)."""
@@ -274,6 +463,76 @@ class RangeCoder(SymbolCoder):
         out[rows] = buf
         return out
 
+    def _decode_clustered2(self, raw, words, planes, g, n):
+        nc = struct.unpack_from("<I", raw, 0)[0]
+        if len(raw) != 4 + 6 * g + 13 * nc:
+            raise CodecError("entropy side info has the wrong size")
+        pos = 4
+        center = np.frombuffer(raw, "<i4", g, pos).astype(np.int32)
+        cid = np.frombuffer(raw, "<u2", g, pos + 4 * g).astype(np.int64)
+        pos += 6 * g
+        c_frac, c_sidx, c_shape = (np.frombuffer(raw, np.uint8, nc, pos + i * nc).astype(np.int64) for i in range(3))
+        c_lo = np.frombuffer(raw, "<i4", nc, pos + 3 * nc).astype(np.int64)
+        c_span = np.frombuffer(raw, "<i4", nc, pos + 7 * nc).astype(np.int64)
+        c_raw = np.frombuffer(raw, np.uint8, nc, pos + 11 * nc).astype(np.int64)
+        c_tup = np.frombuffer(raw, np.uint8, nc, pos + 12 * nc).astype(np.int64)
+        if nc:
+            if (c_span.min() < 2 or c_span.max() > MAX_SPAN or c_frac.max() > 3 or c_shape.max() >= len(BETAS)
+                    or c_raw.max() > MAX_RAW or c_tup.min() < 1 or c_tup.max() > MAX_TUP_DECODE):
+                raise CodecError("entropy side info has an invalid model")
+            span_h = ((c_span - 1) >> c_raw) + 1
+            if span_h.min() < 2 or ((c_tup > 1) & (span_h.astype(np.float64) ** c_tup > MAX_ALPHA)).any():
+                raise CodecError("entropy side info has an invalid symbol layout")
+        if ((cid >= nc) & (cid != _CONST_ROW)).any():
+            raise CodecError("entropy side info names an unknown model")
+        out = np.empty((g, n), np.int32)
+        const = np.flatnonzero(cid == _CONST_ROW)
+        out[const] = center[const][:, None]
+        if not nc:
+            if planes.size:
+                raise CodecError("entropy block lengths do not match its size")
+            return out
+        rows_by_c = np.argsort(cid, kind="stable")
+        bounds = np.searchsorted(cid[rows_by_c], np.arange(nc + 1))
+        sizes = np.diff(bounds)
+        if (sizes == 0).any():
+            raise CodecError("entropy side info has an unused model")
+        ms = sizes * n
+        if int((c_raw * ((ms + 7) >> 3)).sum()) != planes.size:
+            raise CodecError("entropy block lengths do not match its size")
+        # As in "param": clusters decode into one buffer in cluster order (tables
+        # turn coded tuples into (h << raw) + lo), low bits are added per cluster,
+        # then one pass adds each row's centre and one copies rows to their places.
+        dec = _AnsCoder(words)
+        ncoded = int(bounds[nc])
+        buf = np.empty((ncoded, n), np.int32)
+        flat = buf.reshape(-1)
+        params = np.stack([c_frac, c_sidx, c_shape, c_lo, c_span, c_raw, c_tup, ms], axis=1).tolist()
+        pos = ppos = 0
+        for frac, sidx, shape, lo, span, nraw, tup, m in params:
+            tmodel, table, single, vals = _cluster_models2(frac, sidx, shape, lo, span, nraw, tup)
+            nt = m // tup if tup > 1 else 0
+            if nt:
+                np.take(table, dec.decode(tmodel, nt), axis=0, mode="clip",
+                        out=flat[pos : pos + nt * tup].reshape(nt, tup))
+            if m > nt * tup:
+                np.take(vals, dec.decode(single, m - nt * tup), mode="clip", out=flat[pos + nt * tup : pos + m])
+            if nraw:
+                nb = (m + 7) >> 3
+                bits = np.unpackbits(planes[ppos : ppos + nraw * nb].reshape(nraw, nb), axis=1, count=m,
+                                     bitorder="little")
+                low = bits[0]
+                for j in range(1, nraw):
+                    low |= bits[j] << np.uint8(j)
+                seg = flat[pos : pos + m]
+                np.add(seg, low, out=seg)
+                ppos += nraw * nb
+            pos += m
+        rows = rows_by_c[:ncoded]
+        buf += center[rows][:, None]
+        out[rows] = buf
+        return out
+
     def encode(self, matrix: np.ndarray) -> bytes:
         matrix = np.ascontiguousarray(matrix, dtype=np.int64)
         g, n = matrix.shape
@@ -287,11 +546,11 @@ class RangeCoder(SymbolCoder):
         rid, kk, offs = _ragged(span, coded)
         cell = matrix[coded] - lo[coded][:, None] + offs[:, None]
         hist = np.bincount(cell.ravel(), minlength=kk.size).astype(np.float64)
-        if self.family == "param":
-            side_raw, words = self._encode_clustered(matrix, lo, span, coded, hist, rid, kk)
+        if self.family != "hist":
+            side_raw, words, planes = self._encode_clustered(matrix, lo, span, coded, hist, rid, kk)
             side_bytes = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(side_raw)
             wb = words.astype("<u4").tobytes()
-            return _HEAD.pack(len(side_bytes), len(wb) // 4) + side_bytes + wb
+            return _HEAD.pack(len(side_bytes), len(wb) // 4) + side_bytes + wb + planes
         cols = [lo.astype("<i4").tobytes(), span.astype("<i4").tobytes()]
         if False:
             pass
@@ -311,7 +570,8 @@ class RangeCoder(SymbolCoder):
             return np.zeros(shape, np.int32)
         try:
             side_len, nwords = _HEAD.unpack_from(data, 0)
-            if _HEAD.size + side_len + 4 * nwords != len(data):
+            end = _HEAD.size + side_len + 4 * nwords
+            if end > len(data) or (self.family != "param2" and end != len(data)):
                 raise CodecError("entropy block lengths do not match its size")
             raw = zstd_decompress_bounded(
                 data[_HEAD.size : _HEAD.size + side_len], g * (14 + MAX_SPAN), "entropy side info"
@@ -319,6 +579,9 @@ class RangeCoder(SymbolCoder):
             if self.family == "param":
                 words = np.frombuffer(data, "<u4", nwords, _HEAD.size + side_len)
                 return self._decode_clustered(raw, words, g, n)
+            if self.family == "param2":
+                words = np.frombuffer(data, "<u4", nwords, _HEAD.size + side_len)
+                return self._decode_clustered2(raw, words, np.frombuffer(data, np.uint8, len(data) - end, end), g, n)
             if len(raw) < 8 * g:
                 raise CodecError("entropy side info is truncated")
             lo = np.frombuffer(raw, "<i4", g, 0).astype(np.int64)

@@ -6,7 +6,8 @@ bounded-error step per (K/V, layer), relative to that layer's RMS in the chunk
 (optionally scaled per key channel / per value token), attention-sink tokens
 (absolute positions < ``sink_tokens``) at a ``sink_factor`` times finer step ->
 range coding with one small parametric model (generalised Gaussian, a few bytes)
-per (K/V, layer, head, channel) row, or empirical tables (``entropy="hist"``).
+per (K/V, layer, head, channel) row, or empirical tables (``entropy="hist"``);
+``entropy="param2"`` codes the same models in a layout that decodes faster.
 
 Error bound (before re-rotation, which is an orthogonal 2x2 map per channel pair):
 ``|x - x_hat| <= step / 2`` for every element, ``step = key_step|value_step * RMS``
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from kvzip.codecs.base import ChunkContext, Codec, to_float32
-from kvzip.codecs.entropy import RangeCoder
+from kvzip.codecs.entropy import FAMILIES, RangeCoder
 from kvzip.codecs.quantize import UniformStepQuantizer
 from kvzip.codecs.registry import register_codec
 from kvzip.codecs.stages import StagePipeline
@@ -73,6 +74,8 @@ class KvzipLossyCodec(Codec):
         for k in ("sink_tokens", "early_layers"):
             if isinstance(p[k], bool) or not isinstance(p[k], int) or not 0 <= p[k] <= 1 << 20:
                 raise CodecError(f"kvzip-lossy {k} must be a non-negative integer")
+        if not isinstance(entropy, str) or entropy not in FAMILIES:
+            raise CodecError(f"kvzip-lossy entropy must be one of {', '.join(FAMILIES)}, got {entropy!r}")
         if not isinstance(prerope, bool):
             raise CodecError("kvzip-lossy prerope must be true or false")
         self._p = p
