@@ -19,6 +19,7 @@ from kvzip.model import KVModel
 from kvzip.store import (
     CachedPassage,
     PassageStore,
+    ask,
     assemble,
     fidelity,
     move_kv,
@@ -26,7 +27,8 @@ from kvzip.store import (
     prompt_ids,
     rotate_keys,
 )
-from kvzip.store.ask import load_passage, retrieve
+from kvzip.store.ask import load_passage, load_passages, retrieve
+from kvzip.store.opening import forget_openings, load_opening, opening_ids, opening_name, read_opening
 
 app = typer.Typer()
 for module in (precache_cli, ask_cli, store_cli):
@@ -141,6 +143,97 @@ def test_fidelity_against_full_prefill(km):
     _, reused = assemble(km, before, cached)
     moved = fidelity(km, context, reused, after, max_new_tokens=6)
     assert moved.kl_nats_per_token > same.kl_nats_per_token and moved.answer_tokens == 6
+
+
+def sequential_blend(km, prefix, cached, fraction):
+    """The recompute as it was done before the one-pass version: passage by passage."""
+    import math
+
+    ids, kv = list(prefix), km.prefill(prefix)
+    for p in cached:
+        redo = math.ceil(fraction * len(p.token_ids))
+        kv = km.extend(kv, p.token_ids[:redo])
+        kv = torch.cat([kv, move_kv(p.kv[:, :, :, redo:], len(ids), p.inv_freq)], dim=3)
+        ids += p.token_ids
+    return ids, kv
+
+
+def test_one_pass_recompute_equals_recomputing_passage_by_passage(km):
+    prefix = ids_of(km, "<|im_start|>user\n")
+    parts = [ids_of(km, TEXT), ids_of(km, "A second, shorter passage. "), ids_of(km, "Storms came from the west.")]
+    cached = [CachedPassage(p, km.prefill(p), km.rope_inv_freq()) for p in parts]
+    for fraction in (0.3, 1.0):
+        ids, one_pass = assemble(km, prefix, cached, blend_fraction=fraction)
+        same_ids, step_by_step = sequential_blend(km, prefix, cached, fraction)
+        assert ids == same_ids
+        torch.testing.assert_close(one_pass, step_by_step, atol=1e-5, rtol=1e-5)
+
+
+def test_extend_at_consecutive_positions_is_extend(km):
+    context, more = ids_of(km, TEXT), ids_of(km, "Who lit the lamp?")
+    kv = km.prefill(context)
+    at = km.extend_at(kv, more, range(len(context), len(context) + len(more)))
+    torch.testing.assert_close(at, km.extend(kv, more)[:, :, :, len(context) :], atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="one position"):
+        km.extend_at(kv, more, [0])
+
+
+def test_tokenize_with_offsets(km):
+    ids, offsets = km.tokenize_with_offsets(TEXT)
+    assert ids == ids_of(km, TEXT) and len(offsets) == len(ids)
+    assert "".join(TEXT[a:b] for a, b in offsets).split() == TEXT.split()
+
+
+def test_the_opening_is_stored_once_and_equals_a_fresh_prefill(km, tmp_path):
+    (tmp_path / "doc.txt").write_text(TEXT)
+    forget_openings()
+    with PassageStore(tmp_path / "s", create=True) as store:
+        precache([tmp_path / "doc.txt"], store, km, passage_tokens=512, level="lossless")
+        before, after = prompt_ids(km, "Who lit the lamp?")
+        assert before == opening_ids(km) and before
+        name = opening_name(km, before)
+        assert store.index.opening_names() == [name]
+        # Exactly the cache a prefill of those tokens (at positions 0..n-1) gives.
+        stored = read_opening(store.index.opening(name), km, before)
+        torch.testing.assert_close(stored, km.prefill(before), atol=0, rtol=0)
+        forget_openings()
+        kv, source = load_opening(km, before, store)
+        assert source == "store" and torch.equal(kv, stored)
+        assert load_opening(km, before, store)[1] == "memory"
+        # ask reads it instead of prefilling it, and answers exactly as with a fresh prefill.
+        forget_openings()
+        cached = ask(store, "Who lit the lamp?", km, top_k=1, max_new_tokens=6, compare=False)
+        assert cached.opening_source == "store"
+        store.index.remove_opening(name)
+        forget_openings()
+        fresh = ask(store, "Who lit the lamp?", km, top_k=1, max_new_tokens=6, compare=False)
+        assert fresh.opening_source == "prefill" and fresh.new_token_ids == cached.new_token_ids
+        # A rerun of precache stores it again, and only once.
+        precache([tmp_path / "doc.txt"], store, km, passage_tokens=512, level="lossless")
+        assert store.index.opening_names() == [name]
+        # Moving the passages after the stored opening: the same cache as prefilling it here.
+        level, hits = retrieve(store, "lighthouse keeper", km, top_k=1)
+        passages = load_passages(store, hits, km, level)
+        _, with_stored = assemble(km, before, passages, prefix_kv=stored)
+        _, with_fresh = assemble(km, before, passages)
+        torch.testing.assert_close(with_stored, with_fresh, atol=0, rtol=0)
+
+
+def test_a_damaged_opening_is_recomputed_and_verify_reports_it(km, tmp_path):
+    (tmp_path / "doc.txt").write_text(TEXT)
+    with PassageStore(tmp_path / "s", create=True) as store:
+        precache([tmp_path / "doc.txt"], store, km, passage_tokens=512, level="lossless")
+        before = opening_ids(km)
+        name = opening_name(km, before)
+        data = bytearray(store.index.opening(name))
+        data[-10] ^= 0xFF
+        store.index.add_opening(name, km.identity()["fingerprint"], km.dtype, "x", len(before), bytes(data))
+        forget_openings()
+        kv, source = load_opening(km, before, store)
+        assert source == "prefill"
+        torch.testing.assert_close(kv, km.prefill(before), atol=0, rtol=0)
+        report = store.verify()
+    assert not report.ok and any(p.startswith(f"opening {name}") for p in report.problems)
 
 
 # ----------------------------------------------------------------------- CLI

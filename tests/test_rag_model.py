@@ -58,3 +58,41 @@ def test_ask_and_fidelity(real_model, filled):
     before, after = prompt_ids(real_model, "What is granted?")
     context, exact = assemble(real_model, before, passages, blend_fraction=1.0)
     assert fidelity(real_model, context, exact, after, max_new_tokens=8).kl_nats_per_token < 1e-3
+
+
+def test_stored_opening_is_a_fresh_prefill_and_leaves_the_answer_unchanged(real_model, filled):
+    from kvzip.store.opening import forget_openings, load_opening, opening_ids
+
+    question = "What patent license does a contributor grant?"
+    before, after = prompt_ids(real_model, question)
+    assert before == opening_ids(real_model) and len(before) > 10  # the chat template's opening
+    with PassageStore(filled) as store:
+        forget_openings()
+        stored, source = load_opening(real_model, before, store)
+        assert source == "store"
+        torch.testing.assert_close(stored, real_model.prefill(before), atol=0, rtol=0)
+        forget_openings()
+        cached = ask(store, question, real_model, top_k=2, max_new_tokens=8, compare=False)
+        forget_openings()
+        store.index.remove_opening(store.index.opening_names()[0])
+        fresh = ask(store, question, real_model, top_k=2, max_new_tokens=8, compare=False)
+    assert (cached.opening_source, fresh.opening_source) == ("store", "prefill")
+    assert cached.new_token_ids == fresh.new_token_ids
+    forget_openings()
+
+
+def test_one_pass_recompute_on_the_real_model(real_model, filled):
+    with PassageStore(filled) as store:
+        level, hits = retrieve(store, "patent license grant", real_model, top_k=3)
+        passages = [load_passage(store, h, real_model, level) for h in hits]
+    before, after = prompt_ids(real_model, "What is granted?")
+    kv = real_model.prefill(before)
+    context = list(before)
+    for p in passages:  # passage by passage, as before the one-pass recompute
+        redo = -(-len(p.token_ids) // 10)
+        kv = real_model.extend(kv, p.token_ids[:redo])
+        kv = torch.cat([kv, move_kv(p.kv[:, :, :, redo:], len(context), p.inv_freq)], dim=3)
+        context += p.token_ids
+    same, one_pass = assemble(real_model, before, passages, blend_fraction=0.1)
+    assert same == context
+    torch.testing.assert_close(one_pass, kv, atol=2e-3, rtol=1e-3)

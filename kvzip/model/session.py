@@ -14,6 +14,7 @@ import torch
 from kvzip.errors import (
     ContextTooLongError,
     EmptyTextError,
+    InputError,
     ModelMismatchError,
     UnsupportedModelError,
 )
@@ -213,6 +214,14 @@ class KVModel:
     def encode_text(self, text: str, *, special_tokens: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
 
+    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` (no special tokens) and each token's character span in it."""
+        try:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:
+            raise InputError(f"{self.name}'s tokenizer gives no character offsets") from None
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
     def document_ids(self, text: str, chat: ChatTemplate | None) -> list[int]:
         """Token ids of the document as cached: plain text, or opening a chat user turn."""
         if not text.strip():
@@ -280,6 +289,53 @@ class KVModel:
             if progress is not None:
                 progress(min(start + step, total), total)
         return self.cache_to_tensor(cache, cached + total)
+
+    @torch.inference_mode()
+    def extend_at(
+        self,
+        kv: torch.Tensor,
+        ids: Sequence[int],
+        positions: Sequence[int],
+        *,
+        visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The caches of ``ids`` read at ``positions`` after the context cached in ``kv``,
+        in one forward pass: [2, L, H, len(ids), D].
+
+        ``kv`` ([2, L, H, T, D]) holds the token at position t in slot t.  Token i sees
+        the cached tokens before its position whose ``visible`` flag ([T] bool, default
+        all) is set, and the tokens of ``ids`` at or before its position; so tokens
+        spread over the context can be recomputed together, each with what precedes it
+        (the slots they will replace being hidden).  With ``ids`` at positions
+        T, T+1, ... and nothing hidden this is :meth:`extend` in one piece.
+        """
+        n, cached = len(ids), kv.shape[3]
+        if n == 0:
+            return kv[:, :, :, :0]
+        self.check_length(cached + n)
+        pos = torch.tensor(list(positions), dtype=torch.long)
+        if pos.shape != (n,) or int(pos.min()) < 0:
+            raise InputError(f"extend_at needs one position >= 0 per token, got {len(positions)} for {n}")
+        slots = torch.arange(cached)
+        sees_cached = slots[None, :] < pos[:, None]
+        if visible is not None:
+            sees_cached &= visible.to(torch.bool)[None, :]
+        allowed = torch.cat([sees_cached, pos[None, :] <= pos[:, None]], dim=1)
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        cache = self.build_cache(kv)
+        self.model(
+            input_ids=torch.tensor([list(ids)], dtype=torch.long),
+            position_ids=pos[None, :],
+            attention_mask=mask[None, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        layers = cache.layers
+        return torch.stack([
+            torch.stack([layer.keys[0, :, cached:] for layer in layers]),
+            torch.stack([layer.values[0, :, cached:] for layer in layers]),
+        ])
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache

@@ -15,6 +15,7 @@ from kvzip.store.documents import (
     read_documents,
     split_document,
 )
+from kvzip.store.opening import load_opening, opening_ids, save_opening
 from kvzip.store.precache import ENGINES, PrecacheSummary, check_level, default_level, precache
 from kvzip.store.store import GcReport, PassageStore, StoreVerifyReport
 
@@ -36,11 +37,14 @@ __all__ = [
     "check_level",
     "default_level",
     "fidelity",
+    "load_opening",
+    "opening_ids",
     "move_kv",
     "precache",
     "prompt_ids",
     "read_documents",
     "retrieve",
     "rotate_keys",
+    "save_opening",
     "split_document",
 ]

@@ -8,6 +8,8 @@ with one PUT, which stores a whole object or nothing.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import time
@@ -20,10 +22,25 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from kvzip.codecs import codec_for_level
 from kvzip.errors import InputError
 from kvzip.formats import BytesSource, KvzReader, open_kvz
 
 ARTIFACT_SUFFIX = ".kvz"
+
+
+def codec_sha256(level: str) -> str:
+    return hashlib.sha256(
+        json.dumps(codec_for_level(level).config(), sort_keys=True).encode()
+    ).hexdigest()
+
+
+def artifact_name(model: str, level: str, dtype: str, tokens_sha: str) -> str:
+    """The content address of a cache: model, codec config, dtype and token ids."""
+    key = hashlib.sha256(
+        f"{model}\n{codec_sha256(level)}\n{dtype}\n{tokens_sha}".encode()
+    ).hexdigest()
+    return f"{key[:2]}/{key}{ARTIFACT_SUFFIX}"
 
 
 class ArtifactStore:

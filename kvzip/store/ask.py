@@ -2,8 +2,8 @@
 
 The prompt is the chat template's opening (system turn and the start of the user
 turn), then the passages, then the question and the opening of the assistant's
-turn.  Only the short opening and the question are computed at ask time; the
-passages come from their artifacts.  The same token ids prefilled from scratch
+turn.  Only the question is computed at ask time: the passages come from their
+artifacts, and the opening's cache from the store (:mod:`kvzip.store.opening`).  The same token ids prefilled from scratch
 are the baseline, for time to first token and for fidelity.
 """
 
@@ -13,16 +13,17 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from kvzip.errors import InputError, UnsupportedModelError
+from kvzip.formats.parallel import ENV_WORKERS, default_decoders
 from kvzip.model import KVModel
 from kvzip.pipeline import Progress, no_progress, storage_to_kv
 from kvzip.store.assemble import CachedPassage, assemble
 from kvzip.store.index import Hit
+from kvzip.store.opening import load_opening, opening_ids
 from kvzip.store.precache import default_level
 from kvzip.store.store import PassageStore
 
@@ -73,7 +74,9 @@ def retrieve(
     return level, hits
 
 
-def load_passage(store: PassageStore, hit: Hit, km: KVModel, level: str) -> CachedPassage:
+def load_passage(
+    store: PassageStore, hit: Hit, km: KVModel, level: str, *, decoders: int = 1
+) -> CachedPassage:
     """Fetch and decode a retrieved passage's cache, refusing one that cannot be moved."""
     with store.artifacts.open(hit.artifact) as reader:
         header = reader.header.raw
@@ -84,23 +87,37 @@ def load_passage(store: PassageStore, hit: Hit, km: KVModel, level: str) -> Cach
                 f"artifact {hit.artifact} has rope: null (the model's positions are not a plain "
                 "RoPE), so its keys cannot be moved to a new position"
             )
-        kv = storage_to_kv(reader.decode_level(level), reader.header.dtype)
+        kv = storage_to_kv(reader.decode_level(level, decoders=decoders), reader.header.dtype)
         return CachedPassage(reader.token_ids().tolist(), kv, rope["inv_freq"])
 
 
-def load_passages(store: PassageStore, hits: Sequence[Hit], km: KVModel, level: str) -> list[CachedPassage]:
-    """:func:`load_passage` for each hit, in parallel: reading and entropy decoding
-    release the GIL, and the passages are independent."""
-    with ThreadPoolExecutor(max_workers=max(1, min(len(hits), os.cpu_count() or 1))) as pool:
-        return list(pool.map(lambda hit: load_passage(store, hit, km, level), hits))
+def passage_decoders() -> int:
+    """Decoders per passage: 1 (this process) unless ``KVZIP_DECODE_WORKERS`` asks for more.
+
+    Entropy decoding holds the GIL, so threads gain nothing; decode processes
+    (:mod:`kvzip.formats.parallel`) can, but a passage is only a few chunks, a cold
+    worker delays the chunk it took by its start-up (~0.3-0.5 s), and on a small,
+    shared machine they were no faster even warm (measured: docs/rag.md).
+    """
+    env = os.environ.get(ENV_WORKERS, "").strip()
+    return default_decoders() if env else 1
+
+
+def load_passages(
+    store: PassageStore, hits: Sequence[Hit], km: KVModel, level: str, *, decoders: int | None = None
+) -> list[CachedPassage]:
+    """:func:`load_passage` for each hit, one after another, ``decoders`` processes each
+    (default: :func:`passage_decoders`)."""
+    n = passage_decoders() if decoders is None else max(1, decoders)
+    return [load_passage(store, hit, km, level, decoders=n) for hit in hits]
 
 
 def prompt_ids(km: KVModel, question: str) -> tuple[list[int], list[int]]:
-    """(ids before the passages, ids after them) for ``question``."""
+    """(ids before the passages: the fixed opening, ids after them) for ``question``."""
     chat = km.chat_template()
     if chat is None:
-        return km.encode_text("", special_tokens=True), km.encode_text("\n\n" + question, special_tokens=False)
-    return km.encode_text(chat.prefix, special_tokens=False), km.prompt_ids(question, chat)
+        return opening_ids(km), km.encode_text("\n\n" + question, special_tokens=False)
+    return opening_ids(km), km.prompt_ids(question, chat)
 
 
 @dataclass
@@ -123,11 +140,13 @@ class AskResult:
     blend_recompute: float
     retrieve_seconds: float
     fetch_seconds: float  # fetch + decode every passage
-    assemble_seconds: float  # prefix prefill, key rotation, boundary recompute
+    assemble_seconds: float  # the opening's cache, key rotation, boundary recompute
     first_token_seconds: float  # fetch + assemble + the first new token
     total_seconds: float
     baseline_first_token_seconds: float | None = None  # full prefill of the same ids
     baseline_identical: bool | None = None
+    opening_seconds: float = 0.0  # part of assemble_seconds: reading (or prefilling) the opening
+    opening_source: str = ""  # where the opening's cache came from: memory, store or prefill
 
     @property
     def speedup(self) -> float | None:
@@ -159,7 +178,9 @@ def ask(
     passages = load_passages(store, hits, km, level)
     fetched = time.perf_counter()
     before, after = prompt_ids(km, question)
-    context_ids, kv = assemble(km, before, passages, blend_fraction=blend_recompute)
+    opening_kv, opening_source = load_opening(km, before, store) if before else (None, "")
+    opened = time.perf_counter()
+    context_ids, kv = assemble(km, before, passages, blend_fraction=blend_recompute, prefix_kv=opening_kv)
     assembled = time.perf_counter()
     ids = context_ids + after
     run = km.generate_timed(ids, kv=kv, max_new_tokens=max_new_tokens)
@@ -177,6 +198,8 @@ def ask(
         assemble_seconds=assembled - fetched,
         first_token_seconds=offset + run.first_token_seconds,
         total_seconds=offset + run.total_seconds,
+        opening_seconds=opened - fetched,
+        opening_source=opening_source,
     )
     if compare:
         progress("baseline", 0, 1)

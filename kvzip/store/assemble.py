@@ -63,26 +63,52 @@ def assemble(
     passages: Sequence[CachedPassage],
     *,
     blend_fraction: float = 0.0,
+    prefix_kv: torch.Tensor | None = None,
 ) -> tuple[list[int], torch.Tensor]:
-    """(context ids, their cache): ``prefix_ids``, freshly prefilled (a few tokens), followed
-    by each passage moved to its offset.
+    """(context ids, their cache): ``prefix_ids`` followed by each passage moved to its offset.
 
-    With ``blend_fraction`` F > 0, the first ceil(F·n) tokens of every passage that
-    has text before it are recomputed from that text instead of reused.
+    ``prefix_kv`` is the prefix's cache when the caller has it (ask keeps the chat
+    opening's; see :mod:`kvzip.store.opening`), else the prefix is prefilled here.
+    The cache is written once into one tensor: no per-passage stacking or concatenation.
+    With ``blend_fraction`` F > 0, the first ceil(F·n) tokens of every passage that has
+    text before it are recomputed from that text instead of reused, all of them in
+    one forward pass (:meth:`KVModel.extend_at`): each recomputed token sees the
+    context before it, the recomputed tokens of earlier passages included, exactly as
+    recomputing passage by passage would.
     """
     if not 0.0 <= blend_fraction <= 1.0:
         raise InputError(f"--blend-recompute must be between 0 and 1, got {blend_fraction}")
     if not passages:
         raise InputError("no passages to assemble")
     ids = list(prefix_ids)
-    kv = km.prefill(ids) if ids else None
+    if ids and prefix_kv is None:
+        prefix_kv = km.prefill(ids)
+    if prefix_kv is not None and prefix_kv.shape[3] != len(ids):
+        raise InputError(f"a prefix cache of {prefix_kv.shape[3]} tokens for {len(ids)} prefix ids")
+    total = len(ids) + sum(len(p.token_ids) for p in passages)
+    like = prefix_kv if prefix_kv is not None else passages[0].kv
+    kv = torch.empty((*like.shape[:3], total, like.shape[4]), dtype=like.dtype)
+    if prefix_kv is not None:
+        kv[:, :, :, : len(ids)] = prefix_kv
+    redo_ids: list[int] = []
+    redo_positions: list[int] = []
     for passage in passages:
-        offset = len(ids)
-        redo = math.ceil(blend_fraction * len(passage.token_ids)) if offset else 0
+        offset, n = len(ids), len(passage.token_ids)
+        redo = math.ceil(blend_fraction * n) if offset else 0
         if redo:
-            kv = km.extend(kv, passage.token_ids[:redo])
-        if redo < len(passage.token_ids):
-            moved = move_kv(passage.kv[:, :, :, redo:], offset, passage.inv_freq)
-            kv = moved if kv is None else torch.cat([kv, moved.to(kv.dtype)], dim=3)
+            redo_ids += passage.token_ids[:redo]
+            redo_positions += range(offset, offset + redo)
+        if redo < n:
+            part = passage.kv[:, :, :, redo:]
+            kv[0, :, :, offset + redo : offset + n] = rotate_keys(part[0], offset, passage.inv_freq)
+            kv[1, :, :, offset + redo : offset + n] = part[1]
         ids.extend(passage.token_ids)
+    if redo_ids:
+        # The slots being recomputed hold nothing yet: zero and hide them, then fill them.
+        slots = torch.tensor(redo_positions)
+        kv[:, :, :, slots] = 0
+        visible = torch.ones(total, dtype=torch.bool)
+        visible[slots] = False
+        fresh = km.extend_at(kv, redo_ids, redo_positions, visible=visible)
+        kv[:, :, :, slots] = fresh.to(kv.dtype)
     return ids, kv

@@ -52,6 +52,12 @@ _SCHEMA = (
     " token_sha256 TEXT NOT NULL, tokens INTEGER NOT NULL, bytes INTEGER NOT NULL,"
     " created TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS artifacts_by_tokens ON artifacts (token_sha256, model, level)",
+    # The prompt's fixed opening (chat template's system turn and start of the user turn),
+    # one small lossless .kvz per model, kept in the index itself (see store/opening.py).
+    "CREATE TABLE IF NOT EXISTS openings ("
+    " name TEXT PRIMARY KEY, model TEXT NOT NULL, dtype TEXT NOT NULL,"
+    " token_sha256 TEXT NOT NULL, tokens INTEGER NOT NULL, data BLOB NOT NULL,"
+    " created TEXT NOT NULL)",
 )
 
 
@@ -194,7 +200,28 @@ class StoreIndex:
         with self.transaction():
             self.db.executemany("DELETE FROM artifacts WHERE name = ?", [(n,) for n in names])
 
+    def add_opening(self, name: str, model: str, dtype: str, token_sha: str, tokens: int, data: bytes) -> None:
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with self.transaction():
+            self.db.execute(
+                "INSERT OR REPLACE INTO openings (name, model, dtype, token_sha256, tokens, data, "
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, model, dtype, token_sha, tokens, sqlite3.Binary(data), created),
+            )
+
+    def remove_opening(self, name: str) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM openings WHERE name = ?", (name,))
+
     # ----------------------------------------------------------------- reads
+    def opening(self, name: str) -> bytes | None:
+        """The stored opening cache (a whole .kvz file) named ``name``, if any."""
+        row = self.db.execute("SELECT data FROM openings WHERE name = ?", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def opening_names(self) -> list[str]:
+        return [row[0] for row in self.db.execute("SELECT name FROM openings ORDER BY name")]
+
     def has_artifact(self, name: str) -> bool:
         return self.db.execute("SELECT 1 FROM artifacts WHERE name = ?", (name,)).fetchone() is not None
 

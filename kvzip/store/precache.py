@@ -15,8 +15,6 @@ in a loop and the Ray engine runs it as Ray tasks (``kvzip[ray]``).
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +26,7 @@ from kvzip.codecs import LEVELS, codec_for_level
 from kvzip.errors import InputError, KvzipError, ModelMismatchError
 from kvzip.model import KVModel
 from kvzip.pipeline import DEFAULT_CHUNK_TOKENS, Progress, no_progress, write_kvz
-from kvzip.store.artifacts import ArtifactStore
+from kvzip.store.artifacts import ArtifactStore, artifact_name, codec_sha256
 from kvzip.store.documents import (
     DEFAULT_PASSAGE_TOKENS,
     Passage,
@@ -38,6 +36,7 @@ from kvzip.store.documents import (
     token_sha256,
 )
 from kvzip.store.index import ArtifactRecord
+from kvzip.store.opening import save_opening
 from kvzip.store.store import PassageStore
 
 ENGINES = ("local", "ray")
@@ -64,20 +63,6 @@ class PassageJob:
     level: str
     dtype: str
     model: str  # fingerprint the artifact must be written under
-
-
-def codec_sha256(level: str) -> str:
-    return hashlib.sha256(
-        json.dumps(codec_for_level(level).config(), sort_keys=True).encode()
-    ).hexdigest()
-
-
-def artifact_name(model: str, level: str, dtype: str, tokens_sha: str) -> str:
-    """The content address of a passage cache: model, codec config, dtype and token ids."""
-    key = hashlib.sha256(
-        f"{model}\n{codec_sha256(level)}\n{dtype}\n{tokens_sha}".encode()
-    ).hexdigest()
-    return f"{key[:2]}/{key}.kvz"
 
 
 def make_job(passage_ids: Sequence[int], km: KVModel, level: str) -> PassageJob:
@@ -148,16 +133,9 @@ class PrecacheSummary:
 
 
 def tokenizer_with_offsets(km: KVModel) -> Tokenize:
-    """Token ids and character offsets of a text (no special tokens), for splitting."""
-
-    def tokenize(text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        try:
-            enc = km.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        except NotImplementedError:
-            raise InputError(f"{km.name}'s tokenizer gives no character offsets") from None
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-
-    return tokenize
+    """Token ids and character offsets of a text (no special tokens), for splitting:
+    :meth:`KVModel.tokenize_with_offsets`."""
+    return km.tokenize_with_offsets
 
 
 def plan(
@@ -209,6 +187,7 @@ def precache(
     started = time.perf_counter()
     passages, jobs = plan(inputs, store, km, passage_tokens=passage_tokens, level=level,
                           progress=progress)
+    save_opening(store, km)  # the prompt's fixed opening, so that ask need not prefill it
     known = store.index.artifact_names()
     todo, adopted = [], 0
     for job in jobs:

@@ -17,6 +17,7 @@ from kvzip.errors import InputError, KvzipError
 from kvzip.store.artifacts import ArtifactStore
 from kvzip.store.documents import token_sha256
 from kvzip.store.index import ArtifactRecord, StoreIndex
+from kvzip.store.opening import opening_problems
 
 INDEX_FILE = "index.sqlite"
 ARTIFACTS_DIR = "artifacts"
@@ -73,13 +74,15 @@ class PassageStore:
 
     # ---------------------------------------------------------------- verify
     def verify(self, progress: Progress = _no_progress) -> StoreVerifyReport:
-        """Check that every indexed artifact exists, decodes, and holds what its row says."""
+        """Check that every indexed artifact exists, decodes, and holds what its row says,
+        and that the stored prompt openings decode."""
         records = self.index.artifacts()
         report = StoreVerifyReport(checked=len(records))
         for i, record in enumerate(records):
             for problem in self._artifact_problems(record):
                 report.problems.append(f"{record.name}: {problem}")
             progress("verify", i + 1, len(records))
+        report.problems += opening_problems(self)
         stored = {f.name for f in self.artifacts.listing() if not f.temporary}
         report.unindexed = len(stored - {r.name for r in records})
         report.unreferenced = len(self.index.unreferenced_artifacts())
