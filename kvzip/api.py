@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-from kvzip.codecs import DEFAULT_LEVEL, LEVELS, STORAGE_DTYPES
-from kvzip.errors import InputError, UnknownLevelError
+from kvzip.calibrate import resolve_profile
+from kvzip.codecs import CALIBRATED_LEVELS, DEFAULT_LEVEL, LEVELS, STORAGE_DTYPES
+from kvzip.codecs.profile import find_profile
+from kvzip.errors import InputError, KvzipError, UnknownLevelError
 from kvzip.formats import open_kvz
 from kvzip.model import ChatTemplate, KVModel
 from kvzip.pipeline import (
@@ -111,9 +113,17 @@ def encode(
     dtype: str | None = None,
     chat: bool = False,
     source_name: str | None = None,
+    profile: str | os.PathLike[str] | None = None,
+    if_no_profile: str = "calibrate",
     progress: Progress = no_progress,
 ) -> EncodeSummary:
-    """Prefill ``text`` with the model and write its KV cache to ``out`` as a ``.kvz``."""
+    """Prefill ``text`` with the model and write its KV cache to ``out`` as a ``.kvz``.
+
+    Lossy levels use the model's calibration profile (``profile``: a file or a
+    digest; by default the newest one for the model in the profile directories).
+    With none, ``if_no_profile`` picks: ``"calibrate"`` builds and stores one
+    first, ``"uncalibrated"`` uses the uncalibrated codec, ``"error"`` refuses.
+    """
     names = _check_levels(levels)
     if chunk_tokens <= 0:
         raise InputError(f"--chunk-tokens must be positive, got {chunk_tokens}")
@@ -125,6 +135,9 @@ def encode(
         raise InputError(f"{km.name} has no usable chat template; encode without --chat")
     ids = km.document_ids(text, template)
     km.check_length(len(ids))
+    prof = None
+    if any(name in CALIBRATED_LEVELS for name in names):
+        prof = resolve_profile(km, profile, if_missing=if_no_profile, progress=progress)
     started = time.perf_counter()
     kv = km.prefill(ids, progress=lambda d, t: progress("prefill", d, t))
     prefill_seconds = time.perf_counter() - started
@@ -138,7 +151,7 @@ def encode(
         }
     summary = write_kvz(
         kv, ids, out, km, levels=names, chunk_tokens=chunk_tokens,
-        dtype=dtype or km.dtype, extra_header=extra, progress=progress,
+        dtype=dtype or km.dtype, extra_header=extra, profile=prof, progress=progress,
     )
     summary.prefill_seconds = prefill_seconds
     return summary
@@ -186,7 +199,25 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "ratio": round(raw / file_bytes, 4),
             "bits_per_element": round(file_bytes * 8 / elements, 4),
             "source": raw_header.get("source"),
+            "profile": _profile_info(h.levels),
         }
+
+
+def _profile_info(levels) -> dict[str, Any] | None:
+    """The calibration profile a file's levels name, and whether this machine has it."""
+    digests = {lv.codec.get("profile") for lv in levels if isinstance(lv.codec.get("profile"), str)}
+    if not digests:
+        return None
+    digest = sorted(digests)[0]
+    out: dict[str, Any] = {"digest": digest, "available": False}
+    try:
+        prof = find_profile(digest)
+    except KvzipError as exc:
+        out["problem"] = str(exc)
+        return out
+    out.update(available=True, path=str(prof.path) if prof.path else None, bytes=prof.size,
+               calibration_tokens=prof.meta.get("calibration_tokens"))
+    return out
 
 
 @dataclass

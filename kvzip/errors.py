@@ -99,3 +99,18 @@ class FetchError(KvzipError):
     """A remote source misbehaved (wrong status, changed ETag, short body)."""
 
     exit_code = 5
+
+
+# --- calibration profiles -------------------------------------------------------
+class ProfileError(KvzipError):
+    """A calibration profile is missing, corrupt, or belongs to another model."""
+
+    exit_code = 6
+
+
+class ProfileNotFoundError(ProfileError):
+    """A ``.kvz`` (or ``--profile``) names a profile that is not in any profile directory."""
+
+
+class ProfileMismatchError(ProfileError):
+    """A profile whose hash, model or geometry is not the one asked for."""

@@ -19,6 +19,7 @@ import torch
 
 from kvzip import __version__
 from kvzip.codecs import ChunkContext, Codec, codec_for_level
+from kvzip.codecs.profile import Profile
 from kvzip.errors import UnknownLevelError
 from kvzip.formats import KvzReader, KvzWriter, open_kvz
 from kvzip.model import TORCH_DTYPES, KVModel
@@ -60,6 +61,7 @@ class EncodeSummary:
     file_bytes: int
     prefill_seconds: float
     encode_seconds: float
+    profile: str | None = None  # digest of the calibration profile the lossy levels use
 
     @property
     def ratio(self) -> float:
@@ -80,6 +82,7 @@ def write_kvz(
     dtype: str,
     extra_header: dict[str, Any] | None = None,
     chunk_texts: bool = True,
+    profile: Profile | None = None,
     progress: Progress = no_progress,
 ) -> EncodeSummary:
     """Encode an already captured cache ([2, L, H, T, D]) into a ``.kvz`` at ``out``.
@@ -88,9 +91,15 @@ def write_kvz(
     level stands for (``kvzip bench`` stores reference codecs that way).
     ``chunk_texts`` stores each chunk's text too, so a streaming client that
     cannot fetch a chunk in time can recompute it from its text.
+    ``profile`` (a model's calibration profile) turns named levels into their
+    calibrated codecs; the header then names it, with its size.
     """
     started = time.perf_counter()
-    named = [(x, codec_for_level(x)) if isinstance(x, str) else x for x in levels]
+    digest = None
+    if profile is not None:
+        profile.check_model(km.identity()["fingerprint"])
+        digest = profile.digest
+    named = [(x, codec_for_level(x, digest)) if isinstance(x, str) else x for x in levels]
     array = kv_to_storage(kv, dtype)
     _, n_layers, kv_heads, n_tokens, head_dim = array.shape
     inv_freq = km.rope_inv_freq()
@@ -107,6 +116,7 @@ def write_kvz(
         "chunk_tokens": chunk_tokens,
         "levels": [{"name": name, "codec": codec.config()} for name, codec in named],
         "rope": None if inv_freq is None else {"inv_freq": list(inv_freq)},
+        **({"profile": {"digest": profile.digest, "bytes": profile.size}} if profile is not None else {}),
         **(extra_header or {}),
     }
     codecs = [codec for _, codec in named]
@@ -136,6 +146,7 @@ def write_kvz(
         file_bytes=out.stat().st_size,
         prefill_seconds=0.0,
         encode_seconds=time.perf_counter() - started,
+        profile=digest,
     )
 
 

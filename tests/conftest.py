@@ -9,6 +9,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Calibration profiles go to one directory per test session, never ~/.cache:
+# the first lossy encode for a model calibrates it once, later ones reuse it.
+if "KVZIP_PROFILE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["KVZIP_PROFILE_DIR"] = tempfile.mkdtemp(prefix="kvzip-test-profiles-")
+
 from tiny import save_tiny_model, tiny_model  # noqa: E402
 
 TEXT = (

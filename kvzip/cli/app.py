@@ -36,6 +36,7 @@ def _register() -> None:
     from kvzip.cli import (
         ask,
         bench,
+        calibrate,
         decode,
         encode,
         fetch,
@@ -47,7 +48,7 @@ def _register() -> None:
         verify,
     )
 
-    for module in (encode, info, decode, verify, generate, fetch, serve, precache, ask, store, bench):
+    for module in (encode, info, decode, verify, generate, fetch, serve, precache, ask, store, calibrate, bench):
         module.register(app)
 
 

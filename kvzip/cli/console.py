@@ -29,6 +29,8 @@ STAGE_LABELS = {
     "stream": "stream (chunks)",
     "split": "split documents",
     "precache": "prefill + store passages",
+    "calibrate: statistics": "calibrate: KV statistics (tokens)",
+    "calibrate: sensitivity": "calibrate: layer sensitivity (probes)",
 }
 
 

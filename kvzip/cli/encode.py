@@ -40,6 +40,8 @@ def encode_command(
     chunk_tokens: int = typer.Option(api.DEFAULT_CHUNK_TOKENS, "--chunk-tokens", help="Tokens per independently decodable chunk."),
     dtype: str = typer.Option(None, "--dtype", help="Store the cache as float32, bfloat16 or float16 (default: as captured)."),
     chat: bool = typer.Option(False, "--chat", help="Cache the text as the opening of a user turn in the model's chat template."),
+    profile: str = typer.Option(None, "--profile", help="Calibration profile (.kvzprofile file or digest) for the lossy levels (default: the newest one for the model in the profile directory)."),
+    if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="When the model has no profile yet: calibrate (build one now, once), uncalibrated (use the uncalibrated codec) or error."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -51,7 +53,8 @@ def encode_command(
     with progress_bars(not quiet) as progress:
         summary = api.encode(
             text, output, model=km, levels=levels, chunk_tokens=chunk_tokens, dtype=dtype,
-            chat=chat, source_name=name, progress=progress,
+            chat=chat, source_name=name, profile=profile, if_no_profile=if_no_profile,
+            progress=progress,
         )
     if json_out:
         out_console.print_json(data=summary.to_json())
@@ -61,7 +64,8 @@ def encode_command(
         f"chunks, levels {', '.join(summary.levels)} ({summary.dtype})\n"
         f"  raw cache {human_bytes(summary.raw_bytes)} -> file {human_bytes(summary.file_bytes)}"
         f"  ratio {summary.ratio:.2f}x\n"
-        f"  prefill {summary.prefill_seconds:.2f} s, encode {summary.encode_seconds:.2f} s",
+        f"  prefill {summary.prefill_seconds:.2f} s, encode {summary.encode_seconds:.2f} s"
+        + (f"\n  calibration profile {summary.profile[:16]}…" if summary.profile else ""),
         highlight=False,
     )
 

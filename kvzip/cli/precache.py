@@ -21,6 +21,8 @@ def precache_command(
     model: str = typer.Option(None, "--model", "-m", help="Model: local dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)."),
     artifacts: str = typer.Option(None, "--artifacts", help="Where artifacts live, as an fsspec URL (s3://bucket/prefix, file:///path); remembered by the store."),
     engine: str = typer.Option("local", "--engine", help=f"Run passages here or as Ray tasks ({', '.join(ENGINES)})."),
+    profile: str = typer.Option(None, "--profile", help="Calibration profile (.kvzprofile file or digest) for a lossy level (default: the newest one for the model)."),
+    if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="When the model has no profile yet: calibrate, uncalibrated or error."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -32,7 +34,7 @@ def precache_command(
         with progress_bars(not quiet) as progress:
             summary = precache(
                 docs, passage_store, km, passage_tokens=passage_tokens, level=level,
-                engine=engine, progress=progress,
+                engine=engine, profile=profile, if_no_profile=if_no_profile, progress=progress,
             )
     if json_out:
         out_console.print_json(data=summary.to_json())

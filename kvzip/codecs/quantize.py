@@ -87,8 +87,13 @@ class UniformStepQuantizer(Quantizer):
     """kvzip's quantiser: a bounded-error uniform step per (K/V, layer)."""
 
     def __init__(self, key_step, value_step, key_channel_exp=0.0, value_token_exp=0.0,
-                 sink_tokens=4, sink_factor=16.0, early_layers=0, early_factor=1.0):
+                 sink_tokens=4, sink_factor=16.0, early_layers=0, early_factor=1.0,
+                 layer_scale: np.ndarray | None = None):
         self.rel = np.array([key_step, value_step], dtype=np.float32)
+        # Absolute steps: ``layer_scale`` [2, L] (from a calibration profile) times the
+        # relative step, instead of the chunk's RMS times it.  The chunk RMS is still
+        # stored and only normalises the per-token value codes.
+        self.layer_scale = None if layer_scale is None else np.asarray(layer_scale, np.float32)
         self.key_channel_exp = float(key_channel_exp)
         self.value_token_exp = float(value_token_exp)
         self.sink_tokens = int(sink_tokens)
@@ -116,7 +121,10 @@ class UniformStepQuantizer(Quantizer):
         L, H, T, D = ctx.num_layers, ctx.kv_heads, ctx.token_count, ctx.head_dim
         layer_mult = np.ones(L, np.float32)
         layer_mult[: self.early_layers] = 1.0 / self.early_factor
-        base = (ref * self.rel[:, None] * layer_mult[None, :]).astype(np.float32)  # [2, L]
+        scale = ref if self.layer_scale is None else self.layer_scale
+        if scale.shape != (2, L):
+            raise CodecError(f"step scales for {scale.shape[-1]} layers, chunk has {L}")
+        base = (scale * self.rel[:, None] * layer_mult[None, :]).astype(np.float32)  # [2, L]
         ks = np.broadcast_to(base[0][:, None, None, None], (L, 1, 1, 1)).astype(np.float32)
         vs = np.broadcast_to(base[1][:, None, None, None], (L, 1, 1, 1)).astype(np.float32)
         if kcode is not None:

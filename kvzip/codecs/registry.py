@@ -13,8 +13,12 @@ from kvzip.errors import CodecError, UnknownCodecError, UnknownLevelError
 
 _REGISTRY: dict[str, type[Codec]] = {}
 
-# Named levels a user picks with --level.  Each is a full codec config.
+# Named levels a user picks with --level.  Each is a full codec config: the one
+# used when no calibration profile is at hand ("uncalibrated").
 LEVELS: dict[str, dict[str, Any]] = {}
+# The calibrated codec behind a level, used with a model's profile (the config
+# lacks only the profile's digest).
+CALIBRATED_LEVELS: dict[str, dict[str, Any]] = {}
 DEFAULT_LEVEL = "balanced"
 
 
@@ -26,8 +30,22 @@ def register_codec(cls: type[Codec]) -> type[Codec]:
     return cls
 
 
-def register_level(name: str, config: dict[str, Any]) -> None:
+def register_level(name: str, config: dict[str, Any], calibrated: dict[str, Any] | None = None) -> None:
     LEVELS[name] = config
+    if calibrated is not None:
+        CALIBRATED_LEVELS[name] = calibrated
+
+
+def level_config(name: str, profile: str | None = None) -> dict[str, Any]:
+    """The codec config behind a level: calibrated with ``profile`` (a digest) when the
+    level has a calibrated form, else the level's uncalibrated config."""
+    if name not in LEVELS:
+        raise UnknownLevelError(
+            f"unknown level {name!r} (choose from: {', '.join(LEVELS)})"
+        )
+    if profile is not None and name in CALIBRATED_LEVELS:
+        return {**CALIBRATED_LEVELS[name], "profile": profile}
+    return dict(LEVELS[name])
 
 
 def codec_ids() -> list[str]:
@@ -47,10 +65,6 @@ def codec_from_config(config: Any) -> Codec:
     return cls.from_params(params)
 
 
-def codec_for_level(name: str) -> Codec:
-    """The codec behind a named quality level."""
-    if name not in LEVELS:
-        raise UnknownLevelError(
-            f"unknown level {name!r} (choose from: {', '.join(LEVELS)})"
-        )
-    return codec_from_config(LEVELS[name])
+def codec_for_level(name: str, profile: str | None = None) -> Codec:
+    """The codec behind a named quality level (calibrated when ``profile`` is given)."""
+    return codec_from_config(level_config(name, profile))

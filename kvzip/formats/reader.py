@@ -74,12 +74,21 @@ class PayloadDecoder:
             rope_inv_freq=h.rope_inv_freq,
         )
 
+    def codec(self, level: int) -> Codec:
+        """The codec of level ``level``, refusing a calibration profile made for another model."""
+        codec = codec_from_config(self.header.levels[level].codec)
+        profile = getattr(codec, "profile", None)
+        model = self.header.raw.get("model")
+        if profile is not None and isinstance(model, dict) and "fingerprint" in model:
+            profile.check_model(str(model["fingerprint"]))
+        return codec
+
     def decode(self, entry: IndexEntry, payload: bytes) -> np.ndarray:
         """One KV chunk as ``[2, layers, kv_heads, tokens, head_dim]`` in the storage dtype."""
         if entry.kind is not EntryKind.KV:
             raise ValueError(f"not a KV entry: {entry}")
         if entry.level not in self._codecs:
-            self._codecs[entry.level] = codec_from_config(self.header.levels[entry.level].codec)
+            self._codecs[entry.level] = self.codec(entry.level)
         ctx = self.context(entry)
         kv = self._codecs[entry.level].decode(payload, ctx)
         if kv.shape != ctx.shape:

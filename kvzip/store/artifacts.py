@@ -22,23 +22,24 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from kvzip.codecs import codec_for_level
+from kvzip.codecs import level_config
 from kvzip.errors import InputError
 from kvzip.formats import BytesSource, KvzReader, open_kvz
 
 ARTIFACT_SUFFIX = ".kvz"
 
 
-def codec_sha256(level: str) -> str:
+def codec_sha256(level: str, profile: str | None = None) -> str:
+    """Hash of the codec config behind ``level`` (calibrated with ``profile``, a digest)."""
     return hashlib.sha256(
-        json.dumps(codec_for_level(level).config(), sort_keys=True).encode()
+        json.dumps(level_config(level, profile), sort_keys=True).encode()
     ).hexdigest()
 
 
-def artifact_name(model: str, level: str, dtype: str, tokens_sha: str) -> str:
+def artifact_name(model: str, level: str, dtype: str, tokens_sha: str, profile: str | None = None) -> str:
     """The content address of a cache: model, codec config, dtype and token ids."""
     key = hashlib.sha256(
-        f"{model}\n{codec_sha256(level)}\n{dtype}\n{tokens_sha}".encode()
+        f"{model}\n{codec_sha256(level, profile)}\n{dtype}\n{tokens_sha}".encode()
     ).hexdigest()
     return f"{key[:2]}/{key}{ARTIFACT_SUFFIX}"
 

@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kvzip.codecs import LEVELS, codec_for_level
+from kvzip.calibrate import resolve_profile
+from kvzip.codecs import CALIBRATED_LEVELS, LEVELS, codec_for_level
+from kvzip.codecs.profile import find_profile
 from kvzip.errors import InputError, KvzipError, ModelMismatchError
 from kvzip.model import KVModel
 from kvzip.pipeline import DEFAULT_CHUNK_TOKENS, Progress, no_progress, write_kvz
@@ -63,17 +65,18 @@ class PassageJob:
     level: str
     dtype: str
     model: str  # fingerprint the artifact must be written under
+    profile: str | None = None  # digest of the calibration profile behind the level
 
 
-def make_job(passage_ids: Sequence[int], km: KVModel, level: str) -> PassageJob:
+def make_job(passage_ids: Sequence[int], km: KVModel, level: str, profile: str | None = None) -> PassageJob:
     model = km.identity()["fingerprint"]
-    name = artifact_name(model, level, km.dtype, token_sha256(passage_ids))
-    return PassageJob(tuple(passage_ids), name, level, km.dtype, model)
+    name = artifact_name(model, level, km.dtype, token_sha256(passage_ids), profile)
+    return PassageJob(tuple(passage_ids), name, level, km.dtype, model, profile)
 
 
 def _record(job: PassageJob, size: int) -> ArtifactRecord:
     return ArtifactRecord(
-        job.name, job.model, job.level, codec_sha256(job.level), job.dtype,
+        job.name, job.model, job.level, codec_sha256(job.level, job.profile), job.dtype,
         token_sha256(job.token_ids), len(job.token_ids), size,
     )
 
@@ -88,6 +91,7 @@ def cache_passage(km: KVModel, job: PassageJob, artifacts: ArtifactStore) -> Art
         lambda path: write_kvz(
             kv, job.token_ids, path, km, levels=[job.level],
             chunk_tokens=DEFAULT_CHUNK_TOKENS, dtype=job.dtype,
+            profile=None if job.profile is None else find_profile(job.profile),
         ),
     )
     return _record(job, size)
@@ -145,6 +149,7 @@ def plan(
     *,
     passage_tokens: int,
     level: str,
+    profile: str | None = None,
     progress: Progress = no_progress,
 ) -> tuple[list[Passage], list[PassageJob]]:
     """Split every document, record its passages, and list the passages' jobs (deduplicated)."""
@@ -165,7 +170,7 @@ def plan(
         raise InputError("the documents hold no text to pre-cache")
     jobs = {}
     for passage in passages:
-        job = make_job(passage.token_ids, km, level)
+        job = make_job(passage.token_ids, km, level, profile)
         jobs.setdefault(job.name, job)
     return passages, list(jobs.values())
 
@@ -178,15 +183,25 @@ def precache(
     passage_tokens: int = DEFAULT_PASSAGE_TOKENS,
     level: str | None = None,
     engine: str = "local",
+    profile: str | os.PathLike[str] | None = None,
+    if_no_profile: str = "calibrate",
     progress: Progress = no_progress,
 ) -> PrecacheSummary:
-    """Pre-cache every passage of ``inputs`` into ``store`` that is not cached yet."""
+    """Pre-cache every passage of ``inputs`` into ``store`` that is not cached yet.
+
+    A lossy level uses the model's calibration profile, found or built as
+    :func:`kvzip.calibrate.resolve_profile` does (``profile``, ``if_no_profile``).
+    """
     if engine not in ENGINES:
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     level = check_level(level)
     started = time.perf_counter()
     passages, jobs = plan(inputs, store, km, passage_tokens=passage_tokens, level=level,
                           progress=progress)
+    if level in CALIBRATED_LEVELS:  # found or built once the documents are known to hold text
+        prof = resolve_profile(km, profile, if_missing=if_no_profile, progress=progress)
+        if prof is not None:
+            jobs = [make_job(job.token_ids, km, level, prof.digest) for job in jobs]
     save_opening(store, km)  # the prompt's fixed opening, so that ask need not prefill it
     known = store.index.artifact_names()
     todo, adopted = [], 0

@@ -1,0 +1,326 @@
+"""``kvzip calibrate``: measure a model's KV statistics and build a codec profile.
+
+Steps, for calibration texts that should never be the texts a benchmark scores:
+
+1. prefill each text, capturing the cache and each layer's query energy per
+   RoPE channel pair (:mod:`kvzip.model.calibration`);
+2. per (layer, kv head): the mean and covariance of pre-RoPE keys and of values
+   (attention-sink tokens excluded: they are coded apart, at a finer step);
+3. an error weighting: keys by query channel-pair energy (a key error only
+   matters along the directions queries take), values by the output
+   projection's Gram matrix (a value error reaches the residual stream through
+   ``o_proj``); ``"mse"`` weighs every channel alike;
+4. the PCA of the weighted data, so most energy sits in few components;
+5. a step per (K/V, layer) from measured sensitivity: quantise one group at a
+   probe step, teacher-force a continuation, read the KL it causes.  With
+   ``KL_g ~ a_g step_g^2`` and ``bits_g ~ -log2 step_g`` per element, the
+   allocation that minimises bits at a given total KL is ``step_g ~ a_g^-1/2``.
+
+The result is a :mod:`kvzip.codecs.profile` file bound to the model fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvzip import __version__
+from kvzip.codecs import ChunkContext
+from kvzip.codecs.profile import (
+    Profile,
+    find_profile,
+    list_profiles,
+    profile_dirs,
+    profile_to_bytes,
+    register_profile_file,
+    write_profile,
+)
+from kvzip.codecs.transforms import rope_cos_sin, rotate
+from kvzip.errors import InputError, ProfileNotFoundError
+from kvzip.model import KVModel
+from kvzip.model.calibration import capture, output_gram
+
+Progress = Callable[[str, int, int], None]
+
+# Texts kvzip bench scores by default; calibration must not read them.
+BENCH_TEXT_NAMES = ("GPL-3", "GPL-2", "GFDL-1.3", "argparse.py", "typing.py")
+
+
+def default_calibration_texts() -> list[Path]:
+    """Real texts on any machine kvzip runs on, none of them a default bench text."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    names = [stdlib / "pathlib.py", stdlib / "collections" / "__init__.py", stdlib / "functools.py"]
+    lic = Path("/usr/share/common-licenses")
+    names += [lic / "MPL-2.0", lic / "LGPL-2.1", lic / "Artistic"]
+    return [p for p in names if p.is_file()]
+
+
+@dataclass
+class CalibrationOptions:
+    key_weighting: str = "query"  # "query" | "mse"
+    value_weighting: str = "output"  # "output" | "mse"
+    basis: str = "pca"  # "pca" | "none"
+    allocation: str = "sensitivity"  # "sensitivity" | "flat"
+    tokens_per_text: int = 1024
+    continuation: int = 128  # tokens teacher-forced when measuring sensitivity
+    sensitivity_texts: int = 2
+    probe_step: float = 0.5  # probe step, relative to the group's RMS in the new basis
+    sink_tokens: int = 4
+
+    def check(self) -> None:
+        if self.key_weighting not in ("query", "mse") or self.value_weighting not in ("output", "mse"):
+            raise InputError("weighting must be query|mse for keys and output|mse for values")
+        if self.basis not in ("pca", "none") or self.allocation not in ("sensitivity", "flat"):
+            raise InputError("basis must be pca|none and allocation sensitivity|flat")
+        if self.tokens_per_text < self.continuation + 64:
+            raise InputError(f"tokens per text must be at least {self.continuation + 64}")
+
+
+@dataclass
+class _Text:
+    name: str
+    prefix: list[int]
+    cont: list[int]
+
+
+def _psd_sqrt(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(G^1/2, G^-1/2) of a symmetric PSD matrix, eigenvalues floored at 1e-6 of the largest."""
+    w, u = np.linalg.eigh(g)
+    w = np.maximum(w, w.max() * 1e-6)
+    return (u * np.sqrt(w)) @ u.T, (u / np.sqrt(w)) @ u.T
+
+
+def _pre_rope(kv: np.ndarray, inv_freq, start: int = 0) -> np.ndarray:
+    """Keys of ``kv`` [2, L, H, T, D] un-rotated (a copy); values untouched."""
+    out = kv.copy()
+    if inv_freq is not None:
+        _, layers, heads, tokens, dim = kv.shape
+        ctx = ChunkContext(start, tokens, layers, heads, dim, "float32", tuple(inv_freq))
+        cos, sin = rope_cos_sin(ctx)
+        rotate(out[0], cos, sin, -1.0, out=out[0])
+    return out
+
+
+def _re_rope(kv: np.ndarray, inv_freq) -> np.ndarray:
+    if inv_freq is not None:
+        _, layers, heads, tokens, dim = kv.shape
+        ctx = ChunkContext(0, tokens, layers, heads, dim, "float32", tuple(inv_freq))
+        cos, sin = rope_cos_sin(ctx)
+        rotate(kv[0], cos, sin, +1.0, out=kv[0])
+    return kv
+
+
+def _kl(ref_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
+    p = torch.log_softmax(ref_logits.double(), -1)
+    q = torch.log_softmax(test_logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def calibrate(
+    km: KVModel,
+    texts: Sequence[tuple[str, str]],
+    options: CalibrationOptions | None = None,
+    progress: Progress | None = None,
+) -> tuple[bytes, dict[str, Any]]:
+    """Profile bytes for ``km`` from ``texts`` ((name, content) pairs), and a report."""
+    opt = options or CalibrationOptions()
+    opt.check()
+    prog = progress or (lambda stage, done, total: None)
+    t0 = time.perf_counter()
+    items: list[_Text] = []
+    per_text = min(opt.tokens_per_text, km.max_context)
+    for name, content in texts:
+        ids = km.encode_text(content, special_tokens=True)[:per_text]
+        if len(ids) < opt.continuation + 64:
+            continue
+        items.append(_Text(name, ids[: -opt.continuation], ids[-opt.continuation :]))
+    if not items:
+        raise InputError(
+            f"no calibration text has {opt.continuation + 64} tokens or more; give longer texts"
+        )
+    L, H, D = km.num_layers, km.kv_heads, km.head_dim
+    inv_freq = km.rope_inv_freq()
+    ns = opt.sink_tokens
+
+    # 1-2. statistics
+    n = 0
+    s1 = np.zeros((2, L, H, D))
+    s2 = np.zeros((2, L, H, D, D))
+    qe = np.zeros((L, H, D // 2))
+    caches: list[np.ndarray] = []
+    total = sum(len(t.prefix) for t in items)
+    done = 0
+    for t in items:
+        st = capture(km, t.prefix)
+        x = _pre_rope(st.kv, inv_freq)
+        caches.append(st.kv)
+        body = x[:, :, :, ns:, :].astype(np.float64)
+        n += body.shape[3]
+        s1 += body.sum(axis=3)
+        s2 += np.einsum("klhtd,klhte->klhde", body, body)
+        qe += st.query_pair_energy
+        done += len(t.prefix)
+        prog("calibrate: statistics", done, total)
+    mean = s1 / n
+    cov = s2 / n - mean[..., :, None] * mean[..., None, :]
+
+    # 3-4. weighting and basis
+    fwd = np.zeros((2, L, H, D, D))
+    inv = np.zeros((2, L, H, D, D))
+    gram = output_gram(km) if opt.value_weighting == "output" else None
+    for lay in range(L):
+        for h in range(H):
+            if opt.key_weighting == "query":
+                e = qe[lay, h] / max(qe[lay, h].mean(), 1e-30)
+                w = np.sqrt(np.maximum(np.concatenate([e, e]), 1e-4))
+                wk, wk_inv = np.diag(w), np.diag(1 / w)
+            else:
+                wk = wk_inv = np.eye(D)
+            if gram is not None:
+                g = gram[lay, h] / max(np.trace(gram[lay, h]) / D, 1e-30)
+                wv, wv_inv = _psd_sqrt(g)
+            else:
+                wv = wv_inv = np.eye(D)
+            for kv, (a, a_inv) in enumerate(((wk, wk_inv), (wv, wv_inv))):
+                c = a @ cov[kv, lay, h] @ a.T
+                if opt.basis == "pca":
+                    ev, p = np.linalg.eigh((c + c.T) / 2)
+                    p = p[:, np.argsort(ev)[::-1]]
+                else:
+                    p = np.eye(D)
+                fwd[kv, lay, h] = p.T @ a
+                inv[kv, lay, h] = a_inv @ p
+    # RMS of each (K/V, layer) in the new basis
+    var_new = np.einsum("klhij,klhjm,klhim->kl", fwd, cov, fwd) / (H * D)
+    rms = np.sqrt(np.maximum(var_new, 1e-30))
+
+    # 5. allocation
+    sens = None
+    if opt.allocation == "sensitivity":
+        sens = _sensitivity(km, items[: opt.sensitivity_texts], caches, mean, fwd, inv, rms, opt, prog)
+        a = np.maximum(sens, 1e-12)
+        raw = a ** -0.5
+        scale = raw / np.exp(np.mean(np.log(raw / rms)))
+    else:
+        scale = rms.copy()
+    tensors = {
+        "key_mean": mean[0], "value_mean": mean[1],
+        "key_fwd": fwd[0], "key_inv": inv[0], "value_fwd": fwd[1], "value_inv": inv[1],
+        "step_scale": scale,
+    }
+    ident = km.identity()
+    meta = {
+        "model_fingerprint": ident["fingerprint"],
+        "model_name": ident["name"],
+        "geometry": [L, H, D],
+        "options": asdict(opt),
+        "texts": [{"name": t.name, "tokens": len(t.prefix) + len(t.cont)} for t in items],
+        "calibration_tokens": total,
+        "kvzip_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    data = profile_to_bytes({k: np.asarray(v, np.float32) for k, v in tensors.items()}, meta)
+    report = {
+        "seconds": round(time.perf_counter() - t0, 2),
+        "rms": rms.tolist(),
+        "step_scale": scale.tolist(),
+        "sensitivity": None if sens is None else sens.tolist(),
+        **meta,
+    }
+    return data, report
+
+
+def _sensitivity(km, items, caches, mean, fwd, inv, rms, opt, prog) -> np.ndarray:
+    """KL per unit squared step, for each (K/V, layer), quantising that group alone."""
+    L = km.num_layers
+    ns = opt.sink_tokens
+    inv_freq = km.rope_inv_freq()
+    kl = np.zeros((2, L))
+    total = 2 * L * len(items)
+    done = 0
+    for t, kv in zip(items, caches):
+        ref = km.teacher_force(torch.from_numpy(kv), t.cont)
+        x = _pre_rope(kv, inv_freq)
+        for k in range(2):
+            for lay in range(L):
+                m = mean[k, lay][:, None, :]
+                y = np.matmul(x[k, lay] - m, fwd[k, lay].swapaxes(-1, -2))
+                step = opt.probe_step * rms[k, lay]
+                yq = y.copy()
+                yq[:, ns:] = np.rint(y[:, ns:] / step) * step
+                xq = x.copy()
+                xq[k, lay] = np.matmul(yq, inv[k, lay].swapaxes(-1, -2)) + m
+                test = km.teacher_force(torch.from_numpy(_re_rope(xq.astype(np.float32), inv_freq)), t.cont)
+                kl[k, lay] += _kl(ref, test) / (step**2)
+                done += 1
+                prog("calibrate: sensitivity", done, total)
+    return kl / len(items)
+
+
+def read_texts(paths: Sequence[str | Path]) -> list[tuple[str, str]]:
+    out = []
+    for p in paths:
+        path = Path(p)
+        try:
+            out.append((path.name, path.read_text(errors="replace")))
+        except OSError as exc:
+            raise InputError(f"cannot read calibration text {path}: {exc.strerror or exc}") from None
+    return out
+
+
+# ------------------------------------------------------------ finding a profile
+IF_NO_PROFILE = ("calibrate", "uncalibrated", "error")
+
+
+def _is_digest(spec: str) -> bool:
+    return len(spec) == 64 and all(c in "0123456789abcdef" for c in spec)
+
+
+def resolve_profile(
+    km: KVModel,
+    profile: str | os.PathLike[str] | None = None,
+    *,
+    if_missing: str = "calibrate",
+    progress: Progress | None = None,
+) -> Profile | None:
+    """The profile to encode with for ``km``.
+
+    ``profile`` is a ``.kvzprofile`` file or a digest in the profile directories.
+    Without one, the newest profile for the model in the profile directories is
+    used; when there is none, ``if_missing`` decides: ``"calibrate"`` builds one
+    from :func:`default_calibration_texts` and stores it there, ``"uncalibrated"``
+    returns None (the levels fall back to the uncalibrated codec), ``"error"``
+    raises :class:`ProfileNotFoundError`.
+    """
+    if if_missing not in IF_NO_PROFILE:
+        raise InputError(f"--if-no-profile must be one of {', '.join(IF_NO_PROFILE)}, got {if_missing!r}")
+    fingerprint = km.identity()["fingerprint"]
+    if profile is not None:
+        spec = str(profile)
+        prof = find_profile(spec) if _is_digest(spec) else register_profile_file(spec)
+    else:
+        found = list_profiles(fingerprint)
+        if found:
+            prof = found[0]
+        elif if_missing == "uncalibrated":
+            return None
+        elif if_missing == "error":
+            raise ProfileNotFoundError(
+                f"no calibration profile for {km.name} in {', '.join(map(str, profile_dirs()))}; "
+                "run `kvzip calibrate` or pass --profile"
+            )
+        else:
+            texts = read_texts(default_calibration_texts())
+            data, _ = calibrate(km, texts, progress=progress)
+            prof = write_profile(data)
+    prof.check_model(fingerprint)
+    prof.check_geometry(km.num_layers, km.kv_heads, km.head_dim)
+    return prof

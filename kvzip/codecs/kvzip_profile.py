@@ -1,0 +1,99 @@
+"""``kvzip-profile``: kvzip's calibrated codec, the default behind the lossy levels.
+
+Stages (each one measured against the alternatives in ``kvzip calibrate``'s
+docs and ``docs/benchmarks.md``):
+
+1. keys un-rotated to pre-RoPE (:class:`~kvzip.codecs.transforms.UnRoPE`);
+2. :class:`ProfileBasis`: per layer and kv head, subtract the calibrated mean and
+   map into the profile's basis: an error weighting (query channel-pair energy
+   for keys, the output projection's Gram matrix for values) followed by the PCA
+   of the weighted data, so a uniform error in the new basis is the error that
+   costs the model least, and most of the energy sits in few components;
+3. a uniform quantiser whose step per (K/V, layer) is the codec's ``step`` times
+   the profile's ``step_scale``, allocated from each layer's measured effect on
+   next-token KL; values also scale per token with their RMS (``value_token_exp``)
+   and the first ``sink_tokens`` tokens get a ``sink_factor`` times finer step;
+4. range coding (constriction) with small parametric models per row.
+
+The codec config names its profile by SHA-256; see :mod:`kvzip.codecs.profile`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kvzip.codecs.base import ChunkContext, Codec, to_float32
+from kvzip.codecs.entropy import RangeCoder
+from kvzip.codecs.profile import Profile, find_profile
+from kvzip.codecs.quantize import UniformStepQuantizer
+from kvzip.codecs.registry import register_codec
+from kvzip.codecs.stages import ArrayTransform, StagePipeline
+from kvzip.codecs.transforms import UnRoPE
+from kvzip.errors import CodecError
+
+
+class ProfileBasis(ArrayTransform):
+    """``y = fwd @ (x - mean)`` per (K/V, layer, head) on encode; ``x = inv @ y + mean`` on decode."""
+
+    def __init__(self, profile: Profile):
+        t = profile.tensors
+        self.profile = profile
+        self.mean = np.stack([t["key_mean"], t["value_mean"]])[:, :, :, None, :]  # [2, L, H, 1, D]
+        # Row-vector form: y = (x - mean) @ fwd^T, x = y @ inv^T + mean.
+        self.fwd_t = np.ascontiguousarray(np.stack([t["key_fwd"], t["value_fwd"]]).swapaxes(-1, -2))
+        self.inv_t = np.ascontiguousarray(np.stack([t["key_inv"], t["value_inv"]]).swapaxes(-1, -2))
+
+    def _check(self, ctx: ChunkContext) -> None:
+        self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)
+
+    def forward(self, x: np.ndarray, ctx: ChunkContext) -> np.ndarray:
+        self._check(ctx)
+        return np.matmul(x - self.mean, self.fwd_t)
+
+    def inverse(self, x: np.ndarray, ctx: ChunkContext) -> np.ndarray:
+        self._check(ctx)
+        out = np.matmul(x, self.inv_t)
+        out += self.mean
+        return out
+
+
+@register_codec
+class KvzipProfileCodec(Codec):
+    codec_id = "kvzip-profile"
+
+    def __init__(self, profile: str, step: float = 0.3, value_token_exp: float = 0.5,
+                 sink_tokens: int = 4, sink_factor: float = 16.0, entropy: str = "param"):
+        for name, v in (("step", step), ("value_token_exp", value_token_exp), ("sink_factor", sink_factor)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                raise CodecError(f"kvzip-profile {name} must be a finite number, got {v!r}")
+        if not 0 < step <= 64:
+            raise CodecError("kvzip-profile step must lie in (0, 64]")
+        if not 1 <= sink_factor <= 4096 or not -2 <= value_token_exp <= 2:
+            raise CodecError("kvzip-profile sink_factor must lie in [1, 4096], value_token_exp in [-2, 2]")
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or not 0 <= sink_tokens <= 1 << 20:
+            raise CodecError("kvzip-profile sink_tokens must be a non-negative integer")
+        self._p = dict(profile=profile, step=step, value_token_exp=value_token_exp,
+                       sink_tokens=sink_tokens, sink_factor=sink_factor, entropy=entropy)
+        self.profile = find_profile(profile)
+        self.pipeline = StagePipeline([
+            UnRoPE(),
+            ProfileBasis(self.profile),
+            UniformStepQuantizer(step, step, 0.0, value_token_exp, sink_tokens, sink_factor,
+                                 layer_scale=self.profile.tensors["step_scale"]),
+            RangeCoder(entropy),
+        ])
+
+    def params(self) -> dict[str, Any]:
+        return dict(self._p)
+
+    def encode(self, kv: np.ndarray, ctx: ChunkContext) -> bytes:
+        if kv.shape != ctx.shape:
+            raise CodecError(f"expected KV of shape {ctx.shape}, got {kv.shape}")
+        self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)
+        return self.pipeline.encode(to_float32(kv, ctx.dtype), ctx)
+
+    def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
+        self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)
+        return self.pipeline.decode(payload, ctx)

@@ -1,0 +1,258 @@
+"""Calibration profiles: kvzip calibrate, the kvzip-profile codec, and finding profiles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEXT
+from test_cli import assert_one_line_error, run
+
+from kvzip import api
+from kvzip.calibrate import CalibrationOptions, calibrate, resolve_profile
+from kvzip.codecs import ChunkContext, codec_for_level, codec_from_config, level_config
+from kvzip.codecs.profile import (
+    find_profile,
+    list_profiles,
+    profile_from_bytes,
+    profile_to_bytes,
+    read_profile_file,
+    write_profile,
+)
+from kvzip.errors import ProfileError, ProfileMismatchError, ProfileNotFoundError
+from kvzip.formats import open_kvz
+from kvzip.model import KVModel
+from kvzip.pipeline import write_kvz
+
+CAL_TEXT = (TEXT + "Numbers 0123456789 and (brackets) [lists] {sets}; punctuation!? ") * 8
+
+
+@pytest.fixture
+def profile_dir(tmp_path, monkeypatch) -> Path:
+    from kvzip.codecs import profile as profile_mod
+
+    d = tmp_path / "profiles"
+    monkeypatch.setenv("KVZIP_PROFILE_DIR", str(d))
+    monkeypatch.delenv("KVZIP_PROFILE_PATH", raising=False)
+    monkeypatch.setattr(profile_mod, "_CACHE", {})  # profiles found in memory by earlier tests
+    return d
+
+
+@pytest.fixture(scope="module")
+def km(tiny_model_dir) -> KVModel:
+    return KVModel.load(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def profile_bytes(km) -> tuple[bytes, dict]:
+    opts = CalibrationOptions(tokens_per_text=320, continuation=64)
+    return calibrate(km, [("a", CAL_TEXT), ("b", CAL_TEXT[::-1])], opts)
+
+
+def test_profile_is_bound_to_the_model_and_named_by_its_hash(km, profile_bytes, profile_dir):
+    data, report = profile_bytes
+    prof = write_profile(data)
+    assert prof.path == profile_dir / f"{prof.digest}.kvzprofile"
+    assert prof.model_fingerprint == km.identity()["fingerprint"]
+    assert prof.geometry == (km.num_layers, km.kv_heads, km.head_dim)
+    assert find_profile(prof.digest) is not None
+    assert [p.digest for p in list_profiles(km.identity()["fingerprint"])] == [prof.digest]
+    assert list_profiles("0" * 64) == []
+    assert report["sensitivity"] is not None and len(report["sensitivity"]) == 2
+
+
+def test_basis_inverts_and_decorrelates(km, profile_bytes):
+    t = profile_from_bytes(profile_bytes[0]).tensors
+    for fwd, inv in (("key_fwd", "key_inv"), ("value_fwd", "value_inv")):
+        prod = np.einsum("lhij,lhjk->lhik", t[inv].astype(np.float64), t[fwd].astype(np.float64))
+        assert np.allclose(prod, np.eye(km.head_dim), atol=1e-4)
+    # the calibration data is decorrelated in the new basis
+    kv = km.prefill(km.encode_text(CAL_TEXT, special_tokens=True)[:320]).numpy()
+    v = kv[1, 0, 0, 4:] - t["value_mean"][0, 0]
+    y = v @ t["value_fwd"][0, 0].T
+    c = np.cov(y.T)
+    off = c - np.diag(np.diag(c))
+    assert np.abs(off).max() < 0.05 * np.abs(np.diag(c)).max()
+
+
+def test_plain_options_give_the_identity_basis(km):
+    opts = CalibrationOptions(key_weighting="mse", value_weighting="mse", basis="none", allocation="flat",
+                              tokens_per_text=256, continuation=64)
+    data, report = calibrate(km, [("a", CAL_TEXT)], opts)
+    t = profile_from_bytes(data).tensors
+    assert np.allclose(t["key_fwd"], np.eye(km.head_dim)) and np.allclose(t["value_inv"], np.eye(km.head_dim))
+    assert report["sensitivity"] is None
+
+
+def test_profile_codec_roundtrip_is_close_and_deterministic(km, profile_bytes, profile_dir):
+    prof = write_profile(profile_bytes[0])
+    kv = km.prefill(km.encode_text(TEXT, special_tokens=True)).numpy()
+    n = kv.shape[3]
+    ctx = ChunkContext(0, n, km.num_layers, km.kv_heads, km.head_dim, "float32", km.rope_inv_freq())
+    errs = {}
+    for level in ("high", "balanced", "small"):
+        codec = codec_for_level(level, prof.digest)
+        assert codec.config()["id"] == "kvzip-profile"
+        payload = codec.encode(kv, ctx)
+        assert codec.encode(kv, ctx) == payload
+        again = codec_from_config(json.loads(json.dumps(codec.config())))
+        out = again.decode(payload, ctx)
+        assert np.array_equal(out, codec.decode(payload, ctx))
+        errs[level] = float(np.sqrt(np.mean((out - kv) ** 2)) / np.sqrt(np.mean(kv**2)))
+    assert errs["high"] < errs["balanced"] < errs["small"] < 1.0
+    with pytest.raises(ProfileMismatchError):
+        codec.decode(payload, ChunkContext(0, n, km.num_layers + 1, km.kv_heads, km.head_dim, "float32",
+                                           km.rope_inv_freq()))
+
+
+def test_encode_calibrates_once_then_reuses(km, tmp_path, profile_dir):
+    out1, out2 = tmp_path / "a.kvz", tmp_path / "b.kvz"
+    s1 = api.encode(TEXT, out1, model=km, levels=["balanced", "lossless"])
+    assert s1.profile is not None
+    assert len(list(profile_dir.glob("*.kvzprofile"))) == 1
+    s2 = api.encode(TEXT, out2, model=km, levels=["small"])
+    assert s2.profile == s1.profile
+    with open_kvz(out1) as r:
+        assert r.header.raw["profile"]["digest"] == s1.profile
+        assert r.header.levels[0].codec["profile"] == s1.profile
+        assert r.header.levels[1].codec["id"] == "bytegroup-zstd"
+    info = api.info(out1)
+    assert info["profile"]["digest"] == s1.profile and info["profile"]["available"]
+
+
+def test_if_no_profile_choices(km, tmp_path, profile_dir):
+    s = api.encode(TEXT, tmp_path / "u.kvz", model=km, levels=["balanced"], if_no_profile="uncalibrated")
+    assert s.profile is None
+    with open_kvz(tmp_path / "u.kvz") as r:
+        assert r.header.levels[0].codec["id"] == "kvzip-lossy"
+    with pytest.raises(ProfileNotFoundError):
+        api.encode(TEXT, tmp_path / "e.kvz", model=km, levels=["balanced"], if_no_profile="error")
+    assert not (tmp_path / "e.kvz").exists()
+    # lossless needs no profile at all
+    s = api.encode(TEXT, tmp_path / "l.kvz", model=km, levels=["lossless"], if_no_profile="error")
+    assert s.profile is None
+
+
+def test_decoding_without_the_profile_is_a_clear_error(km, tmp_path, profile_dir, monkeypatch):
+    out = tmp_path / "p.kvz"
+    api.encode(TEXT, out, model=km, levels=["balanced"])
+    ref = api.load_kv(out).kv
+    # a fresh process with the profile directory: decodes the same numbers
+    code = ("import sys, numpy as np; from kvzip.api import load_kv; "
+            "np.save(sys.argv[1], load_kv(sys.argv[2]).kv.numpy())")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "k.npy"), str(out)], check=True)
+    assert np.array_equal(np.load(tmp_path / "k.npy"), ref.numpy())
+    # a fresh process without it: one line, exit code 6
+    from kvzip.codecs import profile as profile_mod
+
+    monkeypatch.setenv("KVZIP_PROFILE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(profile_mod, "_CACHE", {})
+    with pytest.raises(ProfileNotFoundError):
+        api.load_kv(out)
+    result = run("decode", out, "-o", tmp_path / "x.safetensors")
+    assert_one_line_error(result, "profile")
+    assert result.exit_code == 6
+    assert not (tmp_path / "x.safetensors").exists()
+    info = api.info(out)
+    assert info["profile"]["available"] is False
+
+
+def test_profile_for_another_model_is_refused(km, profile_bytes, tmp_path, profile_dir):
+    t = profile_from_bytes(profile_bytes[0]).tensors
+    foreign = write_profile(profile_to_bytes(t, {"model_fingerprint": "f" * 64}))
+    with pytest.raises(ProfileMismatchError, match="calibrated for model"):
+        resolve_profile(km, foreign.path)
+    kv = km.prefill(km.encode_text(TEXT, special_tokens=True))
+    with pytest.raises(ProfileMismatchError):
+        write_kvz(kv, list(range(kv.shape[3])), tmp_path / "f.kvz", km, levels=["balanced"],
+                  chunk_tokens=64, dtype="float32", profile=foreign)
+    assert not (tmp_path / "f.kvz").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "nan", "tamper"])
+def test_damaged_profiles_are_refused(profile_bytes, tmp_path, profile_dir, damage):
+    data = profile_bytes[0]
+    good = profile_from_bytes(data)
+    path = profile_dir / f"{good.digest}.kvzprofile"
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    elif damage == "nan":
+        t = dict(good.tensors)
+        t["step_scale"] = t["step_scale"].copy()
+        t["step_scale"][0, 0] = np.nan
+        from safetensors.numpy import save
+
+        path.write_bytes(save(t, metadata={"kvzip": json.dumps(good.meta)}))
+    else:  # valid profile, but not the one the name promises
+        t = dict(good.tensors)
+        t["step_scale"] = t["step_scale"] * 2
+        path.write_bytes(profile_to_bytes(t, {k: v for k, v in good.meta.items() if k != "format"}))
+    with pytest.raises(ProfileError):
+        find_profile(good.digest)
+    with pytest.raises(ProfileError):
+        read_profile_file(path) if damage != "tamper" else find_profile(good.digest)
+
+
+def test_bad_digest_and_codec_config(profile_dir):
+    with pytest.raises(ProfileError, match="SHA-256"):
+        find_profile("../../etc/passwd")
+    with pytest.raises(ProfileNotFoundError, match="kvzprofile"):
+        codec_from_config(level_config("balanced", "a" * 64))
+
+
+def test_cli_calibrate_encode_info_profiles(tiny_model_dir, tmp_path, profile_dir):
+    text = tmp_path / "cal.txt"
+    text.write_text(CAL_TEXT)
+    prof_path = tmp_path / "mine.kvzprofile"
+    r = run("calibrate", text, "--model", tiny_model_dir, "-o", prof_path, "--tokens-per-text", "256",
+            "--json", "-q")
+    assert r.exit_code == 0, r.output
+    digest = json.loads(r.stdout)["digest"]
+    assert read_profile_file(prof_path).digest == digest
+    doc = tmp_path / "doc.txt"
+    doc.write_text(TEXT)
+    out = tmp_path / "d.kvz"
+    r = run("encode", doc, "-o", out, "--model", tiny_model_dir, "--profile", prof_path, "-q", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["profile"] == digest
+    r = run("info", out, "--json")
+    assert json.loads(r.stdout)["profile"]["digest"] == digest
+    assert not list(profile_dir.glob("*.kvzprofile"))  # -o wrote where asked, not into the dir
+    r = run("calibrate", tmp_path / "missing.txt", "--model", tiny_model_dir)
+    assert_one_line_error(r, "missing.txt")
+    r = run("encode", doc, "-o", tmp_path / "e.kvz", "--model", tiny_model_dir, "--if-no-profile", "error")
+    assert_one_line_error(r, "kvzip calibrate")
+    r = run("encode", doc, "-o", tmp_path / "e.kvz", "--model", tiny_model_dir, "--profile", doc)
+    assert_one_line_error(r)
+    assert not (tmp_path / "e.kvz").exists()
+    r = run("profiles")
+    assert r.exit_code == 0
+
+
+def test_calibrated_levels_beat_uncalibrated_ones_on_kl(km, profile_bytes, profile_dir):
+    """On a continuation the tiny model reads after the cache, the calibrated
+    balanced level must disturb the output less than the uncalibrated one at no
+    more bits (a random model has little structure, so this is a weak bound)."""
+    prof = write_profile(profile_bytes[0])
+    ids = km.encode_text(TEXT * 2, special_tokens=True)
+    prefix, cont = ids[:-32], ids[-32:]
+    kv = km.prefill(prefix)
+    ref = torch.log_softmax(km.teacher_force(kv, cont).double(), -1)
+    n = kv.shape[3]
+    ctx = ChunkContext(0, n, km.num_layers, km.kv_heads, km.head_dim, "float32", km.rope_inv_freq())
+    res = {}
+    for name, cfg in (("cal", level_config("balanced", prof.digest)), ("uncal", level_config("balanced"))):
+        codec = codec_from_config(cfg)
+        payload = codec.encode(kv.numpy(), ctx)
+        test = torch.log_softmax(km.teacher_force(torch.from_numpy(codec.decode(payload, ctx)), cont).double(), -1)
+        res[name] = (len(payload), float((ref.exp() * (ref - test)).sum(-1).mean()))
+    assert res["cal"][1] > 0 and res["uncal"][1] > 0
+    assert res["cal"][0] * res["cal"][1] < res["uncal"][0] * res["uncal"][1] * 4
