@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import TEXT
-from test_stream_helpers import write_context
+from test_stream_helpers import nginx_serving, write_context
 from typer.testing import CliRunner
 
 from kvzip.cli.app import app
@@ -287,48 +283,10 @@ def test_a_slow_model_fetches_the_smallest_level_instead_of_recomputing(context_
 
 
 # ----------------------------------------------------------------------------- nginx
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
-
-
 @pytest.fixture
 def nginx(context_dir, tmp_path):
-    if NGINX is None:
-        pytest.skip("nginx is not installed (apt-get install -y nginx-light); the plain "
-                    "static-server test needs it")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    user = "user root;" if os.geteuid() == 0 else ""  # workers must read pytest's 0700 dirs
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(f"""
-{user}
-daemon off; master_process off; worker_processes 1; pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/error.log;
-events {{ worker_connections 64; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
-  fastcgi_temp_path {tmp_path}/fcgi; uwsgi_temp_path {tmp_path}/uwsgi; scgi_temp_path {tmp_path}/scgi;
-  server {{ listen 127.0.0.1:{port}; root {context_dir}; }}
-}}
-""")
-    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                httpx.head(url + "/a.kvz", timeout=1)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None:
-                    pytest.fail(f"nginx did not start: {proc.stderr.read().decode()[-300:]}")
-                time.sleep(0.05)
+    with nginx_serving(context_dir, tmp_path) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_fetch_and_stream_from_nginx(nginx, context_dir, tiny_llama, tmp_path):

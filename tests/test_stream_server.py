@@ -131,7 +131,7 @@ def test_openapi_describes_every_route(served, client):
     assert spec["openapi"].startswith("3.")
     assert set(spec["paths"]) == {
         "/contexts", "/contexts/{name}/manifest", "/contexts/{name}/chunks/{chunk}/{level}",
-        "/{name}", "/openapi.json",
+        "/{name}", "/openapi.json", "/profiles/{digest}.kvzprofile",
     }
 
 

@@ -17,7 +17,12 @@ def fetch_command(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Download a .kvz with byte ranges, check every chunk's checksum, then write it atomically."""
+    """Download a .kvz with byte ranges, check every chunk's checksum, then write it atomically.
+
+    A calibration profile the file names and this machine lacks is fetched from
+    beside it (<same directory>/<digest>.kvzprofile), checked against its
+    SHA-256 and stored in the profile directory.
+    """
     from kvzip.stream.fetch import fetch
 
     with progress_bars(not quiet) as progress:
@@ -30,6 +35,20 @@ def fetch_command(
         f"{summary.seconds:.2f} s, {summary.payloads_verified} payloads verified",
         highlight=False,
     )
+    for line in profile_lines(summary.profiles):
+        err_console.print(line, highlight=False, markup=False)
+
+
+def profile_lines(profiles) -> list[str]:
+    """One line per calibration profile a fetched file needs: fetched now, or already here."""
+    lines = []
+    for p in profiles:
+        if p.fetched:
+            lines.append(f"fetched calibration profile {p.digest[:12]}… ({human_bytes(p.bytes)}, "
+                         f"SHA-256 verified) to {p.path}")
+        else:
+            lines.append(f"calibration profile {p.digest[:12]}… already here: {p.path}")
+    return lines
 
 
 def register(app: typer.Typer) -> None:

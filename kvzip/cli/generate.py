@@ -93,6 +93,12 @@ def _generate_url(
         f"{result.prompt_and_first_token_seconds:.2f}); {result.bytes_fetched} bytes[/]\n"
         f"[dim]levels per chunk: {', '.join(result.levels)}[/]"
     )
+    fetched = [p for p in result.profiles if p.fetched]
+    if fetched:
+        from kvzip.cli.fetch import profile_lines
+
+        for line in profile_lines(fetched):
+            err_console.print(f"{line} in {result.profile_seconds:.2f} s", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -19,7 +19,9 @@ def serve_command(
     throttle_mbps: float = typer.Option(None, "--throttle-mbps", hidden=True, help="Test only: pace response bodies to this many Mbit/s, shared by all responses."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No access log."),
 ) -> None:
-    """Serve every .kvz under ROOT: listing, manifests, chunk payloads, whole files with byte ranges."""
+    """Serve every .kvz under ROOT: listing, manifests, chunk payloads, whole files with byte ranges,
+    and the calibration profiles they name (<digest>.kvzprofile under ROOT, or in this machine's
+    profile directory, KVZIP_PROFILE_DIR, for a digest a served file names)."""
     from kvzip.stream.server import Throttle, serve
 
     if not root.is_dir():

@@ -7,6 +7,7 @@
 - :mod:`~kvzip.stream.ranges` owns HTTP byte-range arithmetic (pure);
 - :mod:`~kvzip.stream.http` is the distrustful HTTP range source;
 - :mod:`~kvzip.stream.manifest` is the manifest, both ways.
+- :mod:`~kvzip.stream.profiles` serves and fetches calibration profiles.
 
 Importing this package imports no HTTP library; the modules above do.
 """

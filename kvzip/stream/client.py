@@ -7,7 +7,9 @@ that still meets the deadline at the throughput and per-level decode speeds
 measured so far, fetches that payload and checks its checksum, while the
 calling thread decodes the chunk before it (decoding overlaps downloading).  A chunk no level can deliver in
 time is recomputed by the model from its token ids, with the chunks before it
-as cache.  The result reports time to first token and where it went.
+as cache.  Calibration profiles the chosen levels need and this machine lacks
+are fetched (and checked against their digest) before the first chunk.  The
+result reports time to first token and where it went.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from kvzip.stream.controller import (
 )
 from kvzip.stream.http import HttpRangeSource, RetryPolicy, get_json, new_client
 from kvzip.stream.manifest import ContextManifest, manifest_from_reader, parse_manifest
+from kvzip.stream.profiles import ProfileStatus, ensure_profiles
 
 RECOMPUTE = "recompute"  # the level reported for a chunk the model recomputed
 LOOKAHEAD = 2  # chunks downloaded ahead of the decoder: overlap, with bounded memory
@@ -79,6 +82,9 @@ class StreamResult:
     prompt_and_first_token_seconds: float
     bytes_fetched: int
     chunks: list[ChunkReport] = field(default_factory=list)
+    # Calibration profiles the decoded levels need: fetched now, or found here.
+    profiles: list[ProfileStatus] = field(default_factory=list)
+    profile_seconds: float = 0.0  # fetching missing profiles (part of manifest..ready)
 
     @property
     def levels(self) -> list[str]:
@@ -270,6 +276,10 @@ def stream_generate(
         header = manifest.header
         model.check_identity(header.raw["model"])
         allowed = _allowed_levels(manifest, levels)
+        # A level whose codec names a profile this machine lacks: fetch it (verified) first.
+        t_profiles = time.perf_counter()
+        profiles = ensure_profiles(manifest.profiles_for(allowed), client, policy)
+        profile_seconds = time.perf_counter() - t_profiles
         meter = ThroughputMeter(initial_mbps * 1e6 / 8 if initial_mbps else estimate)
         downloader = _Downloader(manifest, source, allowed, meter, DecodeMeter(decode_prior),
                                  deadline, started)
@@ -316,6 +326,8 @@ def stream_generate(
         prompt_and_first_token_seconds=first_at - ready,
         bytes_fetched=sum(r.bytes for r in reports),
         chunks=reports,
+        profiles=profiles,
+        profile_seconds=profile_seconds,
     )
 
 

@@ -4,7 +4,10 @@ Works against kvzip's server and any static server that honours single byte
 ranges.  The file is read with range requests pinned to one ETag (so a file
 replaced on the server mid-download is an error, not a splice), its header and
 index are validated before the first payload byte is fetched, and every
-payload's checksum is checked before the file takes its final name.
+payload's checksum is checked before the file takes its final name.  A
+calibration profile the file names and this machine lacks is fetched from
+beside it (``<same directory>/<digest>.kvzprofile``), checked against its
+digest and stored in the profile directory first.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,8 @@ from kvzip.errors import FetchError, InputError
 from kvzip.formats import KvzReader, open_kvz
 from kvzip.formats.spec import FIRST_READ_BYTES
 from kvzip.pipeline import Progress, no_progress
-from kvzip.stream.http import HttpRangeSource, RetryPolicy
+from kvzip.stream.http import HttpRangeSource, RetryPolicy, new_client
+from kvzip.stream.profiles import ProfileStatus, ensure_profiles, named_digests, plain_profile_ref
 
 PIECE_BYTES = 4 << 20  # one range request; bounds memory whatever the file size
 
@@ -35,6 +39,7 @@ class FetchSummary:
     payloads_verified: int
     etag: str | None
     seconds: float
+    profiles: list[ProfileStatus] = field(default_factory=list)  # the profiles the file names
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,9 +59,15 @@ def fetch(
     directory = target.parent
     if not directory.is_dir():
         raise InputError(f"output directory does not exist: {directory}")
+    own_client = client is None
+    client = client or new_client()
     source = HttpRangeSource(url, client, policy=policy)
     try:
-        KvzReader(source)  # refuse a non-.kvz before downloading it
+        header = KvzReader(source).header  # refuse a non-.kvz before downloading it
+        # The calibration profiles its codecs name, beside it on the server; fetched (and
+        # checked against their digests) unless this machine has them.
+        refs = [plain_profile_ref(url, header.raw, d) for d in named_digests(header.raw)]
+        profiles = ensure_profiles(refs, client, policy)
         size = source.size()
         fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".part")
         tmp = Path(tmp_name)
@@ -76,9 +87,11 @@ def fetch(
             tmp.unlink(missing_ok=True)
             raise
     finally:
-        source.close()
+        if own_client:
+            client.close()
     _fsync_directory(directory)
-    return FetchSummary(url, str(target), size, verified, source.etag, time.perf_counter() - started)
+    return FetchSummary(url, str(target), size, verified, source.etag, time.perf_counter() - started,
+                        profiles)
 
 
 def _verify(path: Path, url: str) -> int:

@@ -123,6 +123,36 @@ def get_json(
     return with_retries(attempt, url, policy)
 
 
+def get_body(
+    client: httpx.Client, url: str, what: str, limit: int, expected: int | None = None,
+    policy: RetryPolicy = RetryPolicy(),
+) -> bytes:
+    """GET ``url``'s whole body (at most ``limit`` bytes; exactly ``expected`` when given).
+
+    A declared or received length other than ``expected`` is refused; a body cut
+    short is retried like any transient failure, then a :class:`FetchError`.
+    """
+
+    def attempt() -> bytes:
+        with client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
+            _check_status(response, what)
+            if response.status_code != 200:
+                raise FetchError(f"{what}: HTTP {response.status_code} {response.reason_phrase}")
+            declared = response.headers.get("content-length")
+            length = int(declared) if declared and declared.isdigit() else None
+            if length is not None and expected is not None and length != expected:
+                raise FetchError(f"{what}: server announced {length} bytes where {expected} were expected")
+            if length is not None and length > limit:
+                raise FetchError(f"{what}: body of {length} bytes exceeds {limit}")
+            cap = limit if expected is None else expected
+            body = _read_body(response, length if length is not None else expected, cap, what)
+        if expected is not None and len(body) != expected:
+            raise TransientError(f"truncated body: received {len(body)} of {expected} bytes")
+        return body
+
+    return with_retries(attempt, what, policy)
+
+
 class HttpRangeSource:
     """A :class:`~kvzip.formats.source.ByteSource` over one URL, read with Range requests.
 

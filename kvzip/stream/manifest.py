@@ -13,6 +13,8 @@ Manifest JSON (``manifest_version`` 1)::
      "file": {"url": "/docs/a.kvz", "size": 123456, "etag": "\\"...\\"", "data_offset": 912},
      "header": {...the file's header...},
      "token_ids_payload": {"offset": 912, "length": 300, "crc32": 305419896},
+     "profiles": [{"digest": "<64 hex>", "bytes": 3145728,
+                   "url": "/profiles/<64 hex>.kvzprofile"}],
      "chunks": [{"chunk": 0, "token_start": 0, "token_count": 256,
                  "token_ids": [...], "text": "...",
                  "levels": {"lossless": {"offset": ..., "length": ..., "crc32": ...,
@@ -21,6 +23,7 @@ Manifest JSON (``manifest_version`` 1)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -29,6 +32,14 @@ import httpx
 
 from kvzip.errors import FetchError, KvzipError
 from kvzip.formats import EntryKind, IndexEntry, KvzHeader, KvzReader, validate
+from kvzip.stream.profiles import (
+    ProfileRef,
+    header_profile_bytes,
+    is_digest,
+    named_digests,
+    plain_profile_ref,
+    profile_url,
+)
 
 MANIFEST_VERSION = 1
 
@@ -58,10 +69,16 @@ class ContextManifest:
     file_size: int
     etag: str | None
     chunks: tuple[ChunkInfo, ...]
+    profiles: tuple[ProfileRef, ...] = ()  # every calibration profile the file's codecs name
 
     @property
     def token_ids(self) -> list[int]:
         return [t for chunk in self.chunks for t in chunk.token_ids]
+
+    def profiles_for(self, levels: Sequence[str]) -> list[ProfileRef]:
+        """The profiles needed to decode ``levels``."""
+        wanted = named_digests(self.header.raw, levels)
+        return [ref for ref in self.profiles if ref.digest in wanted]
 
 
 def chunk_url(name: str, chunk: int, level: str) -> str:
@@ -108,6 +125,10 @@ def build_manifest(reader: KvzReader, name: str, etag: str) -> dict[str, Any]:
         },
         "header": header.raw,
         "token_ids_payload": _location(token_entry),
+        "profiles": [
+            {"digest": d, "bytes": header_profile_bytes(header.raw, d), "url": profile_url(d)}
+            for d in named_digests(header.raw)
+        ],
         "chunks": chunks,
     }
 
@@ -156,13 +177,28 @@ def _parse_manifest(data: Any, url: str) -> ContextManifest:
         chunks.append(ChunkInfo(number, start, ids, payloads, text))
     validate(header, entries, size, data_offset)  # tiling, bounds, overlaps: the format's rules
     etag = file.get("etag")
+    file_url = str(httpx.URL(url).join(file["url"]))
     return ContextManifest(
         header=header,
-        file_url=str(httpx.URL(url).join(file["url"])),
+        file_url=file_url,
         file_size=size,
         etag=etag if isinstance(etag, str) else None,
         chunks=tuple(sorted(chunks, key=lambda c: c.chunk)),
+        profiles=_profile_refs(data.get("profiles"), header.raw, url, file_url),
     )
+
+
+def _profile_refs(listed: Any, header_raw: Any, url: str, file_url: str) -> tuple[ProfileRef, ...]:
+    """The profiles the header names, each where the manifest says (else beside the file)."""
+    given: dict[str, ProfileRef] = {}
+    for item in listed or []:
+        digest, size = item["digest"], item.get("bytes")
+        if not is_digest(digest):
+            raise FetchError(f"{url}: manifest names a profile by {str(digest)[:80]!r}, not a digest")
+        if size is not None:
+            size = _int(size)
+        given[digest] = ProfileRef(digest, str(httpx.URL(url).join(str(item["url"]))), size)
+    return tuple(given.get(d) or plain_profile_ref(file_url, header_raw, d) for d in named_digests(header_raw))
 
 
 def _int(value: Any) -> int:
@@ -196,4 +232,5 @@ def manifest_from_reader(reader: KvzReader, url: str, etag: str | None) -> Conte
         )
         for i, entry in enumerate(first)
     )
-    return ContextManifest(header, url, reader.source.size(), etag, chunks)
+    profiles = tuple(plain_profile_ref(url, header.raw, d) for d in named_digests(header.raw))
+    return ContextManifest(header, url, reader.source.size(), etag, chunks, profiles)

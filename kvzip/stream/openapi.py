@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 description of ``kvzip serve-chunks``, written by hand.
 
-Hand-written because the server has five read-only routes and the interesting
+Hand-written because the server has six read-only routes and the interesting
 parts (Range, ETag, 206/304/416) are headers a generator would not describe;
 ``tests/test_stream_server.py`` checks that every route the app has is listed.
 """
@@ -54,6 +54,21 @@ _MANIFEST = {
         },
         "header": {"type": "object", "description": "the .kvz header (docs/format.md)"},
         "token_ids_payload": _PAYLOAD,
+        "profiles": {
+            "type": "array",
+            "description": "the calibration profiles the file's codecs name; a client that "
+            "lacks one fetches it from its url and checks that its SHA-256 is the digest",
+            "items": {
+                "type": "object",
+                "required": ["digest", "url"],
+                "properties": {
+                    "digest": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                               "description": "SHA-256 of the profile file"},
+                    "bytes": {"type": ["integer", "null"], "description": "its size, if known"},
+                    "url": {"type": "string", "description": "/profiles/{digest}.kvzprofile"},
+                },
+            },
+        },
         "chunks": {
             "type": "array",
             "items": {
@@ -81,7 +96,8 @@ def openapi_spec() -> dict[str, Any]:
             "title": "kvzip serve-chunks",
             "version": __version__,
             "description": "Read-only access to the .kvz files under one directory: a listing, "
-            "per-context manifests, single chunk payloads, and each whole file with byte ranges.",
+            "per-context manifests, single chunk payloads, each whole file with byte ranges, "
+            "and the calibration profiles the files name.",
         },
         "paths": {
             "/contexts": {
@@ -138,6 +154,29 @@ def openapi_spec() -> dict[str, Any]:
                         "206": {"description": "One range, with Content-Range", "content": octets},
                         "304": {"description": "Not modified (If-None-Match matched)"},
                         "416": {"description": "Range not satisfiable; Content-Range: bytes */SIZE"},
+                        **errors,
+                    },
+                }
+            },
+            "/profiles/{digest}.kvzprofile": {
+                "get": {
+                    "summary": "A calibration profile (safetensors) that a served .kvz names, "
+                    "with single byte ranges; also served as /{dir}/{digest}.kvzprofile beside "
+                    "the files, as a static server would",
+                    "parameters": [
+                        {"name": "digest", "in": "path", "required": True,
+                         "description": "SHA-256 of the profile file, 64 lowercase hex digits",
+                         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+                        {"name": "Range", "in": "header", "schema": {"type": "string"}},
+                        {"name": "If-Range", "in": "header", "schema": {"type": "string"}},
+                        {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {"description": "The profile; its ETag is the quoted digest and "
+                                "it is cacheable forever (content-addressed)", "content": octets},
+                        "206": {"description": "One range, with Content-Range", "content": octets},
+                        "304": {"description": "Not modified (If-None-Match matched)"},
+                        "416": {"description": "Range not satisfiable"},
                         **errors,
                     },
                 }

@@ -27,8 +27,12 @@ class PathRejected(Exception):
         self.status = status
 
 
-def resolve_context(root: Path, name: str) -> Path:
-    """The real path of context ``name`` (``a/b.kvz``, relative to ``root``, already resolved)."""
+def check_name(name: str) -> list[str]:
+    """The segments of URL path ``name`` if it may name something under the root.
+
+    400 for what no honest client sends (dot segments, NUL, backslashes, empty
+    segments, absolute paths, overlong paths); 404 for empty and hidden names.
+    """
     if not name:
         raise PathRejected(404, "not found")
     if len(name) > MAX_PATH_CHARS:
@@ -38,7 +42,26 @@ def resolve_context(root: Path, name: str) -> Path:
     segments = name.split("/")
     if name.startswith("/") or any(s in ("", ".", "..") for s in segments):
         raise PathRejected(400, "path must be relative, without empty, '.' or '..' segments")
-    if any(s.startswith(".") for s in segments) or not name.endswith(SUFFIX):
+    if any(s.startswith(".") for s in segments):
+        raise PathRejected(404, "not found")
+    return segments
+
+
+def resolve_directory(root: Path, segments: list[str]) -> Path:
+    """The real directory ``root/segments...``, which must lie inside ``root``; else 404."""
+    try:
+        real = root.joinpath(*segments).resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise PathRejected(404, "not found") from None
+    if not real.is_relative_to(root) or not real.is_dir():
+        raise PathRejected(404, "not found")
+    return real
+
+
+def resolve_context(root: Path, name: str) -> Path:
+    """The real path of context ``name`` (``a/b.kvz``, relative to ``root``, already resolved)."""
+    check_name(name)
+    if not name.endswith(SUFFIX):
         raise PathRejected(404, "not found")
     try:
         real = (root / name).resolve(strict=True)

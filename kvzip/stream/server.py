@@ -5,6 +5,9 @@ Routes (described in :mod:`kvzip.stream.openapi`, served at ``/openapi.json``):
 - ``GET /contexts`` lists the contexts;
 - ``GET /contexts/{name}/manifest`` is a context's manifest (:mod:`kvzip.stream.manifest`);
 - ``GET /contexts/{name}/chunks/{chunk}/{level}`` is one chunk payload;
+- ``GET /profiles/{digest}.kvzprofile`` is a calibration profile a served file
+  names (:mod:`kvzip.stream.profiles`), also at ``GET /{dir}/{digest}.kvzprofile``
+  beside the files, as a static server would have it;
 - ``GET /{name}`` is the whole file, with a single byte range, a strong ETag,
   ``If-None-Match`` and ``If-Range``, exactly what a static server or CDN gives,
   so clients that only need ranges can be pointed at one instead.
@@ -24,7 +27,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +40,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from kvzip.codecs.profile import PROFILE_SUFFIX
 from kvzip.errors import InputError, KvzipError
 from kvzip.formats import KvzReader
 from kvzip.formats.source import checked_range
 from kvzip.stream.manifest import build_manifest, manifest_url
 from kvzip.stream.middleware import GuardMiddleware, Throttle, ThrottleMiddleware, error_response
 from kvzip.stream.openapi import openapi_spec
-from kvzip.stream.paths import PathRejected, list_contexts, resolve_context
+from kvzip.stream.paths import PathRejected, check_name, list_contexts, resolve_context, resolve_directory
+from kvzip.stream.profiles import ProfileStore, digest_from_file_name
 from kvzip.stream.ranges import RangeNotSatisfiableError, RangeSyntaxError, parse_range
 
 BODY_PIECE = 256 << 10  # file bodies are read and sent in pieces this size
@@ -55,14 +60,18 @@ MANIFEST_CACHE = 128  # manifests kept in memory (each is small next to its file
 class OpenFile:
     """An open file served by descriptor: a thread-safe ByteSource (``pread``) with its ETag."""
 
-    def __init__(self, path: Path):
-        self.fd = os.open(path, os.O_RDONLY)
+    def __init__(self, path: Path | None = None, *, fd: int | None = None, etag: str | None = None):
+        """Open ``path``, or take over the open descriptor ``fd``; ``etag`` replaces the default."""
+        if fd is None:
+            assert path is not None
+            fd = os.open(path, os.O_RDONLY)
+        self.fd = fd
         st = os.fstat(self.fd)
         self.identity = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
         self._size = st.st_size
         # Strong: any rewrite changes mtime or inode (atomic writes rename a new inode in).
         digest = hashlib.sha256(repr(self.identity).encode()).hexdigest()[:24]
-        self.etag = f'"{digest}"'
+        self.etag = etag or f'"{digest}"'
 
     def size(self) -> int:
         return self._size
@@ -100,10 +109,10 @@ def _etag_matches(header: str, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
-def _file_response(request: Request, file: OpenFile) -> Response:
+def _file_response(request: Request, file: OpenFile, cache_control: str = "no-cache") -> Response:
     """200, 206, 304, 400 or 416 for a GET/HEAD of the whole file; the caller opened ``file``."""
     size, etag = file.size(), file.etag
-    headers = {"etag": etag, "accept-ranges": "bytes", "cache-control": "no-cache"}
+    headers = {"etag": etag, "accept-ranges": "bytes", "cache-control": cache_control}
     inm = request.headers.get("if-none-match")
     if inm is not None and _etag_matches(inm, etag):
         file.close()
@@ -148,9 +157,11 @@ class Context:
 class ContextCache:
     """Manifests by file identity, least recently used first out."""
 
-    def __init__(self, capacity: int = MANIFEST_CACHE):
+    def __init__(self, capacity: int = MANIFEST_CACHE,
+                 profile_size: Callable[[str], int | None] | None = None):
         self._items: OrderedDict[tuple[int, ...], Context] = OrderedDict()
         self._capacity = capacity
+        self._profile_size = profile_size  # for a profile whose size the header leaves out
 
     def get(self, file: OpenFile, name: str) -> Context:
         """The context of the open ``file``; raises :class:`KvzipError` if it is not a valid .kvz."""
@@ -159,6 +170,9 @@ class ContextCache:
             self._items.move_to_end(key)
             return self._items[key]
         manifest = build_manifest(KvzReader(file), name, file.etag)
+        for profile in manifest["profiles"]:
+            if profile["bytes"] is None and self._profile_size is not None:
+                profile["bytes"] = self._profile_size(profile["digest"])
         data = json.dumps(manifest, separators=(",", ":"), ensure_ascii=False).encode()
         if len(data) > MAX_MANIFEST_BYTES:
             raise InputError(f"manifest would be {len(data)} bytes, over {MAX_MANIFEST_BYTES}")
@@ -172,11 +186,12 @@ class ContextCache:
 class KvzApp:
     """The route handlers; ``root`` must exist and is resolved once."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, profile_dirs: Sequence[str | os.PathLike[str]] | None = None):
         self.root = root.resolve(strict=True)
         if not self.root.is_dir():
             raise InputError(f"not a directory: {root}")
-        self.cache = ContextCache()
+        self.profiles = ProfileStore(self.root, profile_dirs)
+        self.cache = ContextCache(profile_size=self.profiles.size)
 
     async def _context(self, name: str) -> tuple[OpenFile, Context]:
         file = await _open(resolve_context(self.root, name))
@@ -207,6 +222,7 @@ class KvzApp:
                     tokens=header["token_count"],
                     levels=[level["name"] for level in header["levels"]],
                     model_fingerprint=context.manifest["model_fingerprint"],
+                    profiles=[p["digest"] for p in context.manifest["profiles"]],
                 )
             contexts.append(entry)
         return JSONResponse({"contexts": contexts})
@@ -236,8 +252,32 @@ class KvzApp:
         return Response(data, headers=headers, media_type="application/octet-stream")
 
     async def whole_file(self, request: Request) -> Response:
-        file = await _open(resolve_context(self.root, request.path_params["name"]))
+        return await self._whole(request, request.path_params["name"])
+
+    async def profile(self, request: Request) -> Response:
+        """``/profiles/<digest>.kvzprofile``; any other name here is a path under the root."""
+        return await self._whole(request, "profiles/" + request.path_params["file"])
+
+    async def _whole(self, request: Request, name: str) -> Response:
+        if name.endswith(PROFILE_SUFFIX):
+            return await self._profile_file(request, name)
+        file = await _open(resolve_context(self.root, name))
         return _file_response(request, file)
+
+    async def _profile_file(self, request: Request, name: str) -> Response:
+        """A profile at ``<dir>/<digest>.kvzprofile``: served by digest when ``<dir>`` is a
+        directory under the root (or ``profiles``) and this server may hand the digest out."""
+        segments = check_name(name)
+        digest = digest_from_file_name(segments[-1])
+        if digest is None:
+            raise PathRejected(404, "not found")
+        if segments[:-1] != ["profiles"]:
+            await anyio.to_thread.run_sync(resolve_directory, self.root, segments[:-1])
+        fd = await anyio.to_thread.run_sync(self.profiles.open, digest)
+        if fd is None:
+            return error_response(404, f"no profile {digest[:12]}… here")
+        file = OpenFile(fd=fd, etag=f'"{digest}"')  # content-addressed: the digest is the ETag
+        return _file_response(request, file, "public, max-age=31536000, immutable")
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_spec())
@@ -257,9 +297,14 @@ async def _unreadable(request: Request, exc: Exception) -> Response:
 
 
 # -------------------------------------------------------------------------- app
-def create_app(root: str | os.PathLike[str], throttle: Throttle | None = None) -> ASGIApp:
-    """The ASGI app serving ``root``; ``throttle`` paces bodies (tests and benchmarks only)."""
-    handlers = KvzApp(Path(root))
+def create_app(root: str | os.PathLike[str], throttle: Throttle | None = None, *,
+               profile_dirs: Sequence[str | os.PathLike[str]] | None = None) -> ASGIApp:
+    """The ASGI app serving ``root``; ``throttle`` paces bodies (tests and benchmarks only).
+
+    ``profile_dirs`` are where profiles named by the served files are looked for
+    beside the root (default: the profile directories configured now).
+    """
+    handlers = KvzApp(Path(root), profile_dirs)
     app = Starlette(
         routes=[
             Route("/openapi.json", handlers.openapi, methods=["GET"]),
@@ -267,6 +312,7 @@ def create_app(root: str | os.PathLike[str], throttle: Throttle | None = None) -
             Route("/contexts/{name:path}/manifest", handlers.manifest, methods=["GET"]),
             Route("/contexts/{name:path}/chunks/{chunk:int}/{level}", handlers.chunk,
                   methods=["GET"]),
+            Route("/profiles/{file}", handlers.profile, methods=["GET"]),
             Route("/{name:path}", handlers.whole_file, methods=["GET"]),
         ],
         exception_handlers={
