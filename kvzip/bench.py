@@ -10,39 +10,66 @@ Reported per text and averaged: bits per KV element (whole file bytes × 8 / num
 of K and V scalars), KL(original ‖ decoded) in nats/token, relative perplexity
 change in percent, top-1 agreement, encode and decode throughput, and time to first
 token from the ``.kvz`` against a fresh prefill of the text.
+
+The lossy levels use the model's calibration profile (:func:`kvzip.calibrate.resolve_profile`);
+the texts scored must not be among the profile's calibration texts.  With a profile,
+the profile's size and its break-even (tokens of ``.kvz`` that pay for shipping it)
+are reported against the uncalibrated level of the same name.
+
+Two optional sections:
+
+* **sweep** — each method's rate–quality curve, every point scored like a row:
+  the calibrated kvzip codec with ``balanced``'s step scaled by :data:`STEP_FACTORS`,
+  ``cachegen`` with its bins scaled by :data:`CACHEGEN_BIN_FACTORS`, and KIVI-style
+  int2/3/4/8 (group 32);
+* **speed** — at each of ``lengths`` tokens (taken from the texts put end to end):
+  encode and decode throughput (file → tensor), peak memory of the decoding process
+  and its decode workers beside the decoded cache in fp32, and time to first token
+  from the local ``.kvz`` against a fresh prefill of the same tokens.
 """
 
 from __future__ import annotations
 
+import gc
 import math
+import os
 import statistics
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvzip import api
-from kvzip.codecs import LEVELS, Codec, codec_from_config
+from kvzip.calibrate import resolve_profile
+from kvzip.codecs import CALIBRATED_LEVELS, DEFAULT_LEVEL, LEVELS, Codec, codec_from_config, codec_ids, level_config
+from kvzip.codecs.entropy import clear_model_caches
+from kvzip.codecs.profile import Profile
 from kvzip.errors import InputError
+from kvzip.formats import open_kvz, parallel
 from kvzip.model import KVModel
 
 Progress = Callable[[str, int, int], None]
 
 
 def default_texts() -> list[Path]:
-    """Real texts already on the machine that no one on the project wrote."""
+    """Real texts already on the machine that no one on the project wrote.
+
+    None of them is among :func:`kvzip.calibrate.default_calibration_texts`
+    (they are ``kvzip.calibrate.BENCH_TEXT_NAMES``).
+    """
     import argparse
     import typing
 
     candidates = [
         Path("/usr/share/common-licenses/GPL-3"),
+        Path("/usr/share/common-licenses/GPL-2"),
         Path("/usr/share/common-licenses/GFDL-1.3"),
-        Path("/usr/share/common-licenses/MPL-2.0"),
         Path(argparse.__file__),
         Path(typing.__file__),
     ]
@@ -52,6 +79,14 @@ def default_texts() -> list[Path]:
 # Baselines that are not stored codecs: (name, bits, what they are).
 KIVI_BASELINES = {"kivi-int4": 4, "kivi-int2": 2}
 DEFAULT_CODECS = ("cachegen",)
+UNCAL_SUFFIX = "-uncal"
+
+# The sweep: factors on the step of SWEEP_LEVEL (kvzip), on cachegen's bins, KIVI bits.
+SWEEP_LEVEL = "balanced"
+STEP_FACTORS = (0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)
+CACHEGEN_BIN_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+KIVI_SWEEP_BITS = (2, 3, 4, 8)
+DEFAULT_LENGTHS = (2048, 4096, 8192)
 
 
 @dataclass
@@ -67,6 +102,67 @@ class BenchRow:
     ttft_kvz_s: float | None  # decode + attach + first token
     ttft_prefill_s: float  # prefill of the text + first token
     file_bytes: int | None
+
+
+@dataclass
+class SweepPoint:
+    """One point of a method's rate–quality curve."""
+
+    text: str
+    curve: str  # "kvzip", "kvzip-uncal", "cachegen", "kivi"
+    setting: float  # step factor, bins factor, or KIVI bits
+    label: str  # the setting in words, e.g. "step×0.5", "bins×2", "int4"
+    bits_per_element: float
+    kl: float
+    dppl_pct: float
+    top1: float
+    file_bytes: int | None
+
+
+@dataclass
+class SpeedRow:
+    """Decode speed, decode memory and time to first token at one context length."""
+
+    tokens: int
+    level: str
+    codec: str
+    bits_per_element: float
+    file_bytes: int
+    encode_meps: float  # codec encode, after prefill
+    decode_meps: float  # file -> tensor, cold: fresh decode workers, empty model caches
+    decode_warm_meps: float  # the same file again, workers and caches warm
+    decoders: int
+    # RSS high-water mark above the start, process + decode workers (DecodeMemory),
+    # and never less than the decoded tensor itself
+    peak_decode_bytes: int
+    cache_fp32_bytes: int
+    peak_ratio: float  # peak_decode_bytes / cache_fp32_bytes
+    peak_method: str  # "hwm" (kernel high-water marks) or "sampled"
+    ttft_kvz_s: float  # cold decode + first token
+    ttft_prefill_s: float  # prefill of the same tokens + first token
+    ttft_speedup: float
+
+
+@dataclass
+class ProfileReport:
+    """The calibration profile the levels used, and what it costs to ship."""
+
+    digest: str
+    bytes: int
+    path: str | None
+    calibration_texts: list[str]
+    # level -> {"saved_bytes_per_token": mean over texts, "break_even_tokens": int or "none"}
+    break_even: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class BenchResult:
+    rows: list[BenchRow]
+    sweep: list[SweepPoint]
+    speed: list[SpeedRow]
+    profile: ProfileReport | None
+    texts: list[str]  # file names of the texts the quality rows scored
+    speed_texts: list[str] = field(default_factory=list)  # put end to end for the speed section
 
 
 @dataclass
@@ -126,51 +222,174 @@ class BenchConfig:
     cont: int = 384
     chunk_tokens: int = api.DEFAULT_CHUNK_TOKENS
     baselines: bool = True
+    profile: str | os.PathLike[str] | None = None  # a .kvzprofile file or a digest
+    if_no_profile: str = "calibrate"  # "calibrate" | "uncalibrated" | "error"
+    uncalibrated: bool = False  # also rows "<level>-uncal" (and the uncalibrated sweep curve)
+    sweep: bool = False
+    quality: bool = True  # False: the speed section only
+    lengths: Sequence[int] = ()  # the speed section's context lengths (none: no speed section)
+    speed_level: str = DEFAULT_LEVEL
+    decoders: int | None = None  # decode processes in the speed section (None: kvzip's default)
 
 
-def resolve_codecs(names: Sequence[str]) -> list[tuple[str, Codec]]:
-    """Codec ids (default config) or level names -> (row name, codec)."""
+def resolve_codecs(names: Sequence[str], profile_digest: str | None = None) -> list[tuple[str, Codec]]:
+    """Codec ids (default config) or level names -> (row name, codec).
+
+    Levels are calibrated with ``profile_digest`` when they have a calibrated form.
+    """
     out = []
     for name in names:
         if name in LEVELS:
-            out.append((name, codec_from_config(LEVELS[name])))
+            out.append((name, codec_from_config(level_config(name, profile_digest))))
         else:
             out.append((name, codec_from_config({"id": name})))
     return out
 
 
-def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None) -> list[BenchRow]:
-    """Run the protocol on every text; one row per (text, method)."""
-    for level in config.levels:
+def calibration_text_names(profile: Profile) -> set[str]:
+    """File names of the texts ``profile`` was calibrated on."""
+    names = set()
+    for entry in profile.meta.get("texts") or []:
+        name = entry.get("name") if isinstance(entry, dict) else entry
+        if isinstance(name, str) and name:
+            names.add(Path(name).name)
+    return names
+
+
+def check_no_overlap(texts: Sequence[Path], profile: Profile | None) -> None:
+    """Refuse evaluation texts the profile was calibrated on."""
+    if profile is None:
+        return
+    seen = calibration_text_names(profile)
+    for path in texts:
+        if Path(path).name in seen:
+            raise InputError(
+                f"{path}: {Path(path).name} is a calibration text of profile {profile.digest[:12]}; "
+                "benchmark on texts the profile was not calibrated on"
+            )
+
+
+def sweep_methods(profile_digest: str | None, uncalibrated: bool,
+                  cachegen: bool = True) -> list[tuple[str, float, str, Codec]]:
+    """The stored codecs of the sweep: (curve, setting, label, codec)."""
+    out: list[tuple[str, float, str, Codec]] = []
+    if profile_digest is not None and SWEEP_LEVEL in CALIBRATED_LEVELS:
+        base = level_config(SWEEP_LEVEL, profile_digest)
+        for f in STEP_FACTORS:
+            cfg = {**base, "step": base["step"] * f}
+            out.append(("kvzip", f, f"step×{f:g}", codec_from_config(cfg)))
+    if profile_digest is None or uncalibrated:
+        base = dict(LEVELS[SWEEP_LEVEL])
+        curve = "kvzip" if profile_digest is None else f"kvzip{UNCAL_SUFFIX}"
+        for f in STEP_FACTORS:
+            cfg = dict(base)
+            for key in ("key_step", "value_step", "step"):
+                if key in cfg:
+                    cfg[key] = cfg[key] * f
+            out.append((curve, f, f"step×{f:g}", codec_from_config(cfg)))
+    if cachegen and "cachegen" in codec_ids():
+        defaults = codec_from_config({"id": "cachegen"}).params()
+        for f in CACHEGEN_BIN_FACTORS:
+            cfg = {"id": "cachegen", **defaults}
+            for key in ("key_bins_early", "key_bins", "value_bins_early", "value_bins"):
+                cfg[key] = max(4, int(round(defaults[key] * f)))
+            out.append(("cachegen", f, f"bins×{f:g}", codec_from_config(cfg)))
+    return out
+
+
+def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None) -> BenchResult:
+    """Run the protocol on every text (one row per (text, method)), then the sweep and speed sections."""
+    for level in [*config.levels, *([config.speed_level] if config.lengths else [])]:
         if level not in LEVELS:
             raise InputError(f"unknown level {level!r} (choose from: {', '.join(LEVELS)})")
-    methods = resolve_codecs(config.codecs) + resolve_codecs(config.levels)
-    need = config.prefix + config.cont + 1
+    if not config.quality and not config.lengths:
+        raise InputError("nothing to run: the speed section needs --lengths")
+    if not config.quality and config.sweep:
+        raise InputError("--sweep is part of the quality protocol; drop --speed-only")
+    if not config.texts:
+        raise InputError("no text to benchmark on")
+    lengths = [int(n) for n in config.lengths]
+    if any(n < 2 for n in lengths):
+        raise InputError(f"--lengths must be at least 2 tokens each, got {','.join(map(str, lengths))}")
+
+    needs_profile = (
+        any(level in CALIBRATED_LEVELS for level in config.levels if config.quality)
+        or (config.sweep and SWEEP_LEVEL in CALIBRATED_LEVELS)
+        or (bool(lengths) and config.speed_level in CALIBRATED_LEVELS)
+    )
+    profile = None
+    if needs_profile:
+        profile = resolve_profile(km, config.profile, if_missing=config.if_no_profile, progress=progress)
+    check_no_overlap(config.texts, profile)
+    digest = None if profile is None else profile.digest
+
     rows: list[BenchRow] = []
-    usable = []
-    for path in config.texts:
-        ids = km.document_ids(api.read_text(path), None)
-        if len(ids) < need:
-            continue
-        usable.append((path, ids[:need]))
-    if not usable:
-        raise InputError(
-            f"no text has the {need} tokens the protocol needs (prefix {config.prefix} + "
-            f"continuation {config.cont} + 1)"
-        )
-    steps = len(usable) * (len(methods) + (4 if config.baselines else 0))
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress("bench", done, steps)
-
+    sweep: list[SweepPoint] = []
+    uncal_sizes: dict[str, list[tuple[int, int]]] = {}  # level -> [(cal bytes, uncal bytes)] per text
+    used_texts: list[str] = []
     with tempfile.TemporaryDirectory(prefix="kvzip-bench-") as tmp:
-        for path, ids in usable:
-            rows.extend(_bench_text(km, config, path, ids, methods, Path(tmp), tick))
-    return rows
+        if config.quality:
+            methods = resolve_codecs(config.codecs) + resolve_codecs(config.levels, digest)
+            calibrated = [lv for lv in config.levels if digest is not None and lv in CALIBRATED_LEVELS]
+            uncal = [(f"{lv}{UNCAL_SUFFIX}", codec_from_config(LEVELS[lv])) for lv in calibrated]
+            sweeps = sweep_methods(digest, config.uncalibrated) if config.sweep else []
+            need = config.prefix + config.cont + 1
+            usable = []
+            for path in config.texts:
+                ids = km.document_ids(api.read_text(path), None)
+                if len(ids) < need:
+                    continue
+                usable.append((path, ids[:need]))
+            if not usable:
+                raise InputError(
+                    f"no text has the {need} tokens the protocol needs (prefix {config.prefix} + "
+                    f"continuation {config.cont} + 1)"
+                )
+            per_text = (len(methods) + len(uncal) + (4 if config.baselines else 0)
+                        + (len(sweeps) + len(KIVI_SWEEP_BITS) if config.sweep else 0))
+            ticker = _Ticker(progress, "bench", len(usable) * per_text)
+            for path, ids in usable:
+                used_texts.append(path.name)
+                text_rows, points, sizes = _bench_text(
+                    km, config, path, ids, methods, uncal, sweeps, Path(tmp), ticker.tick)
+                rows.extend(text_rows)
+                sweep.extend(points)
+                for level, pair in sizes.items():
+                    uncal_sizes.setdefault(level, []).append(pair)
+        speed, speed_texts = run_speed(km, config, profile, Path(tmp), progress) if lengths else ([], [])
+    report = None
+    if profile is not None:
+        report = ProfileReport(
+            digest=profile.digest, bytes=profile.size,
+            path=str(profile.path) if profile.path is not None else None,
+            calibration_texts=sorted(calibration_text_names(profile)),
+            break_even={level: break_even(profile.size, pairs, config.prefix)
+                        for level, pairs in uncal_sizes.items()},
+        )
+    return BenchResult(rows, sweep, speed, report, used_texts, speed_texts)
+
+
+def break_even(profile_bytes: int, pairs: Sequence[tuple[int, int]], tokens: int) -> dict[str, Any]:
+    """Tokens of ``.kvz`` at which the profile pays for itself when shipped alongside.
+
+    ``pairs`` are (calibrated file bytes, uncalibrated file bytes) of the same
+    ``tokens``-token cache; the saving per token is averaged over them.
+    """
+    saved = statistics.fmean((u - c) / tokens for c, u in pairs)
+    return {
+        "saved_bytes_per_token": saved,
+        "break_even_tokens": math.ceil(profile_bytes / saved) if saved > 0 else "none",
+    }
+
+
+class _Ticker:
+    def __init__(self, progress: Progress | None, stage: str, total: int):
+        self.progress, self.stage, self.total, self.done = progress, stage, total, 0
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.stage, self.done, self.total)
 
 
 def _bench_text(
@@ -179,9 +398,11 @@ def _bench_text(
     path: Path,
     ids: list[int],
     methods: list[tuple[str, Codec]],
+    uncal: list[tuple[str, Codec]],
+    sweeps: list[tuple[str, float, str, Codec]],
     tmp: Path,
     tick: Callable[[], None],
-) -> list[BenchRow]:
+) -> tuple[list[BenchRow], list[SweepPoint], dict[str, tuple[int, int]]]:
     P = config.prefix
     started = time.perf_counter()
     kv = km.prefill(ids[:P])
@@ -195,9 +416,13 @@ def _bench_text(
     name = path.name
     rows = []
 
-    def row(method: str, decoded: torch.Tensor, bits: float, **extra: Any) -> BenchRow:
+    def quality(decoded: torch.Tensor) -> QualityScore:
         s = score(ref_logits, km.teacher_force(decoded, follow), targets)
         tick()
+        return s
+
+    def row(method: str, decoded: torch.Tensor, bits: float, **extra: Any) -> BenchRow:
+        s = quality(decoded)
         return BenchRow(
             text=name, method=method, bits_per_element=bits, kl=s.kl, dppl_pct=s.dppl_pct,
             top1=s.top1, ttft_prefill_s=ttft_prefill,
@@ -205,7 +430,7 @@ def _bench_text(
                **extra},
         )
 
-    def stored(method: str, codec: Codec, dtype: str) -> BenchRow:
+    def roundtrip(method: str, codec: Codec, dtype: str) -> tuple[torch.Tensor, dict[str, Any]]:
         out = tmp / f"{name}.{method}.kvz"
         summary = api.write_kvz(
             kv, ids[:P], out, km, levels=[(method, codec)], chunk_tokens=config.chunk_tokens,
@@ -218,11 +443,14 @@ def _bench_text(
         ttft = time.perf_counter() - t0
         file_bytes = out.stat().st_size
         out.unlink()
-        return row(
-            method, decoded, file_bytes * 8 / numel,
+        return decoded, dict(
             encode_meps=numel / summary.encode_seconds / 1e6,
             decode_meps=numel / decode_s / 1e6, ttft_kvz_s=ttft, file_bytes=file_bytes,
         )
+
+    def stored(method: str, codec: Codec, dtype: str) -> BenchRow:
+        decoded, extra = roundtrip(method, codec, dtype)
+        return row(method, decoded, extra["file_bytes"] * 8 / numel, **extra)
 
     if config.baselines:
         rows.append(row("fp16", kv.half().float(), 16.0))
@@ -232,9 +460,194 @@ def _bench_text(
             rows.append(row(method, decoded, bpe))
     for method, codec in methods:
         rows.append(stored(method, codec, "float32"))
-    return rows
+    # The uncalibrated form of each calibrated level: its size for the profile's
+    # break-even always, a full row with --uncalibrated.
+    sizes: dict[str, tuple[int, int]] = {}
+    by_method = {r.method: r for r in rows}
+    for method, codec in uncal:
+        level = method.removesuffix(UNCAL_SUFFIX)
+        if config.uncalibrated:
+            r = stored(method, codec, "float32")
+            rows.append(r)
+            uncal_bytes = r.file_bytes
+        else:
+            out = tmp / f"{name}.{method}.kvz"
+            api.write_kvz(kv, ids[:P], out, km, levels=[(method, codec)],
+                          chunk_tokens=config.chunk_tokens, dtype="float32")
+            uncal_bytes = out.stat().st_size
+            out.unlink()
+            tick()
+        cal = by_method.get(level)
+        if cal is not None and cal.file_bytes is not None and uncal_bytes is not None:
+            sizes[level] = (cal.file_bytes, uncal_bytes)
+
+    points: list[SweepPoint] = []
+    if config.sweep:
+        for curve, setting, label, codec in sweeps:
+            decoded, extra = roundtrip(f"sweep-{len(points)}", codec, "float32")
+            s = quality(decoded)
+            points.append(SweepPoint(name, curve, setting, label, extra["file_bytes"] * 8 / numel,
+                                     s.kl, s.dppl_pct, s.top1, extra["file_bytes"]))
+        for bits in KIVI_SWEEP_BITS:
+            decoded, bpe = kivi_roundtrip(kv, bits)
+            s = quality(decoded)
+            points.append(SweepPoint(name, "kivi", float(bits), f"int{bits}", bpe,
+                                     s.kl, s.dppl_pct, s.top1, None))
+    return rows, points, sizes
 
 
+# ------------------------------------------------------------------- speed
+def _status_kib(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _reset_high_water(pid: int) -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of ``pid`` to its current RSS (Linux ≥ 4.0)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class DecodeMemory:
+    """Peak memory of this process and its decode workers while the block runs.
+
+    Each process's RSS high-water mark (``VmHWM``, reset on entry) above the RSS it
+    had on entry, summed over this process and every decode worker alive at either
+    end (a worker started inside the block counts whole).  The sum of per-process
+    peaks bounds their simultaneous peak from above.  The shared output buffer of a
+    parallel decode is counted in the RSS of whichever process wrote each page, so
+    once.  Where the marks cannot be reset (not Linux, or no permission), RSS is
+    sampled every 2 ms instead (``method`` says which).
+    """
+
+    def __init__(self) -> None:
+        self.peak_bytes = 0
+        self.method = "hwm"
+
+    @staticmethod
+    def _pids() -> list[int]:
+        return [os.getpid(), *parallel.worker_pids()]
+
+    def __enter__(self) -> DecodeMemory:
+        gc.collect()
+        pids = self._pids()
+        self.base = {pid: _status_kib(pid, "VmRSS:") for pid in pids}
+        if not all(_reset_high_water(pid) for pid in pids) or not any(self.base.values()):
+            self.method = "sampled"
+            self._sampled = 0
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample_loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        now = sum(max(0, _status_kib(p, "VmRSS:") - self.base.get(p, 0)) for p in self._pids())
+        self._sampled = max(self._sampled, now)
+
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(0.002):
+            self._sample()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.method == "sampled":
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+            self.peak_bytes = self._sampled * 1024
+            return
+        pids = set(self.base) | set(self._pids())
+        kib = sum(max(0, _status_kib(p, "VmHWM:") - self.base.get(p, 0)) for p in pids)
+        self.peak_bytes = kib * 1024
+
+
+def long_ids(km: KVModel, texts: Sequence[Path], need: int) -> tuple[list[int], list[str]]:
+    """``need`` token ids from the texts put end to end (as few as it takes), and their names."""
+    parts: list[str] = []
+    ids: list[int] = []
+    for path in texts:
+        parts.append(api.read_text(path))
+        ids = km.document_ids("\n\n".join(parts), None)
+        if len(ids) >= need:
+            return ids[:need], [Path(p).name for p in texts[: len(parts)]]
+    raise InputError(
+        f"the texts together have {len(ids)} tokens; the speed section needs {need} "
+        "(give longer texts or shorter --lengths)"
+    )
+
+
+def run_speed(km: KVModel, config: BenchConfig, profile: Profile | None, tmp: Path,
+              progress: Progress | None = None) -> tuple[list[SpeedRow], list[str]]:
+    """The speed section: one row per length in ``config.lengths``, and the texts it read.
+
+    A length beyond the model's context is cut to ``context - 1`` tokens, so the
+    first generated token still fits (the row's ``tokens`` says what was run).
+    """
+    cap = km.max_context - 1
+    lengths = [min(int(n), cap) for n in config.lengths]
+    ids_all, used = long_ids(km, config.texts, max(lengths) + 1)
+    digest = None if profile is None else profile.digest
+    codec = codec_from_config(level_config(config.speed_level, digest))
+    ticker = _Ticker(progress, "speed", len(lengths))
+    rows = []
+    for n in lengths:
+        ids = ids_all[: n + 1]
+        t0 = time.perf_counter()
+        kv = km.prefill(ids[:n])
+        km.teacher_force(kv, ids[n:])
+        ttft_prefill = time.perf_counter() - t0
+        out = tmp / f"speed-{n}.kvz"
+        summary = api.write_kvz(kv, ids[:n], out, km, levels=[(config.speed_level, codec)],
+                                chunk_tokens=config.chunk_tokens, dtype="float32")
+        numel = kv.numel()
+        del kv
+        with open_kvz(out) as reader:
+            decoders = parallel.want_parallel(reader, numel, len(reader.kv_entries(config.speed_level)),
+                                              config.decoders)
+        # Cold, as a fresh process finds it: no decode workers, empty entropy-model caches.
+        parallel.shutdown_workers()
+        clear_model_caches()
+        with DecodeMemory() as mem:
+            t0 = time.perf_counter()
+            decoded = api.load_kv(out, decoders=config.decoders).kv
+            decode_s = time.perf_counter() - t0
+        # The decoded tensor is held at the end, whatever RSS shows: a small one can
+        # fit in heap memory freed earlier, which no RSS mark sees grow.
+        peak = max(mem.peak_bytes, decoded.numel() * decoded.element_size())
+        km.teacher_force(decoded, ids[n:])
+        ttft_kvz = time.perf_counter() - t0
+        del decoded
+        gc.collect()
+        t0 = time.perf_counter()
+        again = api.load_kv(out, decoders=config.decoders).kv
+        warm_s = time.perf_counter() - t0
+        del again
+        file_bytes = out.stat().st_size
+        out.unlink()
+        fp32 = numel * 4
+        rows.append(SpeedRow(
+            tokens=n, level=config.speed_level, codec=codec.codec_id,
+            bits_per_element=file_bytes * 8 / numel, file_bytes=file_bytes,
+            encode_meps=numel / summary.encode_seconds / 1e6,
+            decode_meps=numel / decode_s / 1e6, decode_warm_meps=numel / warm_s / 1e6,
+            decoders=decoders, peak_decode_bytes=peak, cache_fp32_bytes=fp32,
+            peak_ratio=peak / fp32, peak_method=mem.method,
+            ttft_kvz_s=ttft_kvz, ttft_prefill_s=ttft_prefill, ttft_speedup=ttft_prefill / ttft_kvz,
+        ))
+        ticker.tick()
+    return rows, used
+
+
+# ----------------------------------------------------------------- summaries
 def summarize(rows: Sequence[BenchRow]) -> list[BenchRow]:
     """One row per method: the mean of each metric over the texts."""
     by_method: dict[str, list[BenchRow]] = {}
@@ -252,12 +665,35 @@ def summarize(rows: Sequence[BenchRow]) -> list[BenchRow]:
     return means
 
 
-def rows_to_json(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
+def summarize_sweep(points: Sequence[SweepPoint]) -> list[SweepPoint]:
+    """One point per (curve, setting): the mean over the texts."""
+    groups: dict[tuple[str, float], list[SweepPoint]] = {}
+    for p in points:
+        groups.setdefault((p.curve, p.setting), []).append(p)
+    means = []
+    for (curve, setting), group in groups.items():
+        sizes = [p.file_bytes for p in group]
+        means.append(SweepPoint(
+            text=f"mean of {len(group)}", curve=curve, setting=setting, label=group[0].label,
+            bits_per_element=statistics.fmean(p.bits_per_element for p in group),
+            kl=statistics.fmean(p.kl for p in group),
+            dppl_pct=statistics.fmean(p.dppl_pct for p in group),
+            top1=statistics.fmean(p.top1 for p in group),
+            file_bytes=None if any(s is None for s in sizes) else round(statistics.fmean(sizes)),
+        ))
+    return means
+
+
+def rows_to_json(rows: Sequence[Any]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
 
 
-def plot(rows: Sequence[BenchRow], out: str | Path, title: str) -> None:
-    """Rate–quality chart: bits per element against KL (log scale), one point per method."""
+def plot(rows: Sequence[BenchRow], out: str | Path, title: str,
+         sweep: Sequence[SweepPoint] = ()) -> None:
+    """Rate–quality chart: bits per element against KL (log scale).
+
+    One point per method of ``rows``; each curve of ``sweep`` (means) as a line.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,12 +701,23 @@ def plot(rows: Sequence[BenchRow], out: str | Path, title: str) -> None:
 
     floor = 1e-6  # exact methods (KL 0) are drawn on this line
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    curves: dict[str, list[SweepPoint]] = {}
+    for p in sweep:
+        curves.setdefault(p.curve, []).append(p)
+    for curve, pts in curves.items():
+        pts = sorted(pts, key=lambda p: p.bits_per_element)
+        ax.plot([p.bits_per_element for p in pts], [max(p.kl, floor) for p in pts],
+                marker=".", linewidth=1.2, label=curve)
     for r in rows:
         kl = max(r.kl, floor)
-        marker = "o" if r.method in LEVELS else ("s" if r.method in DEFAULT_CODECS else "^")
-        ax.scatter(r.bits_per_element, kl, marker=marker, s=50)
+        level = r.method in LEVELS or r.method.removesuffix(UNCAL_SUFFIX) in LEVELS
+        marker = "o" if level else ("s" if r.method in DEFAULT_CODECS else "^")
+        ax.scatter(r.bits_per_element, kl, marker=marker, s=50, color="black" if curves else None,
+                   zorder=3)
         ax.annotate(r.method, (r.bits_per_element, kl), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
+    if curves:
+        ax.legend(fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("bits per KV element (whole file)")

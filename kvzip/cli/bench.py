@@ -1,8 +1,9 @@
-"""``kvzip bench``: the quality protocol (DESIGN.md) on real texts."""
+"""``kvzip bench``: the quality protocol (DESIGN.md) on real texts, the rate sweep and the speed section."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -12,11 +13,25 @@ from kvzip import bench
 from kvzip.api import DEFAULT_CHUNK_TOKENS, load_model
 from kvzip.cli.console import err_console, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
-from kvzip.codecs import LEVELS, codec_ids
+from kvzip.codecs import CALIBRATED_LEVELS, DEFAULT_LEVEL, LEVELS, codec_ids
+from kvzip.errors import InputError
 
 
 def _split(value: str | None) -> list[str] | None:
     return None if value is None else [x.strip() for x in value.split(",") if x.strip()]
+
+
+def _lengths(value: str | None) -> list[int]:
+    out = []
+    for x in _split(value) or []:
+        try:
+            n = int(x.lower().removesuffix("k")) * (1024 if x.lower().endswith("k") else 1)
+        except ValueError:
+            raise InputError(f"--lengths takes comma-separated token counts (e.g. 2048,4096,8192), got {x!r}") from None
+        if n < 2:
+            raise InputError(f"--lengths must be at least 2 tokens each, got {n}")
+        out.append(n)
+    return out
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -37,6 +52,41 @@ def _table(rows: list[bench.BenchRow], title: str) -> Table:
     return table
 
 
+def _sweep_table(points: list[bench.SweepPoint], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("curve", "setting", "bits/elem", "KL nats/tok", "Δppl %", "top-1"):
+        table.add_column(col, justify="left" if col == "curve" else "right")
+    for p in sorted(points, key=lambda p: (p.curve, -p.bits_per_element)):
+        table.add_row(p.curve, p.label, f"{p.bits_per_element:.3f}", f"{p.kl:.5f}",
+                      f"{p.dppl_pct:+.2f}", f"{p.top1:.3f}")
+    return table
+
+
+def _speed_table(rows: list[bench.SpeedRow], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("tokens", "level", "bits/elem", "enc Melem/s", "dec Melem/s", "dec warm",
+                "decoders", "peak MB", "fp32 MB", "peak/fp32", "TTFT .kvz s", "TTFT prefill s", "speedup"):
+        table.add_column(col, justify="left" if col == "level" else "right")
+    for r in rows:
+        table.add_row(
+            str(r.tokens), r.level, f"{r.bits_per_element:.3f}", f"{r.encode_meps:.1f}",
+            f"{r.decode_meps:.1f}", f"{r.decode_warm_meps:.1f}", str(r.decoders),
+            f"{r.peak_decode_bytes / 2**20:.1f}", f"{r.cache_fp32_bytes / 2**20:.1f}",
+            f"{r.peak_ratio:.2f}", f"{r.ttft_kvz_s:.3f}", f"{r.ttft_prefill_s:.2f}",
+            f"{r.ttft_speedup:.1f}×",
+        )
+    return table
+
+
+def _profile_line(report: bench.ProfileReport) -> str:
+    parts = []
+    for level, be in report.break_even.items():
+        tokens = be["break_even_tokens"]
+        parts.append(f"{level} {tokens:,} tokens" if isinstance(tokens, int) else f"{level} none")
+    even = "; break-even against the uncalibrated level: " + ", ".join(parts) if parts else ""
+    return f"profile {report.digest[:12]}: {report.bytes:,} bytes{even}"
+
+
 @handle_errors
 def bench_command(
     texts: list[Path] = typer.Argument(None, help="Text files (default: licenses and Python sources on this machine)."),
@@ -46,9 +96,16 @@ def bench_command(
     cont: int = typer.Option(384, "--cont", help="Tokens teacher-forced after the prefix."),
     chunk_tokens: int = typer.Option(DEFAULT_CHUNK_TOKENS, "--chunk-tokens", help="Tokens per chunk."),
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the fp16, zstd and KIVI rows."),
+    profile: str = typer.Option(None, "--profile", help="Calibration profile FILE or DIGEST (default: the newest for the model)."),
+    if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="Without a profile: calibrate | uncalibrated | error."),
+    uncalibrated: bool = typer.Option(False, "--uncalibrated", help="Also rows LEVEL-uncal with the uncalibrated codecs (and their sweep curve)."),
+    sweep: bool = typer.Option(False, "--sweep", help="Trace each method's rate–quality curve (kvzip step, cachegen bins, KIVI bits)."),
+    lengths: str = typer.Option(None, "--lengths", help="Speed section at these context lengths, e.g. 2048,4096,8192."),
+    speed_level: str = typer.Option(DEFAULT_LEVEL, "--speed-level", help="Level the speed section encodes."),
+    speed_only: bool = typer.Option(False, "--speed-only", help="Only the speed section (needs --lengths)."),
     model: str = typer.Option(None, "--model", "-m", help="Model (default: embedded SmolLM2-135M-Instruct)."),
-    json_out: bool = typer.Option(False, "--json", help="Print rows and means as JSON on stdout."),
-    plot: Path = typer.Option(None, "--plot", help="Write a rate–quality chart (PNG)."),
+    json_out: bool = typer.Option(False, "--json", help="Print rows, means, sweep, speed and profile as JSON on stdout."),
+    plot: Path = typer.Option(None, "--plot", help="Write a rate–quality chart (PNG); with --sweep, one curve per method."),
     per_text: bool = typer.Option(False, "--per-text", help="Also print a row per text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -61,29 +118,57 @@ def bench_command(
         cont=cont,
         chunk_tokens=chunk_tokens,
         baselines=not no_baselines,
+        profile=profile,
+        if_no_profile=if_no_profile,
+        uncalibrated=uncalibrated,
+        sweep=sweep,
+        quality=not speed_only,
+        lengths=_lengths(lengths),
+        speed_level=speed_level,
     )
+    if plot is not None and speed_only:
+        raise InputError("--plot draws the quality rows; drop --speed-only")
     with status("loading model…", not quiet):
         km = load_model(model)
     with progress_bars(not quiet) as progress:
-        rows = bench.run_bench(km, config, progress)
+        result = bench.run_bench(km, config, progress)
+    rows = result.rows
     means = bench.summarize(rows)
+    sweep_means = bench.summarize_sweep(result.sweep)
     title = (
         f"{km.name}: prefix {prefix}, continuation {cont}, chunk {chunk_tokens} tokens, "
-        f"{len({r.text for r in rows})} texts"
+        f"{len(result.texts)} texts"
     )
+    if result.profile is not None:
+        title += f", profile {result.profile.digest[:12]}"
     if plot is not None:
-        bench.plot(means, plot, title)
+        bench.plot(means, plot, title, sweep_means)
         err_console.print(f"wrote {plot}")
     if json_out:
         out_console.print_json(json.dumps({
             "config": {"model": km.name, "prefix": prefix, "cont": cont, "chunk_tokens": chunk_tokens,
-                       "texts": sorted({r.text for r in rows})},
+                       "texts": sorted(result.texts), "speed_texts": result.speed_texts,
+                       "lengths": list(config.lengths), "speed_level": speed_level},
+            "profile": None if result.profile is None else asdict(result.profile),
             "rows": bench.rows_to_json(rows), "means": bench.rows_to_json(means),
+            "sweep": {"points": bench.rows_to_json(result.sweep), "means": bench.rows_to_json(sweep_means)},
+            "speed": bench.rows_to_json(result.speed),
         }))
         return
-    if per_text:
+    if per_text and rows:
         out_console.print(_table(rows, "per text"))
-    out_console.print(_table(means, title))
+    if means:
+        out_console.print(_table(means, title))
+    if sweep_means:
+        out_console.print(_sweep_table(sweep_means, f"rate–quality sweep (means over {len(result.texts)} texts)"))
+    if result.speed:
+        out_console.print(_speed_table(
+            result.speed, f"{km.name}: speed, level {speed_level}, chunk {chunk_tokens} tokens "
+            "(decode cold: fresh workers; peak: RSS high-water of the process and its decode workers)"))
+    if result.profile is not None:
+        out_console.print(_profile_line(result.profile))
+    elif any(name in CALIBRATED_LEVELS for name in config.levels):
+        out_console.print("no calibration profile: the levels ran uncalibrated")
 
 
 def register(app: typer.Typer) -> None:
