@@ -72,8 +72,11 @@ def write_file(kv: np.ndarray, inv, level: str, path: Path, chunk: int = 256, co
 
     _, layers, heads, tokens, dim = kv.shape
     codec = codec_from_config(config if config is not None else LEVELS[level])
+    # a calibrated codec's profile is bound to the model that made it
+    profile = getattr(codec, "profile", None)
+    fingerprint = profile.model_fingerprint if profile is not None else "sha256:bench"
     header = {
-        "format": "kvz", "model": {"fingerprint": "sha256:bench", "name": "SmolLM2-135M-geometry"},
+        "format": "kvz", "model": {"fingerprint": fingerprint, "name": "SmolLM2-135M-geometry"},
         "num_layers": layers, "kv_heads": heads, "head_dim": dim, "dtype": "float32",
         "token_count": tokens, "chunk_tokens": chunk, "rope": {"inv_freq": list(inv)}, "chat": None,
         "levels": [{"name": level, "codec": codec.config()}],

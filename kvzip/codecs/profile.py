@@ -21,7 +21,7 @@ Where profiles are found, first match wins:
    which are also put in ``KVZIP_PROFILE_PATH`` so decode workers see them;
 2. ``<dir>/<digest>.kvzprofile`` for each directory in ``KVZIP_PROFILE_DIR``
    (``os.pathsep``-separated), else the user cache directory
-   (``$XDG_CACHE_HOME/kvzip/profiles``, default ``~/.cache/kvzip/profiles``).
+   (``platformdirs.user_cache_dir("kvzip")/profiles``; ``~/.cache/kvzip/profiles`` on Linux).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import platformdirs
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
@@ -50,8 +51,7 @@ _TENSORS = ("key_mean", "value_mean", "key_fwd", "key_inv", "value_fwd", "value_
 
 
 def default_profile_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kvzip" / "profiles"
+    return Path(platformdirs.user_cache_dir("kvzip")) / "profiles"
 
 
 def profile_dirs() -> list[Path]:

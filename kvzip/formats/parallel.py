@@ -154,6 +154,9 @@ class _Worker:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         env[ENV_WORKERS] = "1"
+        # one process per core already: BLAS/OpenMP threads would oversubscribe and spin
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from kvzip.formats.parallel import serve; serve()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
