@@ -29,7 +29,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	@mkdir -p $(DEMO_DIR)
-	@echo "== encode $(DEMO_DOC) as the opening of a chat turn"
+	@echo "== encode $(DEMO_DOC) as the opening of a chat turn (the first run calibrates the model once, ~2 min)"
 	$(BIN)/kvzip encode $(DEMO_DOC) --chat -o $(DEMO_DIR)/doc.kvz
 	@echo "== info"
 	$(BIN)/kvzip info $(DEMO_DIR)/doc.kvz

@@ -70,3 +70,36 @@ def test_lossy_golden_file_decodes(path: Path):
             np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-4)
         ids = reader.token_ids().astype("<i8")
         assert hashlib.sha256(ids.tobytes()).hexdigest() == expected["token_ids_sha256"]
+
+
+PROFILE_FILES = [p for d in GOLDEN_DIRS for p in sorted(d.glob("golden_profile_*.kvz"))]
+
+
+def test_profile_golden_files_exist():
+    assert PROFILE_FILES
+
+
+@pytest.mark.parametrize("path", PROFILE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_profile_golden_file_decodes(path: Path, monkeypatch):
+    """The calibrated codec and the param2 layout decode as they did, with their profile;
+    without it, decoding is a ProfileNotFoundError."""
+    from kvzip.codecs import profile as profile_mod
+    from kvzip.errors import ProfileNotFoundError
+
+    expected = json.loads((path.parent / "expected_profile.json").read_text())[path.name]
+    monkeypatch.setattr(profile_mod, "_CACHE", {})
+    monkeypatch.setenv("KVZIP_PROFILE_DIR", str(path.parent / "empty-profile-dir"))
+    with open_kvz(path) as reader:
+        with pytest.raises(ProfileNotFoundError):
+            reader.decode_level("balanced")
+    monkeypatch.setenv("KVZIP_PROFILE_DIR", str(path.parent / "profiles"))
+    with open_kvz(path) as reader:
+        assert reader.verify(decode=True) == []
+        assert {lv.codec.get("profile") for lv in reader.header.levels} >= {expected["profile"]}
+        for level, npy in expected["decoded"].items():
+            want = np.load(path.parent / npy)
+            got = reader.decode_level(level)
+            assert got.dtype == want.dtype and list(got.shape) == expected["shape"]
+            np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-4)
+        ids = reader.token_ids().astype("<i8")
+        assert hashlib.sha256(ids.tobytes()).hexdigest() == expected["token_ids_sha256"]

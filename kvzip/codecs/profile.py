@@ -170,6 +170,9 @@ def write_profile(data: bytes, directory: str | os.PathLike[str] | None = None,
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared profile
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
