@@ -10,7 +10,7 @@ new positions, so its statistics are realistic at any length.  For each length a
 level it writes a ``.kvz`` (256-token chunks) and reports, as medians of ``--repeat``
 runs, in M K/V elements per second:
 
-* encode: one process (the codec alone, chunk by chunk);
+* encode: ``--encoders`` processes (the codecs alone, as ``write_kvz`` runs them);
 * decode 1p: ``open_kvz`` + ``decode_level(decoders=1)`` + ``torch.from_numpy``;
 * decode Np: the same with the default number of decoders (all CPUs);
 * peak MB: the most memory the decode held at once (private memory of this process
@@ -65,10 +65,13 @@ def realistic_kv(path: str, tokens: int) -> tuple[np.ndarray, tuple[float, ...]]
     return out, inv
 
 
-def write_file(kv: np.ndarray, inv, level: str, path: Path, chunk: int = 256, config: dict | None = None) -> float:
-    """Write a one-level .kvz; returns the encode time (codec only, one process)."""
-    from kvzip.codecs import LEVELS, ChunkContext, codec_from_config
+def write_file(kv: np.ndarray, inv, level: str, path: Path, chunk: int = 256, config: dict | None = None,
+               encoders: int = 1) -> float:
+    """Write a one-level .kvz; returns the encode time (codecs only, ``encoders`` processes
+    as ``write_kvz`` runs them; worker start-up excluded, shared-buffer copy included)."""
+    from kvzip.codecs import LEVELS, codec_from_config
     from kvzip.formats import KvzWriter
+    from kvzip.formats.parallel import encode_chunks_parallel
 
     _, layers, heads, tokens, dim = kv.shape
     codec = codec_from_config(config if config is not None else LEVELS[level])
@@ -81,14 +84,15 @@ def write_file(kv: np.ndarray, inv, level: str, path: Path, chunk: int = 256, co
         "token_count": tokens, "chunk_tokens": chunk, "rope": {"inv_freq": list(inv)}, "chat": None,
         "levels": [{"name": level, "codec": codec.config()}],
     }
-    spent = 0.0
+    ranges = [(start, min(chunk, tokens - start)) for start in range(0, tokens, chunk)]
+    ctx = {"num_layers": layers, "kv_heads": heads, "head_dim": dim, "dtype": "float32", "rope_inv_freq": list(inv)}
+    if encoders > 1:  # start the workers (and let them import kvzip) outside the timing
+        encode_chunks_parallel(kv[:, :, :, : 2 * chunk], [codec], ranges[:2], ctx, encoders)
     with KvzWriter(path, header) as writer:
-        for i, start in enumerate(range(0, tokens, chunk)):
-            n = min(chunk, tokens - start)
-            piece = np.ascontiguousarray(kv[:, :, :, start : start + n])
-            t0 = time.perf_counter()
-            payload = codec.encode(piece, ChunkContext(start, n, layers, heads, dim, "float32", inv))
-            spent += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        payloads = encode_chunks_parallel(kv, [codec], ranges, ctx, encoders)
+        spent = time.perf_counter() - t0
+        for i, ((start, n), (payload,)) in enumerate(zip(ranges, payloads)):
             writer.add_kv(i, 0, start, n, payload)
         writer.set_token_ids(np.zeros(tokens, np.int64))
         writer.commit()
@@ -170,15 +174,18 @@ def main() -> None:
     ap.add_argument("--modes", default="1p,Np", help="decode modes: 1p (one process), Np (all CPUs)")
     ap.add_argument("--cold", action="store_true", help="empty the entropy model cache before each decode")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--encoders", default="1", help="encode processes, comma-separated (one column each)")
     ap.add_argument("--kv", default="/tmp/kv_gpl3.safetensors")
     args = ap.parse_args()
     from kvzip.formats import parallel
 
     configs = configs_from_args(args.levels, args.codec)
     modes = [m for m in args.modes.split(",") if m]
+    encoders = [int(e) for e in args.encoders.split(",") if e]
     print(f"decoders for 'Np': {parallel.default_decoders()}  (cpus: {os.cpu_count()})"
           f"{'  cold model cache' if args.cold else ''}")
-    print(f"{'tokens':>6} {'level':9} {'bits':>6} {'encode':>7} {'dec 1p':>7} {'dec Np':>7} "
+    enc_cols = " ".join(f"{'enc ' + str(e) + 'p':>7}" for e in encoders)
+    print(f"{'tokens':>6} {'level':9} {'bits':>6} {enc_cols} {'dec 1p':>7} {'dec Np':>7} "
           f"{'peak MB 1p':>10} {'peak MB Np':>10} {'fp32 MB':>8}   (M elem/s, medians)")
     with tempfile.TemporaryDirectory() as tmp:
         for tokens in [int(t) for t in args.tokens.split(",")]:
@@ -186,7 +193,7 @@ def main() -> None:
             files = {}
             for name, cfg in configs.items():
                 path = Path(tmp) / f"{len(files)}-{tokens}.kvz"
-                enc = write_file(kv, inv, name, path, config=cfg)
+                enc = [write_file(kv, inv, name, path, config=cfg, encoders=e) for e in encoders]
                 files[name] = (path, enc, path.stat().st_size * 8 / kv.size)
             times = {(name, m): [] for name in configs for m in modes}
             peaks = {(name, m): [] for name in configs for m in modes}
@@ -207,7 +214,8 @@ def main() -> None:
                 path, enc, bits = files[name]
                 speed = {m: kv.size / statistics.median(times[name, m]) / 1e6 for m in modes}
                 peak = {m: max(peaks[name, m]) for m in modes}
-                print(f"{tokens:6d} {name:9} {bits:6.3f} {kv.size / enc / 1e6:7.1f} {speed.get('1p', float('nan')):7.1f} "
+                enc_txt = " ".join(f"{kv.size / e / 1e6:7.1f}" for e in enc)
+                print(f"{tokens:6d} {name:9} {bits:6.3f} {enc_txt} {speed.get('1p', float('nan')):7.1f} "
                       f"{speed.get('Np', float('nan')):7.1f} {peak.get('1p', float('nan')):10.0f} "
                       f"{peak.get('Np', float('nan')):10.0f} {kv.nbytes / 2**20:8.0f}", flush=True)
                 path.unlink()

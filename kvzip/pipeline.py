@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from kvzip import __version__
-from kvzip.codecs import ChunkContext, Codec, codec_for_level
+from kvzip.codecs import Codec, codec_for_level
 from kvzip.codecs.profile import Profile
 from kvzip.errors import UnknownLevelError
 from kvzip.formats import KvzReader, KvzWriter, open_kvz
+from kvzip.formats.parallel import default_decoders, encode_chunks_parallel
 from kvzip.model import TORCH_DTYPES, KVModel
 
 Progress = Callable[[str, int, int], None]
@@ -71,6 +72,20 @@ class EncodeSummary:
         return {**asdict(self), "ratio": round(self.ratio, 4)}
 
 
+# Below this many cache elements (about 3 chunks of 256 tokens of a 135M model)
+# encoding stays in-process: starting and feeding workers costs more.
+MIN_PARALLEL_ENCODE_ELEMENTS = 8_000_000
+
+
+def _encoders(numel: int, n_chunks: int, encoders: int | None) -> int:
+    """How many processes encode (1 = in-process only)."""
+    if encoders is not None:
+        return max(1, min(int(encoders), n_chunks))
+    if numel < MIN_PARALLEL_ENCODE_ELEMENTS or n_chunks < 2:
+        return 1
+    return min(default_decoders(), n_chunks)
+
+
 def write_kvz(
     kv: torch.Tensor,
     token_ids: Sequence[int],
@@ -84,6 +99,7 @@ def write_kvz(
     chunk_texts: bool = True,
     profile: Profile | None = None,
     progress: Progress = no_progress,
+    encoders: int | None = None,
 ) -> EncodeSummary:
     """Encode an already captured cache ([2, L, H, T, D]) into a ``.kvz`` at ``out``.
 
@@ -93,6 +109,9 @@ def write_kvz(
     cannot fetch a chunk in time can recompute it from its text.
     ``profile`` (a model's calibration profile) turns named levels into their
     calibrated codecs; the header then names it, with its size.
+    ``encoders``: how many processes encode chunks (this one included); by default
+    all CPUs (``KVZIP_DECODE_WORKERS``) when the cache is large enough to gain.
+    The file's bytes do not depend on it.
     """
     started = time.perf_counter()
     digest = None
@@ -121,19 +140,21 @@ def write_kvz(
     }
     codecs = [codec for _, codec in named]
     starts = list(range(0, n_tokens, chunk_tokens))
+    ranges = [(start, min(chunk_tokens, n_tokens - start)) for start in starts]
+    ctx = {"num_layers": n_layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": dtype,
+           "rope_inv_freq": None if inv_freq is None else [float(f) for f in inv_freq]}
     out = Path(out)
     with KvzWriter(out, header) as writer:
         writer.set_token_ids(np.asarray(token_ids, dtype=np.int64))
-        for chunk, start in enumerate(starts):
-            count = min(chunk_tokens, n_tokens - start)
-            piece = np.ascontiguousarray(array[:, :, :, start : start + count, :])
-            ctx = ChunkContext(start, count, n_layers, kv_heads, head_dim, dtype, inv_freq)
-            for level, codec in enumerate(codecs):
-                writer.add_kv(chunk, level, start, count, codec.encode(piece, ctx))
+        payloads = encode_chunks_parallel(array, codecs, ranges, ctx, _encoders(array.size, len(ranges), encoders),
+                                          done=lambda n: progress("encode", n, len(starts)))
+        for chunk, ((start, count), levels_out) in enumerate(zip(ranges, payloads)):
+            for level, payload in enumerate(levels_out):
+                writer.add_kv(chunk, level, start, count, payload)
             if chunk_texts and km.tokenizer is not None:
                 text = km.tokenizer.decode(list(token_ids[start : start + count]))
                 writer.add_text(chunk, start, count, text)
-            progress("encode", chunk + 1, len(starts))
+        del payloads
         writer.commit()
     return EncodeSummary(
         path=str(out),

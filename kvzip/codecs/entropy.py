@@ -67,6 +67,22 @@ def _gg_table(beta: float) -> np.ndarray:
 
 
 _GG = np.stack([_gg_table(b) for b in BETAS])  # [n_betas, _U_LEN]
+# Encoder-side copies: the weights and their log2 as float64, and s * 2**20 for every sidx.
+_GG_F = _GG.astype(np.float64)
+_LOG2_GG = np.log2(_GG_F)
+_S_FIXED_F = (_R8[np.arange(256) & 7] << (np.arange(256) >> 3)).astype(np.float64)
+
+
+def _fit_u(df: np.ndarray, sf: np.ndarray) -> np.ndarray:
+    """min(floor(df / sf), _U_LEN - 1) as intp, for df = d * 2**22 and sf = s * 2**20.
+
+    Equals the decoder's integer ``(d << 22) // s``: both operands are exact in
+    float64 (d < 2**19, s < 2**49) and the correctly rounded quotient of two such
+    integers cannot round up onto the next integer below 2**10 (that would need
+    s * u >= 2**53 with d * 2**22 < 2**41)."""
+    q = df / sf
+    np.minimum(q, _U_LEN - 1, out=q)
+    return q.astype(np.intp)
 _S_OFFSET = 32  # sidx 0 <-> s = 2 ** -4
 _CONST_ROW = 0xFFFF  # cluster id of a row whose symbols are all equal
 _PAIR_MAX_SPAN = 40  # code symbol pairs when the alphabet is at most this wide
@@ -279,25 +295,36 @@ class RangeCoder(SymbolCoder):
     def _fit_param(hist, rid, k, n):
         """Choose (mu4, sidx, shape) per coded row minimising its code length.
 
-        ``hist``/``rid``/``k`` describe the rows' histograms in the flat layout."""
+        ``hist``/``rid``/``k`` describe the rows' histograms in the flat layout.
+        Tries each shape at five scales around its moment estimate.  Encoder only;
+        the weights are the decoder's integer weights, computed from the row's
+        |4k - mu4| with an exact float division (see :func:`_fit_u`) and the
+        log2 of the weight tables precomputed."""
         rows = int(rid[-1]) + 1 if rid.size else 0
         mean = np.bincount(rid, hist * k, rows) / n
         mu4 = np.rint(4 * mean).astype(np.int64)
         best = np.full(rows, np.inf)
         sidx = np.zeros(rows, np.int64)
         shape = np.zeros(rows, np.int64)
-        dev = np.abs(k - mu4[rid] / 4.0)
+        d = np.abs(4 * k - mu4[rid])
+        df = (d << 22).astype(np.float64)
+        nz = np.flatnonzero(hist)
+        hnz, rnz = hist[nz], rid[nz]
+        dev_nz = d[nz] / 4.0
+        log_n = np.empty(rows)
         for si, beta in enumerate(BETAS):
-            s0 = np.maximum((beta * np.bincount(rid, hist * dev**beta, rows) / n) ** (1 / beta), 1 / 16)
+            s0 = np.maximum((beta * np.bincount(rnz, hnz * dev_nz**beta, rows) / n) ** (1 / beta), 1 / 16)
             c0 = np.rint(8 * np.log2(s0)).astype(np.int64) + _S_OFFSET
+            gg, lgg = _GG_F[si], _LOG2_GG[si]
             for dc in (-2, -1, 0, 1, 2):
                 cand = np.clip(c0 + dc, 0, 255)
-                w = _param_weights(k, mu4[rid], cand[rid], np.full(rid.size, si)).astype(np.float64)
-                cost = n * np.log2(np.bincount(rid, w, rows)) - np.bincount(rid, hist * np.log2(w), rows)
+                u = _fit_u(df, _S_FIXED_F[cand][rid])
+                np.log2(np.bincount(rid, gg[u], rows), out=log_n)
+                cost = n * log_n - np.bincount(rnz, hnz * lgg[u[nz]], rows)
                 better = cost < best
-                best = np.where(better, cost, best)
-                sidx = np.where(better, cand, sidx)
-                shape = np.where(better, si, shape)
+                best[better] = cost[better]
+                sidx[better] = cand[better]
+                shape[better] = si
         return mu4, sidx, shape
 
     @staticmethod

@@ -32,6 +32,7 @@ the default is the number of CPUs this process may run on.
 from __future__ import annotations
 
 import atexit
+import base64
 import json
 import mmap
 import os
@@ -101,10 +102,11 @@ def file_identity(reader: Any) -> list[int]:
     return [reader.source.size(), reader.preamble.header_crc, reader.preamble.index_crc]
 
 
-def _map_output(path: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[mmap.mmap, np.ndarray]:
+def _map_output(path: str, shape: tuple[int, ...], dtype: np.dtype,
+                write: bool = True) -> tuple[mmap.mmap, np.ndarray]:
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    with open(path, "r+b") as f:
-        mm = mmap.mmap(f.fileno(), nbytes)
+    with open(path, "r+b" if write else "rb") as f:
+        mm = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_WRITE if write else mmap.ACCESS_READ)
     return mm, np.frombuffer(mm, dtype, int(np.prod(shape))).reshape(shape)
 
 
@@ -125,18 +127,70 @@ def _handle(request: dict[str, Any]) -> None:
                 pass
 
 
+_ENCODERS: dict[str, Any] = {}  # codec config (JSON text) -> codec, per worker
+
+
+def _encoder(config: Any) -> Any:
+    from kvzip.codecs import codec_from_config
+
+    key = json.dumps(config, sort_keys=True)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = codec_from_config(config)
+    return _ENCODERS[key]
+
+
+def encode_chunks(array: np.ndarray, codecs: list[Any], chunks: list[list[int]], ctx: dict[str, Any]) -> list[bytes]:
+    """Encode ``[start, count]`` token ranges of ``array`` ([2, L, H, T, D]) with every codec:
+    the payloads, chunk by chunk and within a chunk level by level."""
+    from kvzip.codecs import ChunkContext
+
+    inv = ctx["rope_inv_freq"]
+    out = []
+    for start, count in chunks:
+        piece = np.ascontiguousarray(array[:, :, :, start : start + count, :])
+        c = ChunkContext(start, count, ctx["num_layers"], ctx["kv_heads"], ctx["head_dim"], ctx["dtype"],
+                         None if inv is None else tuple(inv))
+        out.extend(codec.encode(piece, c) for codec in codecs)
+    return out
+
+
+def _handle_encode(request: dict[str, Any]) -> dict[str, Any]:
+    # where profiles are found may have changed since this worker started
+    env = request.get("env", {})
+    for key in [k for k in os.environ if k.startswith("KVZIP_PROFILE") and k not in env]:
+        del os.environ[key]
+    os.environ.update({k: str(v) for k, v in env.items() if k.startswith("KVZIP_PROFILE")})
+    codecs = [_encoder(cfg) for cfg in request["codecs"]]
+    mm, array = _map_output(request["in"], tuple(request["shape"]), np.dtype(request["dtype"]), write=False)
+    try:
+        payloads = encode_chunks(array, codecs, request["chunks"], request["ctx"])
+    finally:
+        del array
+        try:
+            mm.close()
+        except BufferError:
+            pass
+    return {"ok": True, "payloads": [base64.b64encode(p).decode("ascii") for p in payloads]}
+
+
 def serve() -> None:
     """A worker's main loop: one JSON request per line on stdin, one reply per line."""
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout = sys.stderr  # nothing a library prints may corrupt the replies
     for line in sys.stdin:
+        request = None
         try:
-            _handle(json.loads(line))
-            reply: dict[str, Any] = {"ok": True}
+            request = json.loads(line)
+            if request.get("op") == "encode":
+                reply: dict[str, Any] = _handle_encode(request)
+            else:
+                _handle(request)
+                reply = {"ok": True}
         except KvzipError as exc:
             reply = {"error": type(exc).__name__, "message": str(exc)}
         except Exception as exc:  # a bug or an unexpected failure: still an answer
-            reply = {"error": "CodecError", "message": f"decode worker failed: {type(exc).__name__}: {exc}"}
+            what = "encode" if isinstance(request, dict) and request.get("op") == "encode" else "decode"
+            reply = {"error": "CodecError", "message": f"{what} worker failed: {type(exc).__name__}: {exc}"}
         replies.write(json.dumps(reply) + "\n")
 
 
@@ -259,15 +313,19 @@ def decode_level_parallel(reader: Any, level_name: str, decoders: int) -> np.nda
         tasks = [list(range(i, min(i + per_task, len(entries)))) for i in range(0, len(entries), per_task)]
         request = {"path": str(reader.source.path), "identity": file_identity(reader), "level": level_name,
                    "out": name, "shape": list(shape), "dtype": dtype.str}
-        _run(tasks, decoders - 1, request, lambda chunks: decode_into(reader, level_name, chunks, out))
+        _run(tasks, decoders - 1, lambda chunks: {**request, "chunks": chunks}, None,
+             lambda chunks: decode_into(reader, level_name, chunks, out))
     finally:
         os.unlink(name)
     return out
 
 
-def _run(tasks: list[list[int]], n_workers: int, request: dict[str, Any],
-         decode_here: Callable[[list[int]], None]) -> None:
-    """Hand tasks to workers and to this process until none is left or one fails."""
+def _run(tasks: list[Any], n_workers: int, make_request: Callable[[Any], dict[str, Any]],
+         on_reply: Callable[[Any, dict[str, Any]], None] | None, decode_here: Callable[[Any], None]) -> None:
+    """Hand tasks to workers and to this process until none is left or one fails.
+
+    A worker gets ``make_request(task)``; its successful reply goes to
+    ``on_reply(task, reply)`` (on the worker's feeding thread)."""
     pending = list(reversed(tasks))
     failures: list[BaseException] = []
     lock = threading.Lock()
@@ -279,7 +337,7 @@ def _run(tasks: list[list[int]], n_workers: int, request: dict[str, Any],
     def feed(worker: _Worker) -> None:
         while (chunks := next_task()) is not None:
             try:
-                reply = worker.call({**request, "chunks": chunks})
+                reply = worker.call(make_request(chunks))
             except CodecError as exc:
                 _POOL.discard(worker)
                 with lock:
@@ -289,6 +347,14 @@ def _run(tasks: list[list[int]], n_workers: int, request: dict[str, Any],
                 with lock:
                     failures.append(_error_from_reply(reply))
                 return
+            if on_reply is not None:
+                try:
+                    on_reply(chunks, reply)
+                except Exception as exc:
+                    with lock:
+                        failures.append(exc if isinstance(exc, KvzipError)
+                                        else CodecError(f"bad reply from a worker: {type(exc).__name__}: {exc}"))
+                    return
 
     held = n_workers > 0 and _POOL.busy.acquire(blocking=False)  # else another thread has them
     threads = []
@@ -316,3 +382,71 @@ def _run(tasks: list[list[int]], n_workers: int, request: dict[str, Any],
             _POOL.busy.release()
     if failures:
         raise failures[0]
+
+
+# ------------------------------------------------------------------ parallel encode
+def encode_chunks_parallel(array: np.ndarray, codecs: list[Any], chunks: list[tuple[int, int]],
+                           ctx: dict[str, Any], encoders: int,
+                           done: Callable[[int], None] | None = None) -> list[list[bytes]]:
+    """Every chunk (``(start, count)`` token ranges of ``array``, [2, L, H, T, D]) encoded with
+    every codec by ``encoders`` processes, this one included: ``payloads[chunk][level]``.
+
+    The array is copied once into a shared file that workers map read-only;
+    workers rebuild each codec from its config, and a codec's output depends only
+    on its config and the chunk, so the payloads are the bytes one process would
+    write.  ``done(n)`` is called on this thread with the number of chunks finished
+    so far.  Errors surface as in :func:`decode_level_parallel`."""
+    results: list[list[bytes] | None] = [None] * len(chunks)
+    finished = [0]
+    lock = threading.Lock()
+
+    def encode_here(task: list[int]) -> None:
+        payloads = encode_chunks(array, codecs, [list(chunks[i]) for i in task], ctx)
+        store(task, payloads)
+
+    def store(task: list[int], payloads: list[Any]) -> None:
+        nl = len(codecs)
+        if len(payloads) != nl * len(task):
+            raise CodecError("an encode worker returned the wrong number of payloads")
+        with lock:
+            for j, i in enumerate(task):
+                results[i] = list(payloads[j * nl : (j + 1) * nl])
+            finished[0] += len(task)
+
+    def here(task: list[int]) -> None:
+        encode_here(task)
+        if done is not None:
+            done(finished[0])
+
+    if encoders <= 1 or len(chunks) < 2 or array.nbytes == 0:
+        for i in range(len(chunks)):
+            here([i])
+        return results  # type: ignore[return-value]
+    array = np.ascontiguousarray(array)
+    directory = buffer_dir(array.nbytes)
+    name = str(directory / f"{BUFFER_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.ftruncate(fd, array.nbytes)
+            with mmap.mmap(fd, array.nbytes) as mm:
+                np.frombuffer(mm, array.dtype, array.size)[:] = array.reshape(-1)
+                mm.flush()
+        finally:
+            os.close(fd)
+        request = {"op": "encode", "in": name, "shape": list(array.shape), "dtype": array.dtype.str,
+                   "codecs": [c.config() for c in codecs], "ctx": ctx,
+                   "env": {k: v for k, v in os.environ.items() if k.startswith("KVZIP_PROFILE")}}
+        # one chunk per task: a chunk takes ~0.1 s, far more than handing it out
+        tasks = [[i] for i in range(len(chunks))]
+        _run(tasks, min(encoders, len(chunks)) - 1,
+             lambda task: {**request, "chunks": [list(chunks[i]) for i in task]},
+             lambda task, reply: store(task, [base64.b64decode(p) for p in reply["payloads"]]),
+             here)
+    finally:
+        os.unlink(name)
+    if any(r is None for r in results):
+        raise CodecError("a chunk was not encoded")
+    if done is not None:
+        done(finished[0])  # the last chunks may have finished in workers
+    return results  # type: ignore[return-value]
