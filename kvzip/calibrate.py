@@ -67,7 +67,7 @@ def default_calibration_texts() -> list[Path]:
 class CalibrationOptions:
     key_weighting: str = "query"  # "query" | "mse"
     value_weighting: str = "output"  # "output" | "mse"
-    basis: str = "pca"  # "pca" | "none"
+    basis: str = "pca-layer"  # "pca-layer" (across a layer's heads) | "pca" (per kv head) | "none"
     allocation: str = "sensitivity"  # "sensitivity" | "flat"
     tokens_per_text: int = 1024
     continuation: int = 128  # tokens teacher-forced when measuring sensitivity
@@ -78,8 +78,8 @@ class CalibrationOptions:
     def check(self) -> None:
         if self.key_weighting not in ("query", "mse") or self.value_weighting not in ("output", "mse"):
             raise InputError("weighting must be query|mse for keys and output|mse for values")
-        if self.basis not in ("pca", "none") or self.allocation not in ("sensitivity", "flat"):
-            raise InputError("basis must be pca|none and allocation sensitivity|flat")
+        if self.basis not in ("pca", "pca-layer", "none") or self.allocation not in ("sensitivity", "flat"):
+            raise InputError("basis must be pca|pca-layer|none and allocation sensitivity|flat")
         if self.tokens_per_text < self.continuation + 64:
             raise InputError(f"tokens per text must be at least {self.continuation + 64}")
 
@@ -150,10 +150,11 @@ def calibrate(
     inv_freq = km.rope_inv_freq()
     ns = opt.sink_tokens
 
-    # 1-2. statistics
+    # 1-2. statistics, over each layer's [H * D] channel vector
+    HD = H * D
     n = 0
-    s1 = np.zeros((2, L, H, D))
-    s2 = np.zeros((2, L, H, D, D))
+    s1 = np.zeros((2, L, HD))
+    s2 = np.zeros((2, L, HD, HD))
     qe = np.zeros((L, H, D // 2))
     caches: list[np.ndarray] = []
     total = sum(len(t.prefix) for t in items)
@@ -162,44 +163,50 @@ def calibrate(
         st = capture(km, t.prefix)
         x = _pre_rope(st.kv, inv_freq)
         caches.append(st.kv)
-        body = x[:, :, :, ns:, :].astype(np.float64)
-        n += body.shape[3]
-        s1 += body.sum(axis=3)
-        s2 += np.einsum("klhtd,klhte->klhde", body, body)
+        body = x[:, :, :, ns:, :].transpose(0, 1, 3, 2, 4).reshape(2, L, -1, HD).astype(np.float64)
+        n += body.shape[2]
+        s1 += body.sum(axis=2)
+        s2 += np.einsum("kltc,klte->klce", body, body)
         qe += st.query_pair_energy
         done += len(t.prefix)
         prog("calibrate: statistics", done, total)
     mean = s1 / n
     cov = s2 / n - mean[..., :, None] * mean[..., None, :]
 
-    # 3-4. weighting and basis
-    fwd = np.zeros((2, L, H, D, D))
-    inv = np.zeros((2, L, H, D, D))
+    # 3-4. weighting (block-diagonal per head) and basis (per head, or across the layer)
+    G = 1 if opt.basis == "pca-layer" else H
+    W = HD // G
+    fwd = np.zeros((2, L, G, W, W))
+    inv = np.zeros((2, L, G, W, W))
     gram = output_gram(km) if opt.value_weighting == "output" else None
     for lay in range(L):
+        wk, wk_inv = np.eye(HD), np.eye(HD)
+        wv, wv_inv = np.eye(HD), np.eye(HD)
         for h in range(H):
+            blk = slice(h * D, (h + 1) * D)
+            grp = slice(h, h + 1) if G == H else slice(0, H)  # weights are relative within a basis group
             if opt.key_weighting == "query":
-                e = qe[lay, h] / max(qe[lay, h].mean(), 1e-30)
+                e = qe[lay, h] / max(qe[lay, grp].mean(), 1e-30)
                 w = np.sqrt(np.maximum(np.concatenate([e, e]), 1e-4))
-                wk, wk_inv = np.diag(w), np.diag(1 / w)
-            else:
-                wk = wk_inv = np.eye(D)
+                wk[blk, blk], wk_inv[blk, blk] = np.diag(w), np.diag(1 / w)
             if gram is not None:
-                g = gram[lay, h] / max(np.trace(gram[lay, h]) / D, 1e-30)
-                wv, wv_inv = _psd_sqrt(g)
-            else:
-                wv = wv_inv = np.eye(D)
-            for kv, (a, a_inv) in enumerate(((wk, wk_inv), (wv, wv_inv))):
-                c = a @ cov[kv, lay, h] @ a.T
-                if opt.basis == "pca":
+                g = gram[lay, h] / max(np.trace(gram[lay, grp].sum(0)) / (D * len(range(H)[grp])), 1e-30)
+                wv[blk, blk], wv_inv[blk, blk] = _psd_sqrt(g)
+        for kv, (a, a_inv) in enumerate(((wk, wk_inv), (wv, wv_inv))):
+            for grp in range(G):
+                blk = slice(grp * W, (grp + 1) * W)
+                ag, ag_inv = a[blk, blk], a_inv[blk, blk]
+                c = ag @ cov[kv, lay, blk, blk] @ ag.T
+                if opt.basis in ("pca", "pca-layer"):
                     ev, p = np.linalg.eigh((c + c.T) / 2)
                     p = p[:, np.argsort(ev)[::-1]]
                 else:
-                    p = np.eye(D)
-                fwd[kv, lay, h] = p.T @ a
-                inv[kv, lay, h] = a_inv @ p
+                    p = np.eye(W)
+                fwd[kv, lay, grp] = p.T @ ag
+                inv[kv, lay, grp] = ag_inv @ p
     # RMS of each (K/V, layer) in the new basis
-    var_new = np.einsum("klhij,klhjm,klhim->kl", fwd, cov, fwd) / (H * D)
+    cov_g = np.stack([cov[..., g * W : (g + 1) * W, g * W : (g + 1) * W] for g in range(G)], axis=2)
+    var_new = np.einsum("klgij,klgjm,klgim->kl", fwd, cov_g, fwd) / HD
     rms = np.sqrt(np.maximum(var_new, 1e-30))
 
     # 5. allocation
@@ -212,7 +219,7 @@ def calibrate(
     else:
         scale = rms.copy()
     tensors = {
-        "key_mean": mean[0], "value_mean": mean[1],
+        "key_mean": mean[0].reshape(L, H, D), "value_mean": mean[1].reshape(L, H, D),
         "key_fwd": fwd[0], "key_inv": inv[0], "value_fwd": fwd[1], "value_inv": inv[1],
         "step_scale": scale,
     }
@@ -246,18 +253,22 @@ def _sensitivity(km, items, caches, mean, fwd, inv, rms, opt, prog) -> np.ndarra
     kl = np.zeros((2, L))
     total = 2 * L * len(items)
     done = 0
+    G, W = fwd.shape[2], fwd.shape[3]
     for t, kv in zip(items, caches):
         ref = km.teacher_force(torch.from_numpy(kv), t.cont)
         x = _pre_rope(kv, inv_freq)
+        _, _, H, T, D = x.shape
         for k in range(2):
             for lay in range(L):
-                m = mean[k, lay][:, None, :]
-                y = np.matmul(x[k, lay] - m, fwd[k, lay].swapaxes(-1, -2))
+                m = mean[k, lay].reshape(G, 1, W)
+                xg = x[k, lay].transpose(1, 0, 2).reshape(T, G, W).transpose(1, 0, 2)
+                y = np.matmul(xg - m, fwd[k, lay].swapaxes(-1, -2))
                 step = opt.probe_step * rms[k, lay]
                 yq = y.copy()
                 yq[:, ns:] = np.rint(y[:, ns:] / step) * step
                 xq = x.copy()
-                xq[k, lay] = np.matmul(yq, inv[k, lay].swapaxes(-1, -2)) + m
+                back = np.matmul(yq, inv[k, lay].swapaxes(-1, -2)) + m
+                xq[k, lay] = back.transpose(1, 0, 2).reshape(T, H, D).transpose(1, 0, 2)
                 test = km.teacher_force(torch.from_numpy(_re_rope(xq.astype(np.float32), inv_freq)), t.cont)
                 kl[k, lay] += _kl(ref, test) / (step**2)
                 done += 1

@@ -21,7 +21,7 @@ def calibrate_command(
     model: str = typer.Option(None, "--model", "-m", help="Model: local dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)."),
     key_weighting: str = typer.Option("query", "--key-weighting", help="query (weigh key error by query channel-pair energy) or mse."),
     value_weighting: str = typer.Option("output", "--value-weighting", help="output (weigh value error through o_proj) or mse."),
-    basis: str = typer.Option("pca", "--basis", help="pca (decorrelate per layer and kv head) or none."),
+    basis: str = typer.Option("pca-layer", "--basis", help="pca-layer (one basis per layer across its kv heads), pca (one per kv head) or none."),
     allocation: str = typer.Option("sensitivity", "--allocation", help="sensitivity (step per K/V and layer from measured KL) or flat."),
     tokens_per_text: int = typer.Option(1024, "--tokens-per-text", help="Tokens read from each text."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),

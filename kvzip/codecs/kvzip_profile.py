@@ -55,28 +55,48 @@ def matmul_one_thread(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class ProfileBasis(ArrayTransform):
-    """``y = fwd @ (x - mean)`` per (K/V, layer, head) on encode; ``x = inv @ y + mean`` on decode."""
+    """Per layer, the [heads * dim] channel vector of every token is split into the
+    profile's groups (one per kv head, or one for the whole layer); each group maps
+    ``y = fwd @ (x - mean)`` on encode and ``x = inv @ y + mean`` on decode.  The
+    result keeps the [2, L, H, T, D] layout (components fill the "heads" in order),
+    so quantiser and entropy coder are the same for every basis shape."""
 
     def __init__(self, profile: Profile):
         t = profile.tensors
         self.profile = profile
-        self.mean = np.stack([t["key_mean"], t["value_mean"]])[:, :, :, None, :]  # [2, L, H, 1, D]
+        layers, heads, dim = t["key_mean"].shape
+        self.groups = t["key_fwd"].shape[1]
+        self.width = heads * dim // self.groups
+        g, w = self.groups, self.width
+        mean = np.stack([t["key_mean"], t["value_mean"]]).reshape(2, layers, g, 1, w)
+        self.mean = mean.astype(np.float32)
         # Row-vector form: y = (x - mean) @ fwd^T, x = y @ inv^T + mean.
         self.fwd_t = np.ascontiguousarray(np.stack([t["key_fwd"], t["value_fwd"]]).swapaxes(-1, -2))
         self.inv_t = np.ascontiguousarray(np.stack([t["key_inv"], t["value_inv"]]).swapaxes(-1, -2))
 
-    def _check(self, ctx: ChunkContext) -> None:
-        self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)
+    def _grouped(self, x: np.ndarray) -> np.ndarray:
+        """[2, L, H, T, D] -> [2, L, G, T, W] (a view when G = H)."""
+        two, layers, heads, tokens, dim = x.shape
+        if self.groups == heads:
+            return x
+        return x.transpose(0, 1, 3, 2, 4).reshape(two, layers, tokens, self.groups, self.width).transpose(0, 1, 3, 2, 4)
+
+    def _ungrouped(self, y: np.ndarray, shape) -> np.ndarray:
+        two, layers, heads, tokens, dim = shape
+        if self.groups == heads:
+            return y
+        return np.ascontiguousarray(
+            y.transpose(0, 1, 3, 2, 4).reshape(two, layers, tokens, heads, dim).transpose(0, 1, 3, 2, 4))
 
     def forward(self, x: np.ndarray, ctx: ChunkContext) -> np.ndarray:
-        self._check(ctx)
-        return matmul_one_thread(x - self.mean, self.fwd_t)
+        self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)
+        return self._ungrouped(matmul_one_thread(self._grouped(x) - self.mean, self.fwd_t), x.shape)
 
     def inverse(self, x: np.ndarray, ctx: ChunkContext) -> np.ndarray:
-        self._check(ctx)
-        out = matmul_one_thread(x, self.inv_t)
+        self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)
+        out = matmul_one_thread(self._grouped(x), self.inv_t)
         out += self.mean
-        return out
+        return self._ungrouped(out, x.shape)
 
 
 @register_codec

@@ -6,7 +6,8 @@ every ``.kvz`` that was coded with it.  It holds, for each layer and kv head,
 
 * the mean of the pre-RoPE keys and of the values,
 * a linear map into a decorrelated, error-weighted basis (``key_fwd`` /
-  ``value_fwd``) and its inverse (``key_inv`` / ``value_inv``),
+  ``value_fwd``) and its inverse (``key_inv`` / ``value_inv``), one per kv head
+  ([L, H, D, D]) or one per layer across its heads ([L, 1, H*D, H*D]),
 * the quantiser step multiplier of each (K/V, layer) chosen from measured
   sensitivity (``step_scale``),
 
@@ -111,10 +112,17 @@ def _validate(tensors: dict[str, np.ndarray], meta: dict[str, Any], where: str) 
     if km.ndim != 3 or min(km.shape) < 1:
         raise ProfileError(f"{where}: key_mean has shape {km.shape}")
     layers, heads, dim = km.shape
+    # Bases act on each layer's [heads * dim] channel vector split into G equal groups:
+    # G = heads (one basis per kv head) or G = 1 (one basis across the layer's heads).
+    groups = tensors["key_fwd"].shape[1] if tensors["key_fwd"].ndim == 4 else 0
+    if groups not in (heads, 1):
+        raise ProfileError(f"{where}: key_fwd has shape {tensors['key_fwd'].shape}; expected one basis "
+                           f"per kv head or one per layer")
+    width = heads * dim // groups
+    basis = (layers, groups, width, width)
     want = {
         "value_mean": (layers, heads, dim),
-        "key_fwd": (layers, heads, dim, dim), "key_inv": (layers, heads, dim, dim),
-        "value_fwd": (layers, heads, dim, dim), "value_inv": (layers, heads, dim, dim),
+        "key_fwd": basis, "key_inv": basis, "value_fwd": basis, "value_inv": basis,
         "step_scale": (2, layers),
     }
     for name, shape in want.items():
