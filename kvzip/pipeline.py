@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from kvzip import __version__
-from kvzip.codecs import Codec, codec_for_level
+from kvzip.codecs import Codec, codec_for_level, codec_from_config
 from kvzip.codecs.profile import Profile
-from kvzip.errors import UnknownLevelError
+from kvzip.errors import KvzipError, UnknownLevelError
 from kvzip.formats import KvzReader, KvzWriter, open_kvz
 from kvzip.formats.parallel import default_decoders, encode_chunks_parallel
 from kvzip.model import TORCH_DTYPES, KVModel
@@ -77,8 +77,18 @@ class EncodeSummary:
 MIN_PARALLEL_ENCODE_ELEMENTS = 8_000_000
 
 
-def _encoders(numel: int, n_chunks: int, encoders: int | None) -> int:
+def _rebuildable(codecs: Sequence[Codec]) -> bool:
+    """Whether worker processes can rebuild every codec from its config (registered ids)."""
+    try:
+        return all(type(codec_from_config(c.config())) is type(c) for c in codecs)
+    except KvzipError:
+        return False
+
+
+def _encoders(numel: int, n_chunks: int, encoders: int | None, codecs: Sequence[Codec] = ()) -> int:
     """How many processes encode (1 = in-process only)."""
+    if not _rebuildable(codecs):
+        return 1  # e.g. a benchmark's own codec object, unknown to a fresh process
     if encoders is not None:
         return max(1, min(int(encoders), n_chunks))
     if numel < MIN_PARALLEL_ENCODE_ELEMENTS or n_chunks < 2:
@@ -146,7 +156,7 @@ def write_kvz(
     out = Path(out)
     with KvzWriter(out, header) as writer:
         writer.set_token_ids(np.asarray(token_ids, dtype=np.int64))
-        payloads = encode_chunks_parallel(array, codecs, ranges, ctx, _encoders(array.size, len(ranges), encoders),
+        payloads = encode_chunks_parallel(array, codecs, ranges, ctx, _encoders(array.size, len(ranges), encoders, codecs),
                                           done=lambda n: progress("encode", n, len(starts)))
         for chunk, ((start, count), levels_out) in enumerate(zip(ranges, payloads)):
             for level, payload in enumerate(levels_out):

@@ -156,3 +156,34 @@ def test_fit_u_is_the_integer_division():
     want = np.minimum((dd.ravel() << 22) // sf, E._U_LEN - 1)
     got = E._fit_u((dd.ravel() << 22).astype(np.float64), sf.astype(np.float64))
     np.testing.assert_array_equal(got, want)
+
+
+def test_unregistered_codec_objects_encode_in_process(tiny_llama, tmp_path):
+    """A caller's own codec object (as benchmarks pass) cannot be rebuilt in a worker
+    from its config: write_kvz must encode it here instead of failing."""
+    import numpy as np
+    import torch
+
+    from kvzip.codecs import Codec
+    from kvzip.formats import open_kvz
+    from kvzip.pipeline import write_kvz
+
+    class Raw(Codec):
+        codec_id = "test-unregistered-raw"
+
+        def params(self):
+            return {}
+
+        def encode(self, kv, ctx):
+            return np.ascontiguousarray(kv).tobytes()
+
+        def decode(self, payload, ctx):
+            return np.frombuffer(payload, np.float32).reshape(ctx.shape)
+
+    km = tiny_llama
+    kv = torch.randn(2, km.num_layers, km.kv_heads, 300, km.head_dim)
+    out = tmp_path / "raw.kvz"
+    write_kvz(kv, list(range(300)), out, km, levels=[("raw", Raw())], chunk_tokens=64,
+              dtype="float32", encoders=2)
+    with open_kvz(out) as r:
+        assert r.header.levels[0].codec["id"] == "test-unregistered-raw"
