@@ -78,9 +78,11 @@ MIN_PARALLEL_ENCODE_ELEMENTS = 8_000_000
 
 
 def _rebuildable(codecs: Sequence[Codec]) -> bool:
-    """Whether worker processes can rebuild every codec from its config (registered ids)."""
+    """Whether a fresh worker process can rebuild every codec from its config: kvzip's
+    own codec classes only (a caller may register its own here, which a worker lacks)."""
     try:
-        return all(type(codec_from_config(c.config())) is type(c) for c in codecs)
+        return all(type(c).__module__.startswith("kvzip.codecs.")
+                   and type(codec_from_config(c.config())) is type(c) for c in codecs)
     except KvzipError:
         return False
 

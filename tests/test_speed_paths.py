@@ -168,6 +168,9 @@ def test_unregistered_codec_objects_encode_in_process(tiny_llama, tmp_path):
     from kvzip.formats import open_kvz
     from kvzip.pipeline import write_kvz
 
+    from kvzip.codecs import register_codec
+
+    @register_codec  # registered in this process only, as a benchmark script does
     class Raw(Codec):
         codec_id = "test-unregistered-raw"
 
