@@ -438,14 +438,19 @@ class RangeCoder(SymbolCoder):
         if m > 2 * npairs:
             coder.encode(sym[2 * npairs :].astype(np.int32), single)
 
-    def _decode_clustered(self, raw, words, g, n):
+    @staticmethod
+    def _side_rows(raw, g, per_cluster):
+        """(clusters, row centres, row cluster ids, offset of the cluster table) of a
+        clustered layout's side info, whose size must be exact."""
         nc = struct.unpack_from("<I", raw, 0)[0]
-        if len(raw) != 4 + 6 * g + 11 * nc:
+        if len(raw) != 4 + 6 * g + per_cluster * nc:
             raise CodecError("entropy side info has the wrong size")
-        pos = 4
-        center = np.frombuffer(raw, "<i4", g, pos).astype(np.int32)
-        cid = np.frombuffer(raw, "<u2", g, pos + 4 * g).astype(np.int64)
-        pos += 6 * g
+        center = np.frombuffer(raw, "<i4", g, 4).astype(np.int32)
+        cid = np.frombuffer(raw, "<u2", g, 4 + 4 * g).astype(np.int64)
+        return nc, center, cid, 4 + 6 * g
+
+    def _decode_clustered(self, raw, words, g, n):
+        nc, center, cid, pos = self._side_rows(raw, g, 11)
         c_frac = np.frombuffer(raw, np.uint8, nc, pos).astype(np.int64)
         c_sidx = np.frombuffer(raw, np.uint8, nc, pos + nc).astype(np.int64)
         c_shape = np.frombuffer(raw, np.uint8, nc, pos + 2 * nc).astype(np.int64)
@@ -491,13 +496,7 @@ class RangeCoder(SymbolCoder):
         return out
 
     def _decode_clustered2(self, raw, words, planes, g, n):
-        nc = struct.unpack_from("<I", raw, 0)[0]
-        if len(raw) != 4 + 6 * g + 13 * nc:
-            raise CodecError("entropy side info has the wrong size")
-        pos = 4
-        center = np.frombuffer(raw, "<i4", g, pos).astype(np.int32)
-        cid = np.frombuffer(raw, "<u2", g, pos + 4 * g).astype(np.int64)
-        pos += 6 * g
+        nc, center, cid, pos = self._side_rows(raw, g, 13)
         c_frac, c_sidx, c_shape = (np.frombuffer(raw, np.uint8, nc, pos + i * nc).astype(np.int64) for i in range(3))
         c_lo = np.frombuffer(raw, "<i4", nc, pos + 3 * nc).astype(np.int64)
         c_span = np.frombuffer(raw, "<i4", nc, pos + 7 * nc).astype(np.int64)

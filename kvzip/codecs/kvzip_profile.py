@@ -4,11 +4,12 @@ Stages (each one measured against the alternatives in ``kvzip calibrate``'s
 docs and ``docs/benchmarks.md``):
 
 1. keys un-rotated to pre-RoPE (:class:`~kvzip.codecs.transforms.UnRoPE`);
-2. :class:`ProfileBasis`: per layer and kv head, subtract the calibrated mean and
-   map into the profile's basis: an error weighting (query channel-pair energy
-   for keys, the output projection's Gram matrix for values) followed by the PCA
-   of the weighted data, so a uniform error in the new basis is the error that
-   costs the model least, and most of the energy sits in few components;
+2. :class:`ProfileBasis`: per layer (across its kv heads, the default) or per kv
+   head, subtract the calibrated mean and map into the profile's basis: an error
+   weighting (query channel-pair energy for keys, the output projection's Gram
+   matrix for values) followed by the PCA of the weighted data, so a uniform
+   error in the new basis is the error that costs the model least, and most of
+   the energy sits in few components;
 3. a uniform quantiser whose step per (K/V, layer) is the codec's ``step`` times
    the profile's ``step_scale``, allocated from each layer's measured effect on
    next-token KL; values also scale per token with their RMS (``value_token_exp``)
