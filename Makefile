@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvzip-installed
 DEMO_DIR ?= demo-out
 DEMO_DOC ?= /usr/share/common-licenses/Apache-2.0
-DEMO_QUESTION ?= What is the name of this license?
+DEMO_QUESTION ?= What is the name of this license? Answer briefly.
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
