@@ -65,8 +65,10 @@ def write(path: Path, dtype: str = "float32", corrupt_chunk: int | None = None) 
 
 
 def leftover_buffers() -> set[str]:
+    """This process's shared buffers (names carry the pid: other processes' are theirs)."""
     dirs = {parallel.buffer_dir(1), parallel.buffer_dir(1 << 62), Path(tempfile.gettempdir())}
-    return {str(p) for d in dirs if d.is_dir() for p in d.glob(parallel.BUFFER_PREFIX + "*")}
+    mine = f"{parallel.BUFFER_PREFIX}{os.getpid()}-*"
+    return {str(p) for d in dirs if d.is_dir() for p in d.glob(mine)}
 
 
 @pytest.fixture(scope="module")
