@@ -232,6 +232,8 @@ def test_cli_calibrate_encode_info_profiles(tiny_model_dir, tmp_path, profile_di
     assert json.loads(r.stdout)["profile"] == digest
     r = run("info", out, "--json")
     assert json.loads(r.stdout)["profile"]["digest"] == digest
+    r = run("info", out)
+    assert r.exit_code == 0 and "profile" in r.stdout and digest[:16] in r.stdout
     assert not list(profile_dir.glob("*.kvzprofile"))  # -o wrote where asked, not into the dir
     r = run("calibrate", tmp_path / "missing.txt", "--model", tiny_model_dir)
     assert_one_line_error(r, "missing.txt")

@@ -39,6 +39,11 @@ def info_command(
     ]
     if data.get("source"):
         rows.append(("source", data["source"]["name"]))
+    prof = data.get("profile")
+    if prof:
+        where = (f"here, {human_bytes(prof['bytes'])}" if prof.get("available")
+                 else "NOT on this machine: decoding needs it (kvzip fetch gets it from a server)")
+        rows.append(("profile", f"{prof['digest'][:16]}… ({where})"))
     for key, value in rows:
         table.add_row(key, value)
     out_console.print(table)
