@@ -440,37 +440,47 @@ class RangeCoder(SymbolCoder):
 
     @staticmethod
     def _side_rows(raw, g, per_cluster):
-        """(clusters, row centres, row cluster ids, offset of the cluster table) of a
-        clustered layout's side info, whose size must be exact."""
+        """The part of a clustered layout's side info that ``param`` and ``param2`` share:
+        ``(nc, center, cid, (frac, sidx, shape, lo, span), offset after them)``.  The
+        side info's size must be exact; ``per_cluster`` is its bytes per cluster."""
         nc = struct.unpack_from("<I", raw, 0)[0]
         if len(raw) != 4 + 6 * g + per_cluster * nc:
             raise CodecError("entropy side info has the wrong size")
         center = np.frombuffer(raw, "<i4", g, 4).astype(np.int32)
         cid = np.frombuffer(raw, "<u2", g, 4 + 4 * g).astype(np.int64)
-        return nc, center, cid, 4 + 6 * g
+        pos = 4 + 6 * g
+        frac, sidx, shape = (np.frombuffer(raw, np.uint8, nc, pos + i * nc).astype(np.int64) for i in range(3))
+        lo = np.frombuffer(raw, "<i4", nc, pos + 3 * nc).astype(np.int64)
+        span = np.frombuffer(raw, "<i4", nc, pos + 7 * nc).astype(np.int64)
+        return nc, center, cid, (frac, sidx, shape, lo, span), pos + 11 * nc
 
-    def _decode_clustered(self, raw, words, g, n):
-        nc, center, cid, pos = self._side_rows(raw, g, 11)
-        c_frac = np.frombuffer(raw, np.uint8, nc, pos).astype(np.int64)
-        c_sidx = np.frombuffer(raw, np.uint8, nc, pos + nc).astype(np.int64)
-        c_shape = np.frombuffer(raw, np.uint8, nc, pos + 2 * nc).astype(np.int64)
-        c_lo = np.frombuffer(raw, "<i4", nc, pos + 3 * nc).astype(np.int64)
-        c_span = np.frombuffer(raw, "<i4", nc, pos + 7 * nc).astype(np.int64)
-        if nc and (c_span.min() < 1 or c_span.max() > MAX_SPAN or c_frac.max() > 3
-                   or c_shape.max() >= len(BETAS)):
-            raise CodecError("entropy side info has an invalid model")
+    @staticmethod
+    def _group_rows(center, cid, nc, g, n):
+        """The output with its constant rows filled, and the coded rows grouped by
+        cluster: ``(out, rows_by_c, bounds, sizes)`` (the last three None when no row is
+        coded).  Unknown or unused clusters are a CodecError."""
         if ((cid >= nc) & (cid != _CONST_ROW)).any():
             raise CodecError("entropy side info names an unknown model")
         out = np.empty((g, n), np.int32)
         const = np.flatnonzero(cid == _CONST_ROW)
         out[const] = center[const][:, None]
         if not nc:
-            return out
+            return out, None, None, None
         rows_by_c = np.argsort(cid, kind="stable")
         bounds = np.searchsorted(cid[rows_by_c], np.arange(nc + 1))
         sizes = np.diff(bounds)
         if (sizes == 0).any():
             raise CodecError("entropy side info has an unused model")
+        return out, rows_by_c, bounds, sizes
+
+    def _decode_clustered(self, raw, words, g, n):
+        nc, center, cid, (c_frac, c_sidx, c_shape, c_lo, c_span), _ = self._side_rows(raw, g, 11)
+        if nc and (c_span.min() < 1 or c_span.max() > MAX_SPAN or c_frac.max() > 3
+                   or c_shape.max() >= len(BETAS)):
+            raise CodecError("entropy side info has an invalid model")
+        out, rows_by_c, bounds, sizes = self._group_rows(center, cid, nc, g, n)
+        if not nc:
+            return out
         # Clusters decode into one buffer in cluster order (a pair symbol is split by
         # one table lookup); then one pass adds each row's centre and one copies the
         # rows to their places.
@@ -496,12 +506,9 @@ class RangeCoder(SymbolCoder):
         return out
 
     def _decode_clustered2(self, raw, words, planes, g, n):
-        nc, center, cid, pos = self._side_rows(raw, g, 13)
-        c_frac, c_sidx, c_shape = (np.frombuffer(raw, np.uint8, nc, pos + i * nc).astype(np.int64) for i in range(3))
-        c_lo = np.frombuffer(raw, "<i4", nc, pos + 3 * nc).astype(np.int64)
-        c_span = np.frombuffer(raw, "<i4", nc, pos + 7 * nc).astype(np.int64)
-        c_raw = np.frombuffer(raw, np.uint8, nc, pos + 11 * nc).astype(np.int64)
-        c_tup = np.frombuffer(raw, np.uint8, nc, pos + 12 * nc).astype(np.int64)
+        nc, center, cid, (c_frac, c_sidx, c_shape, c_lo, c_span), pos = self._side_rows(raw, g, 13)
+        c_raw = np.frombuffer(raw, np.uint8, nc, pos).astype(np.int64)
+        c_tup = np.frombuffer(raw, np.uint8, nc, pos + nc).astype(np.int64)
         if nc:
             if (c_span.min() < 2 or c_span.max() > MAX_SPAN or c_frac.max() > 3 or c_shape.max() >= len(BETAS)
                     or c_raw.max() > MAX_RAW or c_tup.min() < 1 or c_tup.max() > MAX_TUP_DECODE):
@@ -509,20 +516,11 @@ class RangeCoder(SymbolCoder):
             span_h = ((c_span - 1) >> c_raw) + 1
             if span_h.min() < 2 or ((c_tup > 1) & (span_h.astype(np.float64) ** c_tup > MAX_ALPHA)).any():
                 raise CodecError("entropy side info has an invalid symbol layout")
-        if ((cid >= nc) & (cid != _CONST_ROW)).any():
-            raise CodecError("entropy side info names an unknown model")
-        out = np.empty((g, n), np.int32)
-        const = np.flatnonzero(cid == _CONST_ROW)
-        out[const] = center[const][:, None]
+        out, rows_by_c, bounds, sizes = self._group_rows(center, cid, nc, g, n)
         if not nc:
             if planes.size:
                 raise CodecError("entropy block lengths do not match its size")
             return out
-        rows_by_c = np.argsort(cid, kind="stable")
-        bounds = np.searchsorted(cid[rows_by_c], np.arange(nc + 1))
-        sizes = np.diff(bounds)
-        if (sizes == 0).any():
-            raise CodecError("entropy side info has an unused model")
         ms = sizes * n
         if int((c_raw * ((ms + 7) >> 3)).sum()) != planes.size:
             raise CodecError("entropy block lengths do not match its size")
