@@ -80,6 +80,15 @@ def _check_status(response: httpx.Response, what: str) -> None:
         raise FetchError(f"{what}: server sent a {encoding}-encoded body after identity was asked")
 
 
+def _whole_body_length(response: httpx.Response, what: str) -> int | None:
+    """Check a whole-body (200) answer; its declared Content-Length, if any."""
+    _check_status(response, what)
+    if response.status_code != 200:
+        raise FetchError(f"{what}: HTTP {response.status_code} {response.reason_phrase}")
+    declared = response.headers.get("content-length")
+    return int(declared) if declared and declared.isdigit() else None
+
+
 def _read_body(response: httpx.Response, expected: int | None, limit: int, what: str) -> bytes:
     """The body, refusing more than ``limit`` (or than ``expected``) bytes; short is transient."""
     cap = limit if expected is None else expected
@@ -105,11 +114,7 @@ def get_json(
 
     def attempt() -> tuple[Any, float]:
         with client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
-            _check_status(response, url)
-            if response.status_code != 200:
-                raise FetchError(f"{url}: HTTP {response.status_code} {response.reason_phrase}")
-            declared = response.headers.get("content-length")
-            expected = int(declared) if declared and declared.isdigit() else None
+            expected = _whole_body_length(response, url)
             if expected is not None and expected > MAX_JSON_BYTES:
                 raise FetchError(f"{url}: JSON body of {expected} bytes exceeds {MAX_JSON_BYTES}")
             started = time.perf_counter()
@@ -135,11 +140,7 @@ def get_body(
 
     def attempt() -> bytes:
         with client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
-            _check_status(response, what)
-            if response.status_code != 200:
-                raise FetchError(f"{what}: HTTP {response.status_code} {response.reason_phrase}")
-            declared = response.headers.get("content-length")
-            length = int(declared) if declared and declared.isdigit() else None
+            length = _whole_body_length(response, what)
             if length is not None and expected is not None and length != expected:
                 raise FetchError(f"{what}: server announced {length} bytes where {expected} were expected")
             if length is not None and length > limit:
