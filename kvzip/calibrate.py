@@ -37,18 +37,20 @@ from kvzip.codecs import ChunkContext
 from kvzip.codecs.profile import (
     Profile,
     find_profile,
+    is_digest,
     list_profiles,
     profile_dirs,
     profile_to_bytes,
     register_profile_file,
     write_profile,
 )
-from kvzip.codecs.transforms import rope_cos_sin, rotate
+from kvzip.codecs.transforms import UnRoPE
 from kvzip.errors import InputError, ProfileNotFoundError
 from kvzip.model import KVModel
 from kvzip.model.calibration import capture, output_gram
 
 Progress = Callable[[str, int, int], None]
+_UNROPE = UnRoPE()
 
 # Texts kvzip bench scores by default; calibration must not read them.
 BENCH_TEXT_NAMES = ("GPL-3", "GPL-2", "GFDL-1.3", "argparse.py", "typing.py")
@@ -98,24 +100,20 @@ def _psd_sqrt(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (u * np.sqrt(w)) @ u.T, (u / np.sqrt(w)) @ u.T
 
 
-def _pre_rope(kv: np.ndarray, inv_freq, start: int = 0) -> np.ndarray:
-    """Keys of ``kv`` [2, L, H, T, D] un-rotated (a copy); values untouched."""
-    out = kv.copy()
-    if inv_freq is not None:
-        _, layers, heads, tokens, dim = kv.shape
-        ctx = ChunkContext(start, tokens, layers, heads, dim, "float32", tuple(inv_freq))
-        cos, sin = rope_cos_sin(ctx)
-        rotate(out[0], cos, sin, -1.0, out=out[0])
-    return out
+def _whole_context(kv: np.ndarray, inv_freq) -> ChunkContext:
+    """``kv`` [2, L, H, T, D] as one chunk starting at position 0."""
+    _, layers, heads, tokens, dim = kv.shape
+    return ChunkContext(0, tokens, layers, heads, dim, "float32", None if inv_freq is None else tuple(inv_freq))
+
+
+def _pre_rope(kv: np.ndarray, inv_freq) -> np.ndarray:
+    """Keys of ``kv`` un-rotated as the codec does (a copy); values untouched."""
+    return _UNROPE.forward(kv, _whole_context(kv, inv_freq))
 
 
 def _re_rope(kv: np.ndarray, inv_freq) -> np.ndarray:
-    if inv_freq is not None:
-        _, layers, heads, tokens, dim = kv.shape
-        ctx = ChunkContext(0, tokens, layers, heads, dim, "float32", tuple(inv_freq))
-        cos, sin = rope_cos_sin(ctx)
-        rotate(kv[0], cos, sin, +1.0, out=kv[0])
-    return kv
+    """Keys of ``kv`` rotated back, in place."""
+    return _UNROPE.inverse(kv, _whole_context(kv, inv_freq))
 
 
 def _kl(ref_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
@@ -291,10 +289,6 @@ def read_texts(paths: Sequence[str | Path]) -> list[tuple[str, str]]:
 IF_NO_PROFILE = ("calibrate", "uncalibrated", "error")
 
 
-def _is_digest(spec: str) -> bool:
-    return len(spec) == 64 and all(c in "0123456789abcdef" for c in spec)
-
-
 def resolve_profile(
     km: KVModel,
     profile: str | os.PathLike[str] | None = None,
@@ -316,7 +310,7 @@ def resolve_profile(
     fingerprint = km.identity()["fingerprint"]
     if profile is not None:
         spec = str(profile)
-        prof = find_profile(spec) if _is_digest(spec) else register_profile_file(spec)
+        prof = find_profile(spec) if is_digest(spec) else register_profile_file(spec)
     else:
         found = list_profiles(fingerprint)
         if found:

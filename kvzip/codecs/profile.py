@@ -216,9 +216,14 @@ def register_profile_file(path: str | os.PathLike[str]) -> Profile:
     return prof
 
 
+def is_digest(spec: object) -> bool:
+    """Whether ``spec`` names a profile by digest: 64 lowercase hex digits."""
+    return isinstance(spec, str) and len(spec) == 64 and all(c in "0123456789abcdef" for c in spec)
+
+
 def find_profile(digest: str) -> Profile:
     """The profile whose file bytes hash to ``digest``; ProfileNotFoundError if none is reachable."""
-    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+    if not is_digest(digest):
         raise ProfileError(f"a profile is named by a 64-digit lowercase hex SHA-256, not {digest!r}")
     hit = _CACHE.get(digest)
     if hit is not None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import stat
 import threading
 import time
@@ -46,6 +45,7 @@ from kvzip.codecs.profile import (
     PROFILE_SUFFIX,
     ProfileNotFoundError,
     find_profile,
+    is_digest,
     profile_dirs,
     profile_from_bytes,
     write_profile,
@@ -55,14 +55,9 @@ from kvzip.formats import open_kvz
 from kvzip.stream.http import RetryPolicy, get_body
 from kvzip.stream.paths import MAX_CONTEXTS, list_contexts
 
-_DIGEST = re.compile(r"[0-9a-f]{64}")
 SCAN_SECONDS = 2.0  # the root is walked for profiles and named digests at most this often
 HASH_PIECE = 1 << 20
 _VERIFIED_CACHE = 256
-
-
-def is_digest(value: Any) -> bool:
-    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
 
 
 def profile_file_name(digest: str) -> str:
