@@ -60,7 +60,8 @@ class ProfileBasis(ArrayTransform):
     profile's groups (one per kv head, or one for the whole layer); each group maps
     ``y = fwd @ (x - mean)`` on encode and ``x = inv @ y + mean`` on decode.  The
     result keeps the [2, L, H, T, D] layout (components fill the "heads" in order),
-    so quantiser and entropy coder are the same for every basis shape."""
+    so quantiser and entropy coder are the same for every basis shape.  The codec
+    checks the chunk's geometry against the profile before any stage runs."""
 
     def __init__(self, profile: Profile):
         t = profile.tensors
@@ -90,11 +91,9 @@ class ProfileBasis(ArrayTransform):
             y.transpose(0, 1, 3, 2, 4).reshape(two, layers, tokens, heads, dim).transpose(0, 1, 3, 2, 4))
 
     def forward(self, x: np.ndarray, ctx: ChunkContext) -> np.ndarray:
-        self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)
         return self._ungrouped(matmul_one_thread(self._grouped(x) - self.mean, self.fwd_t), x.shape)
 
     def inverse(self, x: np.ndarray, ctx: ChunkContext) -> np.ndarray:
-        self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)
         out = matmul_one_thread(self._grouped(x), self.inv_t)
         out += self.mean
         return self._ungrouped(out, x.shape)
