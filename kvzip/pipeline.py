@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from kvzip import __version__
-from kvzip.codecs import Codec, codec_for_level, codec_from_config
+from kvzip.codecs import Codec, codec_for_level
 from kvzip.codecs.profile import Profile
-from kvzip.errors import KvzipError, UnknownLevelError
+from kvzip.errors import UnknownLevelError
 from kvzip.formats import KvzReader, KvzWriter, open_kvz
 from kvzip.formats.parallel import default_decoders, encode_chunks_parallel
 from kvzip.model import TORCH_DTYPES, KVModel
@@ -79,12 +79,9 @@ MIN_PARALLEL_ENCODE_ELEMENTS = 8_000_000
 
 def _rebuildable(codecs: Sequence[Codec]) -> bool:
     """Whether a fresh worker process can rebuild every codec from its config: kvzip's
-    own codec classes only (a caller may register its own here, which a worker lacks)."""
-    try:
-        return all(type(c).__module__.startswith("kvzip.codecs.")
-                   and type(codec_from_config(c.config())) is type(c) for c in codecs)
-    except KvzipError:
-        return False
+    own codec classes only, which register on import in every process (a caller may
+    register its own here, which a worker lacks)."""
+    return all(type(c).__module__.startswith("kvzip.codecs.") for c in codecs)
 
 
 def _encoders(numel: int, n_chunks: int, encoders: int | None, codecs: Sequence[Codec] = ()) -> int:
