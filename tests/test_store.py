@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import sys
 import uuid
 from pathlib import Path
 
@@ -167,12 +168,33 @@ def test_an_artifact_written_but_not_recorded_is_adopted(km, docs, tmp_path, mon
     assert resumed.adopted == 1 and resumed.cached == resumed.unique_passages - 1
 
 
+def test_a_passage_another_run_recorded_first_is_not_counted_twice(km, docs, tmp_path, monkeypatch):
+    precache_module = sys.modules["kvzip.store.precache"]  # the package re-exports a function by that name
+    real = precache_module.cache_passage
+    calls = []
+
+    def beaten_to_it(km_, job, artifacts):
+        record = real(km_, job, artifacts)
+        if not calls:  # a concurrent run records this passage while we were writing it
+            with PassageStore(tmp_path / "s") as other:
+                assert other.index.add_artifact(record)
+        calls.append(job.name)
+        return record
+
+    monkeypatch.setattr(precache_module, "cache_passage", beaten_to_it)
+    summary = fill(tmp_path / "s", docs, km)
+    assert len(calls) == summary.unique_passages
+    assert summary.cached == summary.unique_passages - 1 and summary.already_cached == 1
+    with PassageStore(tmp_path / "s") as store:
+        assert store.info()["caches"][0]["artifacts"] == summary.unique_passages
+
+
 def _precache_in_child(km, store_dir, docs, start, results) -> None:
     torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork()
     start.wait()  # both children begin together
     with PassageStore(store_dir, create=True) as store:
         summary = precache([docs], store, km, passage_tokens=48, level="lossless")
-    results.put((summary.cached, summary.already_cached))
+    results.put((summary.cached, summary.already_cached, summary.adopted))
 
 
 def test_two_concurrent_runs_share_a_store(km, docs, tmp_path):
@@ -197,7 +219,9 @@ def test_two_concurrent_runs_share_a_store(km, docs, tmp_path):
     unique = info["caches"][0]["artifacts"]
     assert report.ok and report.unindexed == 0 and not [f for f in files if f.temporary]
     assert len(files) == unique and info["passages_without_cache"] == 0
-    assert all(cached + known == unique for cached, known in counts)
+    # Each run accounts for every passage, and each artifact is credited to one run only.
+    assert all(cached + known + adopted == unique for cached, known, adopted in counts)
+    assert sum(cached + adopted for cached, _, adopted in counts) == unique
 
 
 def test_artifacts_on_an_fsspec_url(km, docs, tmp_path):

@@ -187,14 +187,20 @@ class StoreIndex:
             )
         return True
 
-    def add_artifact(self, record: ArtifactRecord) -> None:
+    def add_artifact(self, record: ArtifactRecord) -> bool:
+        """Record an artifact; False when a concurrent run recorded it first.
+
+        Names are content addresses, so the first row stands and a second
+        writer's identical file replaced nothing that matters.
+        """
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with self.transaction():
-            self.db.execute(
-                "INSERT OR REPLACE INTO artifacts (name, model, level, codec_sha256, dtype, "
+            cursor = self.db.execute(
+                "INSERT OR IGNORE INTO artifacts (name, model, level, codec_sha256, dtype, "
                 "token_sha256, tokens, bytes, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (*asdict(record).values(), created),
             )
+            return cursor.rowcount == 1
 
     def remove_artifacts(self, names: Iterable[str]) -> None:
         with self.transaction():

@@ -211,20 +211,17 @@ def precache(
         record = adopt_artifact(job, store.artifacts) if store.artifacts.exists(job.name) else None
         if record is None:
             todo.append(job)
-        else:
-            store.index.add_artifact(record)
+        elif store.index.add_artifact(record):  # else a concurrent run recorded it
             adopted += 1
     written: list[ArtifactRecord] = []
-    raced = 0  # cached by a concurrent run between planning and our turn
+    finished = 0
 
     def done(record: ArtifactRecord | None) -> None:
-        nonlocal raced
-        if record is None:
-            raced += 1
-        else:
-            store.index.add_artifact(record)
+        nonlocal finished
+        finished += 1
+        if record is not None and store.index.add_artifact(record):  # else another run won
             written.append(record)
-        progress("precache", len(written) + raced, len(todo))
+        progress("precache", finished, len(todo))
 
     progress("precache", 0, len(todo))
     if engine == "local":
@@ -235,7 +232,7 @@ def precache(
     return PrecacheSummary(
         store=str(store.root), engine=engine, level=level,
         documents=len({p.doc_key for p in passages}), passages=len(passages),
-        unique_passages=len(jobs), already_cached=len(jobs) - len(todo) - adopted + raced,
+        unique_passages=len(jobs), already_cached=len(jobs) - len(written) - adopted,
         adopted=adopted, cached=len(written), cached_tokens=sum(r.tokens for r in written),
         written_bytes=sum(r.bytes for r in written), seconds=time.perf_counter() - started,
     )
