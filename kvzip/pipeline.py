@@ -85,8 +85,9 @@ def _rebuildable(codecs: Sequence[Codec]) -> bool:
 
 
 def _encoders(numel: int, n_chunks: int, encoders: int | None, codecs: Sequence[Codec] = ()) -> int:
-    """How many processes encode (1 = in-process only)."""
-    if not _rebuildable(codecs):
+    """How many encoders (threads or processes, this one included; 1 = this thread only)."""
+    threads = all(getattr(c, "releases_gil", False) for c in codecs)  # encoded on threads
+    if not threads and not _rebuildable(codecs):
         return 1  # e.g. a benchmark's own codec object, unknown to a fresh process
     if encoders is not None:
         return max(1, min(int(encoders), n_chunks))
@@ -118,7 +119,8 @@ def write_kvz(
     cannot fetch a chunk in time can recompute it from its text.
     ``profile`` (a model's calibration profile) turns named levels into their
     calibrated codecs; the header then names it, with its size.
-    ``encoders``: how many processes encode chunks (this one included); by default
+    ``encoders``: how many threads (codecs that release the GIL) or processes encode
+    chunks (this one included); by default
     all CPUs (``KVZIP_DECODE_WORKERS``) when the cache is large enough to gain.
     The file's bytes do not depend on it.
     """

@@ -1,10 +1,12 @@
 """Parallel decoding (kvzip.formats.parallel): bit-identical to in-process decoding,
-both paths exercised, worker failures surface as kvzip errors, no leaked buffers."""
+on threads (codecs that release the GIL) and on worker processes (the older entropy
+layouts, cachegen, lossless), failures surface as kvzip errors, no leaked buffers."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,11 @@ INV_FREQ = tuple((1.0 / (10000.0 ** (np.arange(0, D, 2) / D))).tolist())
 FILE_LEVELS = {
     "balanced": LEVELS["balanced"],
     "high": LEVELS["high"],
+    "balanced-p2": {**LEVELS["balanced"], "entropy": "param2"},
     "cachegen": {"id": "cachegen"},
     "lossless": LEVELS["lossless"],
 }
+THREAD_LEVELS = {"balanced", "high"}  # the rans layout: decoded on threads
 
 
 def realistic_kv(seed: int = 0) -> np.ndarray:
@@ -93,7 +97,8 @@ def test_parallel_decode_is_bit_identical(tmp_path, dtype, workers_only):
             serial = reader.decode_level(level, decoders=1)
             assert serial.flags.owndata  # the in-process path
             par = reader.decode_level(level, decoders=3)
-            assert not par.flags.owndata  # the shared buffer the workers wrote
+            # threads write an ordinary array; workers, the shared buffer
+            assert par.flags.owndata == (level in THREAD_LEVELS)
             assert par.dtype == serial.dtype and par.shape == serial.shape
             assert par.tobytes() == serial.tobytes()
     assert len(parallel.worker_pids()) == 2
@@ -103,16 +108,38 @@ def test_parallel_decode_is_bit_identical(tmp_path, dtype, workers_only):
 def test_parent_and_workers_share_the_work(tmp_path, workers):
     path = write(tmp_path / "a.kvz")
     with open_kvz(path) as reader:
-        serial = reader.decode_level("balanced", decoders=1)
+        serial = reader.decode_level("balanced-p2", decoders=1)
         for _ in range(2):
-            assert reader.decode_level("balanced", decoders=2).tobytes() == serial.tobytes()
+            assert reader.decode_level("balanced-p2", decoders=2).tobytes() == serial.tobytes()
+
+
+def test_threads_share_the_work(tmp_path, monkeypatch):
+    path = write(tmp_path / "a.kvz")
+    with open_kvz(path) as reader:
+        serial = reader.decode_level("balanced", decoders=1)
+    real, seen = parallel.decode_into, set()
+    both = threading.Barrier(2, timeout=30)
+
+    def decode_into(reader, level, chunks, out):
+        if threading.get_ident() not in seen:  # each decoder waits for the other once
+            seen.add(threading.get_ident())
+            both.wait()
+        real(reader, level, chunks, out)
+
+    monkeypatch.setattr(parallel, "decode_into", decode_into)
+    monkeypatch.setattr(parallel, "decode_level_parallel", None)  # no worker processes
+    with open_kvz(path) as reader:
+        par = reader.decode_level("balanced", decoders=2)
+    assert len(seen) == 2 and par.tobytes() == serial.tobytes()
 
 
 def test_small_level_decodes_in_process(tmp_path, monkeypatch):
     path = write(tmp_path / "a.kvz")
     monkeypatch.setattr(parallel, "decode_level_parallel", None)  # would fail if called
+    monkeypatch.setattr(parallel, "decode_level_threads", None)
     with open_kvz(path) as reader:
-        assert reader.decode_level("balanced").flags.owndata  # below MIN_PARALLEL_ELEMENTS
+        for level in ("balanced", "balanced-p2"):  # below MIN_THREAD/PARALLEL_ELEMENTS
+            assert reader.decode_level(level).flags.owndata
 
 
 def test_env_sets_decoders(tmp_path, monkeypatch, workers_only):
@@ -120,23 +147,23 @@ def test_env_sets_decoders(tmp_path, monkeypatch, workers_only):
     monkeypatch.setattr(parallel, "MIN_PARALLEL_ELEMENTS", 0)
     monkeypatch.setenv(parallel.ENV_WORKERS, "1")
     with open_kvz(path) as reader:
-        assert reader.decode_level("balanced").flags.owndata
+        assert reader.decode_level("balanced-p2").flags.owndata
     monkeypatch.setenv(parallel.ENV_WORKERS, "2")
     with open_kvz(path) as reader:
-        assert not reader.decode_level("balanced").flags.owndata
+        assert not reader.decode_level("balanced-p2").flags.owndata
 
 
 def test_load_kv_wraps_the_shared_buffer(tmp_path, workers_only):
     path = write(tmp_path / "a.kvz")
-    par = load_kv(path, "balanced", decoders=2)
-    ser = load_kv(path, "balanced", decoders=1)
+    par = load_kv(path, "balanced-p2", decoders=2)
+    ser = load_kv(path, "balanced-p2", decoders=1)
     assert par.kv.dtype == torch.float32 and torch.equal(par.kv, ser.kv)
     assert par.kv.numpy().base is not None  # a view of the mapping, not a copy
     bf = load_kv(write(tmp_path / "b.kvz", "bfloat16"), "cachegen", decoders=2)
     assert bf.kv.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("level", ["balanced", "cachegen", "lossless"])
+@pytest.mark.parametrize("level", ["balanced", "balanced-p2", "cachegen", "lossless"])
 def test_corrupt_chunk_in_a_worker_is_a_codec_error(tmp_path, level, workers_only):
     path = write(tmp_path / "bad.kvz", corrupt_chunk=6)
     before = leftover_buffers()
@@ -151,22 +178,25 @@ def test_corrupt_chunk_in_a_worker_is_a_codec_error(tmp_path, level, workers_onl
 def test_checksum_mismatch_in_a_worker(tmp_path, workers_only):
     path = write(tmp_path / "a.kvz")
     with open_kvz(path) as reader:
-        entry = reader.kv_entries("balanced")[4]
+        entry = reader.kv_entries("balanced-p2")[4]
     data = bytearray(path.read_bytes())
     data[entry.offset + entry.length // 2] ^= 0x10
     with open_kvz(path) as reader:  # header and index still parse; the payload is bad
         path.write_bytes(bytes(data))  # same size, same header: the worker accepts the file
         with pytest.raises(ChecksumError, match="chunk 4"):
-            reader.decode_level("balanced", decoders=2)
+            reader.decode_level("balanced-p2", decoders=2)
 
 
 def test_file_replaced_under_the_reader(tmp_path, workers_only):
     path = write(tmp_path / "a.kvz")
     with open_kvz(path) as reader:
+        before = reader.decode_level("balanced", decoders=1)
         other = write(tmp_path / "b.kvz", "float16")
         os.replace(other, path)
-        with pytest.raises(FormatError, match="changed"):
-            reader.decode_level("balanced", decoders=2)
+        with pytest.raises(FormatError, match="changed"):  # workers open the path anew
+            reader.decode_level("balanced-p2", decoders=2)
+        # threads read through the reader's own handle: still the file it opened
+        assert reader.decode_level("balanced", decoders=2).tobytes() == before.tobytes()
 
 
 def test_dead_worker_is_a_codec_error_not_a_hang(workers):

@@ -20,8 +20,12 @@ and the caller casts to the storage dtype.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -108,11 +112,52 @@ def zstd_decompress_bounded(
         raise error(f"{what}: corrupt zstd data ({exc})") from None
 
 
+@functools.cache
+def _blas_controller() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter: Any = None
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """BLAS limited to one thread while any caller, on any thread, is inside.
+
+    The limit is process-wide state, so it is set by the first caller in and
+    restored by the last one out: two decode threads nesting the same limit with
+    threadpoolctl directly could restore it in the wrong order and leave BLAS at
+    one thread for good.  A thread pool must be started by a thread that is
+    already inside: OpenBLAS (0.3.31, pthreads) ignores a limit first set from a
+    worker thread once another thread has set and restored one (measured: the
+    worker's products then still ran on two threads)."""
+    global _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = _blas_controller().limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
+
+
 class Codec(ABC):
     """An id, a JSON config, and encode/decode of one chunk."""
 
     codec_id: ClassVar[str]
     lossless: ClassVar[bool] = False
+    # Whether decode spends its time outside the GIL (C code, numpy, BLAS), so that
+    # threads can decode chunks in parallel; else decoding in parallel needs processes.
+    releases_gil: bool = False
 
     @abstractmethod
     def params(self) -> dict[str, Any]:

@@ -7,7 +7,8 @@ bounded-error step per (K/V, layer), relative to that layer's RMS in the chunk
 (absolute positions < ``sink_tokens``) at a ``sink_factor`` times finer step ->
 range coding with one small parametric model (generalised Gaussian, a few bytes)
 per (K/V, layer, head, channel) row, or empirical tables (``entropy="hist"``);
-``entropy="param2"`` codes the same models in a layout that decodes faster.
+``entropy="param2"`` codes the same models in a layout that decodes faster, and
+``entropy="rans"`` (the default) with kvzip's own C rANS coder, faster still.
 
 Error bound (before re-rotation, which is an orthogonal 2x2 map per channel pair):
 ``|x - x_hat| <= step / 2`` for every element, ``step = key_step|value_step * RMS``
@@ -89,6 +90,8 @@ class KvzipLossyCodec(Codec):
 
     def params(self) -> dict[str, Any]:
         return dict(self._p)
+
+    releases_gil = property(lambda self: self.pipeline.releases_gil)
 
     def encode(self, kv: np.ndarray, ctx: ChunkContext) -> bytes:
         if kv.shape != ctx.shape:

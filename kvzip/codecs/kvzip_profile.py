@@ -14,19 +14,19 @@ docs and ``docs/benchmarks.md``):
    the profile's ``step_scale``, allocated from each layer's measured effect on
    next-token KL; values also scale per token with their RMS (``value_token_exp``)
    and the first ``sink_tokens`` tokens get a ``sink_factor`` times finer step;
-4. range coding (constriction) with small parametric models per row.
+4. entropy coding (kvzip's rANS coder, ``entropy="rans"``) with small parametric
+   models per cluster of rows.
 
 The codec config names its profile by SHA-256; see :mod:`kvzip.codecs.profile`.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
 
-from kvzip.codecs.base import ChunkContext, Codec, to_float32
+from kvzip.codecs.base import ChunkContext, Codec, one_blas_thread, to_float32
 from kvzip.codecs.entropy import RangeCoder
 from kvzip.codecs.profile import Profile, find_profile
 from kvzip.codecs.quantize import UniformStepQuantizer
@@ -36,22 +36,15 @@ from kvzip.codecs.transforms import UnRoPE
 from kvzip.errors import CodecError
 
 
-@functools.cache
-def _blas_controller() -> Any:
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
 def matmul_one_thread(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` on one BLAS thread.
 
     The products are small (a chunk's tokens x head_dim x head_dim), and decoding
-    runs one process per core: BLAS threads on top of that oversubscribe the
+    runs one decoder per core: BLAS threads on top of that oversubscribe the
     cores, and OpenBLAS's spinning threads then halve the whole decode (measured:
     two decoders ran at 19-23 M elements/s each with two BLAS threads, 34-36 with one).
     """
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with one_blas_thread():
         return np.matmul(a, b)
 
 
@@ -127,6 +120,8 @@ class KvzipProfileCodec(Codec):
 
     def params(self) -> dict[str, Any]:
         return dict(self._p)
+
+    releases_gil = property(lambda self: self.pipeline.releases_gil)
 
     def encode(self, kv: np.ndarray, ctx: ChunkContext) -> bytes:
         if kv.shape != ctx.shape:

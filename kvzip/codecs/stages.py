@@ -67,6 +67,8 @@ class Quantizer(ABC):
 class SymbolCoder(ABC):
     """symbol matrices -> bytes, and back (lossless)."""
 
+    releases_gil: bool = False  # whether decode runs outside the GIL (see Codec.releases_gil)
+
     @abstractmethod
     def encode(self, matrix: np.ndarray) -> bytes: ...
 
@@ -124,6 +126,11 @@ class StagePipeline:
         self.transforms: list[ArrayTransform] = transforms
         self.quantizer: Quantizer = quantizer
         self.coder: SymbolCoder = coder
+
+    @property
+    def releases_gil(self) -> bool:
+        """Transforms and quantizers are numpy/BLAS work; the coder decides."""
+        return self.coder.releases_gil
 
     def encode(self, x: np.ndarray, ctx: ChunkContext) -> bytes:
         for t in self.transforms:

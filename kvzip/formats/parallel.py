@@ -1,7 +1,10 @@
-"""Decoding one level's chunks on several processes into one shared buffer.
+"""Decoding one level's chunks in parallel: threads, or processes sharing one buffer.
 
-constriction holds the GIL while it decodes, so threads cannot share the work;
-processes can.  The design, and why:
+A codec whose decode runs outside the GIL (kvzip's rANS coder, numpy, BLAS:
+``Codec.releases_gil``) decodes on threads of this process
+(:func:`decode_level_threads`).  constriction holds the GIL while it decodes,
+so for the older entropy layouts threads cannot share the work; processes can.
+The process design, and why:
 
 * The output is a file in ``/dev/shm`` (or the temporary directory when shared
   memory is missing or too small), mapped by the parent and by each worker.
@@ -48,13 +51,15 @@ from typing import Any
 import numpy as np
 
 from kvzip import errors
-from kvzip.codecs import STORAGE_DTYPES
+from kvzip.codecs import STORAGE_DTYPES, one_blas_thread
 from kvzip.errors import CodecError, FormatError, KvzipError
 
 ENV_WORKERS = "KVZIP_DECODE_WORKERS"
 # Below this many decoded elements (about 3 chunks of 256 tokens of a 135M model,
 # ~0.1 s of decoding) a level decodes in-process: handing out work costs more.
 MIN_PARALLEL_ELEMENTS = 8_000_000
+# Threads cost next to nothing to start: two chunks are enough.
+MIN_THREAD_ELEMENTS = 1_000_000
 BUFFER_PREFIX = "kvzip-decode-"
 # Whether the calling process decodes chunks too (tests turn it off to make the
 # workers do every chunk).
@@ -279,14 +284,67 @@ def worker_pids() -> list[int]:
     return [w.proc.pid for w in _POOL.workers if w.alive()]
 
 
-def want_parallel(reader: Any, numel: int, n_chunks: int, decoders: int | None) -> int:
-    """How many decoders a level should use (1 = in-process)."""
+def want_parallel(reader: Any, numel: int, n_chunks: int, decoders: int | None, threads: bool = False) -> int:
+    """How many decoders a level should use (1 = in-process); ``threads``: whether
+    they would be threads of this process (a codec that releases the GIL)."""
     n = default_decoders() if decoders is None else max(1, int(decoders))
-    if getattr(reader.source, "path", None) is None or n_chunks < 2:
+    if n_chunks < 2 or (not threads and getattr(reader.source, "path", None) is None):
         return 1
-    if decoders is None and numel < MIN_PARALLEL_ELEMENTS:
+    if decoders is None and numel < (MIN_THREAD_ELEMENTS if threads else MIN_PARALLEL_ELEMENTS):
         return 1
     return min(n, n_chunks)
+
+
+def decode_level_threads(reader: Any, level_name: str, decoders: int) -> np.ndarray:
+    """A whole level decoded by ``decoders`` threads of this process, chunk by chunk,
+    straight into one array: for codecs whose decode runs outside the GIL (see
+    ``Codec.releases_gil``), this needs no worker processes, no shared file and no
+    start-up.  The first failure stops the others and is raised."""
+    h = reader.header
+    entries = reader.kv_entries(level_name)
+    out = np.empty((2, h.num_layers, h.kv_heads, h.token_count, h.head_dim), STORAGE_DTYPES[h.dtype])
+    run_on_threads(len(entries), decoders, lambda i: decode_into(reader, level_name, [i], out))
+    return out
+
+
+def run_on_threads(n_tasks: int, n_threads: int, do: Callable[[int], None],
+                   after_own: Callable[[], None] | None = None) -> None:
+    """``do(i)`` for every task ``i`` in order of hand-out, on ``n_threads`` threads (this
+    one included); ``after_own()`` runs on this thread after each task it did itself.
+    The first failure stops the hand-out and is raised once every thread stopped.
+
+    BLAS is held to one thread meanwhile, taken by this thread before any other starts
+    (see :func:`kvzip.codecs.one_blas_thread`)."""
+    pending = list(range(n_tasks - 1, -1, -1))
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def work(callback: Callable[[], None] | None) -> None:
+        while True:
+            with lock:
+                if failures or not pending:
+                    return
+                i = pending.pop()
+            try:
+                do(i)
+                if callback is not None:
+                    callback()
+            except BaseException as exc:
+                with lock:
+                    failures.append(exc)
+                return
+
+    with one_blas_thread():
+        threads = [threading.Thread(target=work, args=(None,), daemon=True) for _ in range(n_threads - 1)]
+        for t in threads:
+            t.start()
+        try:
+            work(after_own)
+        finally:
+            for t in threads:
+                t.join()
+    if failures:
+        raise failures[0]
 
 
 def decode_level_parallel(reader: Any, level_name: str, decoders: int) -> np.ndarray:
@@ -389,9 +447,11 @@ def encode_chunks_parallel(array: np.ndarray, codecs: list[Any], chunks: list[tu
                            ctx: dict[str, Any], encoders: int,
                            done: Callable[[int], None] | None = None) -> list[list[bytes]]:
     """Every chunk (``(start, count)`` token ranges of ``array``, [2, L, H, T, D]) encoded with
-    every codec by ``encoders`` processes, this one included: ``payloads[chunk][level]``.
+    every codec by ``encoders`` encoders, this one included: ``payloads[chunk][level]``.
 
-    The array is copied once into a shared file that workers map read-only;
+    When every codec releases the GIL the encoders are threads of this process,
+    working on the array itself.  Otherwise they are worker processes: the array is
+    copied once into a shared file that workers map read-only;
     workers rebuild each codec from its config, and a codec's output depends only
     on its config and the chunk, so the payloads are the bytes one process would
     write.  ``done(n)`` is called on this thread with the number of chunks finished
@@ -421,6 +481,12 @@ def encode_chunks_parallel(array: np.ndarray, codecs: list[Any], chunks: list[tu
     if encoders <= 1 or len(chunks) < 2 or array.nbytes == 0:
         for i in range(len(chunks)):
             here([i])
+        return results  # type: ignore[return-value]
+    if all(getattr(c, "releases_gil", False) for c in codecs):  # threads: no copies, no workers
+        run_on_threads(len(chunks), min(encoders, len(chunks)), lambda i: encode_here([i]),
+                       None if done is None else lambda: done(finished[0]))
+        if done is not None:
+            done(finished[0])
         return results  # type: ignore[return-value]
     array = np.ascontiguousarray(array)
     directory = buffer_dir(array.nbytes)

@@ -74,6 +74,12 @@ class PayloadDecoder:
             rope_inv_freq=h.rope_inv_freq,
         )
 
+    def level_codec(self, level: int) -> Codec:
+        """The codec of level ``level``, built (and checked) once."""
+        if level not in self._codecs:
+            self._codecs[level] = self.codec(level)
+        return self._codecs[level]
+
     def codec(self, level: int) -> Codec:
         """The codec of level ``level``, refusing a calibration profile made for another model."""
         codec = codec_from_config(self.header.levels[level].codec)
@@ -87,10 +93,8 @@ class PayloadDecoder:
         """One KV chunk as ``[2, layers, kv_heads, tokens, head_dim]`` in the storage dtype."""
         if entry.kind is not EntryKind.KV:
             raise ValueError(f"not a KV entry: {entry}")
-        if entry.level not in self._codecs:
-            self._codecs[entry.level] = self.codec(entry.level)
         ctx = self.context(entry)
-        kv = self._codecs[entry.level].decode(payload, ctx)
+        kv = self.level_codec(entry.level).decode(payload, ctx)
         if kv.shape != ctx.shape:
             raise CodecError(
                 f"{describe_entry(entry, self.header.level_names)} decoded to shape "
@@ -183,15 +187,19 @@ class KvzReader:
     def decode_level(self, level_name: str, *, decoders: int | None = None) -> np.ndarray:
         """A whole level as ``[2, layers, kv_heads, token_count, head_dim]``.
 
-        A large level of a local file is decoded by several processes into a shared
-        buffer (see :mod:`kvzip.formats.parallel`); ``decoders`` sets how many
-        (1 = this process only; default: ``KVZIP_DECODE_WORKERS`` or the CPU count,
-        and in-process for small levels).  The result is the same either way, bit for bit.
+        A large level is decoded in parallel (see :mod:`kvzip.formats.parallel`):
+        on threads when its codec releases the GIL, else, for a local file, on
+        several processes into a shared buffer.  ``decoders`` sets how many
+        (1 = this thread only; default: ``KVZIP_DECODE_WORKERS`` or the CPU count,
+        and one for small levels).  The result is the same either way, bit for bit.
         """
         entries = self.kv_entries(level_name)
         h = self.header
         shape = (2, h.num_layers, h.kv_heads, h.token_count, h.head_dim)
-        n = parallel.want_parallel(self, int(np.prod(shape)), len(entries), decoders)
+        threads = bool(entries) and self._decoder.level_codec(entries[0].level).releases_gil
+        n = parallel.want_parallel(self, int(np.prod(shape)), len(entries), decoders, threads)
+        if n > 1 and threads:
+            return parallel.decode_level_threads(self, level_name, n)
         if n > 1:
             return parallel.decode_level_parallel(self, level_name, n)
         kv = np.empty(shape, dtype=STORAGE_DTYPES[h.dtype])

@@ -1,0 +1,500 @@
+/* kvzip's rANS coder for the "rans" entropy layout (see kvzip/codecs/entropy.py).
+ *
+ * A symbol matrix is coded cluster by cluster: a cluster is a list of rows that
+ * share one quantised frequency table (span_h values, summing to 1 << PREC).
+ * Element j of the chunk's coded stream (clusters in order, rows in order, tokens
+ * in order) is coded by interleaved state j % LANES.  A value v of a row decodes as
+ *     v = ((h << raw) | low) + lo + center[row]
+ * where h is coded with the cluster's table and, for raw > 0, low with a uniform
+ * table over 1 << raw values, right after h.
+ *
+ * Bitstream: 32-bit states in [L, 2**32) with L = 2**16, renormalised 16 bits at a
+ * time into one shared stream of little-endian uint16 words.  The stream opens with
+ * the LANES final encoder states (low half first), then the words in the order the
+ * decoder reads them.  A decoder that ends with every state back at L and every word
+ * read has decoded exactly what was encoded (the rANS end-state check).
+ *
+ * Both directions run without the GIL, so two threads decode two chunks at once.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#define LANES 4
+#define RANS_L (1u << 16)
+#define PREC 12
+#define TOTAL (1u << PREC)
+#define MAX_SPAN_H (TOTAL >> 1)
+#define MAX_RAW 8
+
+typedef struct {
+    uint16_t freq, bias, sym, pad;
+} slot_t;
+
+/* One cluster's parameters, a row of the int64 [nc, 6] array both calls take. */
+enum { P_SPAN_H, P_FOFF, P_RAW, P_NROWS, P_ROW0, P_LO, P_COLS };
+
+static const char *check_params(const int64_t *params, Py_ssize_t nc, Py_ssize_t nrows_total, Py_ssize_t nfreq)
+{
+    Py_ssize_t rows_seen = 0;
+    for (Py_ssize_t c = 0; c < nc; c++) {
+        const int64_t *p = params + c * P_COLS;
+        if (p[P_SPAN_H] < 2 || p[P_SPAN_H] > MAX_SPAN_H || p[P_RAW] < 0 || p[P_RAW] > MAX_RAW)
+            return "invalid cluster model";
+        if (p[P_FOFF] < 0 || p[P_FOFF] + p[P_SPAN_H] > nfreq)
+            return "cluster table out of range";
+        if (p[P_NROWS] < 1 || p[P_ROW0] != rows_seen || p[P_ROW0] + p[P_NROWS] > nrows_total)
+            return "cluster rows out of range";
+        if (p[P_LO] < -(1LL << 31) || p[P_LO] >= (1LL << 31))
+            return "cluster window out of range";
+        rows_seen += p[P_NROWS];
+    }
+    return NULL;
+}
+
+/* Cumulative table of one cluster; NULL when the frequencies do not sum to TOTAL. */
+static int cum_table(const uint16_t *freq, int64_t span_h, uint32_t *cum)
+{
+    uint32_t acc = 0;
+    for (int64_t s = 0; s < span_h; s++) {
+        if (freq[s] == 0)
+            return -1;
+        cum[s] = acc;
+        acc += freq[s];
+    }
+    cum[span_h] = acc;
+    return acc == TOTAL ? 0 : -1;
+}
+
+static PyObject *rans_decode(PyObject *self, PyObject *args)
+{
+    Py_buffer words, freqs, params, rows, center, out;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*w*n", &words, &freqs, &params, &rows, &center, &out, &n))
+        return NULL;
+    const char *err = NULL;
+    slot_t *table = NULL;
+    uint32_t *cum = NULL;
+    Py_ssize_t nc = params.len / (Py_ssize_t)(P_COLS * sizeof(int64_t));
+    Py_ssize_t nrows_total = rows.len / (Py_ssize_t)sizeof(int32_t);
+    Py_ssize_t g = center.len / (Py_ssize_t)sizeof(int32_t);
+    Py_ssize_t nfreq = freqs.len / (Py_ssize_t)sizeof(uint16_t);
+    Py_ssize_t nwords = words.len / (Py_ssize_t)sizeof(uint16_t);
+    if (n < 1 || out.len != (Py_ssize_t)(g * n * (Py_ssize_t)sizeof(int32_t))) {
+        err = "output buffer has the wrong size";
+        goto done;
+    }
+    err = check_params((const int64_t *)params.buf, nc, nrows_total, nfreq);
+    if (err)
+        goto done;
+    table = (slot_t *)malloc(TOTAL * sizeof(slot_t));
+    cum = (uint32_t *)malloc((MAX_SPAN_H + 1) * sizeof(uint32_t));
+    if (!table || !cum) {
+        err = "out of memory";
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const uint16_t *w = (const uint16_t *)words.buf;
+    const uint16_t *wend = w + nwords;
+    const int64_t *par = (const int64_t *)params.buf;
+    const int32_t *rws = (const int32_t *)rows.buf;
+    const int32_t *ctr = (const int32_t *)center.buf;
+    int32_t *dst = (int32_t *)out.buf;
+    const uint16_t *fq = (const uint16_t *)freqs.buf;
+    uint32_t x[LANES];
+    unsigned lane = 0;
+    if (nwords < 2 * LANES) {
+        err = "coded stream is truncated";
+        goto unlock;
+    }
+    for (int k = 0; k < LANES; k++) {
+        x[k] = (uint32_t)w[0] | ((uint32_t)w[1] << 16);
+        w += 2;
+    }
+    for (Py_ssize_t c = 0; c < nc && !err; c++) {
+        const int64_t *p = par + c * P_COLS;
+        int64_t span_h = p[P_SPAN_H];
+        unsigned raw = (unsigned)p[P_RAW];
+        if (cum_table(fq + p[P_FOFF], span_h, cum)) {
+            err = "cluster table does not sum to its total";
+            break;
+        }
+        for (int64_t s = 0; s < span_h; s++) {
+            uint16_t f = (uint16_t)(cum[s + 1] - cum[s]);
+            for (uint32_t j = 0; j < f; j++) {
+                slot_t *e = &table[cum[s] + j];
+                e->freq = f;
+                e->bias = (uint16_t)j;
+                e->sym = (uint16_t)s;
+            }
+        }
+        const unsigned low_shift = PREC - raw;
+        const uint32_t low_mask = (1u << raw) - 1;
+        for (int64_t r = 0; r < p[P_NROWS] && !err; r++) {
+            int32_t row = rws[p[P_ROW0] + r];
+            if (row < 0 || row >= g) {
+                err = "cluster rows out of range";
+                break;
+            }
+            const int32_t base = (int32_t)(p[P_LO] + ctr[row]);
+            int32_t *o = dst + (Py_ssize_t)row * n;
+            for (Py_ssize_t t = 0; t < n; t++) {
+                uint32_t xs = x[lane];
+                uint32_t slot = xs & (TOTAL - 1);
+                slot_t e = table[slot];
+                xs = (uint32_t)e.freq * (xs >> PREC) + e.bias;
+                if (xs < RANS_L) {
+                    if (w >= wend) {
+                        err = "coded stream is truncated";
+                        break;
+                    }
+                    xs = (xs << 16) | *w++;
+                }
+                uint32_t v = e.sym;
+                if (raw) {
+                    uint32_t ls = xs & (TOTAL - 1);
+                    uint32_t low = ls >> low_shift;
+                    xs = ((xs >> PREC) << low_shift) + (ls & ((1u << low_shift) - 1));
+                    if (xs < RANS_L) {
+                        if (w >= wend) {
+                            err = "coded stream is truncated";
+                            break;
+                        }
+                        xs = (xs << 16) | *w++;
+                    }
+                    v = (v << raw) | (low & low_mask);
+                }
+                x[lane] = xs;
+                lane = (lane + 1) & (LANES - 1);
+                o[t] = (int32_t)v + base;
+            }
+        }
+    }
+    if (!err) {
+        for (int k = 0; k < LANES; k++)
+            if (x[k] != RANS_L)
+                err = "coded stream does not end where it should (corrupt)";
+        if (w != wend)
+            err = "coded stream has trailing words (corrupt)";
+    }
+unlock:
+    Py_END_ALLOW_THREADS
+done:
+    free(table);
+    free(cum);
+    PyBuffer_Release(&words);
+    PyBuffer_Release(&freqs);
+    PyBuffer_Release(&params);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&center);
+    PyBuffer_Release(&out);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *rans_encode(PyObject *self, PyObject *args)
+{
+    Py_buffer matrix, freqs, params, rows, center;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*n", &matrix, &freqs, &params, &rows, &center, &n))
+        return NULL;
+    const char *err = NULL;
+    uint32_t *cum = NULL;
+    uint16_t *buf = NULL;
+    PyObject *result = NULL;
+    Py_ssize_t nc = params.len / (Py_ssize_t)(P_COLS * sizeof(int64_t));
+    Py_ssize_t nrows_total = rows.len / (Py_ssize_t)sizeof(int32_t);
+    Py_ssize_t g = center.len / (Py_ssize_t)sizeof(int32_t);
+    Py_ssize_t nfreq = freqs.len / (Py_ssize_t)sizeof(uint16_t);
+    Py_ssize_t cap = 0, start = 0;
+    if (n < 1 || matrix.len != (Py_ssize_t)(g * n * (Py_ssize_t)sizeof(int32_t))) {
+        err = "symbol matrix has the wrong size";
+        goto done;
+    }
+    err = check_params((const int64_t *)params.buf, nc, nrows_total, nfreq);
+    if (err)
+        goto done;
+    /* at most one word per coding step, two steps per element, plus the states */
+    cap = 2 * nrows_total * n + 2 * LANES;
+    cum = (uint32_t *)malloc((MAX_SPAN_H + 1) * sizeof(uint32_t));
+    buf = (uint16_t *)malloc((size_t)cap * sizeof(uint16_t));
+    if (!cum || !buf) {
+        err = "out of memory";
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const int64_t *par = (const int64_t *)params.buf;
+    const int32_t *rws = (const int32_t *)rows.buf;
+    const int32_t *ctr = (const int32_t *)center.buf;
+    const int32_t *src = (const int32_t *)matrix.buf;
+    const uint16_t *fq = (const uint16_t *)freqs.buf;
+    uint16_t *w = buf + cap; /* words are written backwards */
+    uint32_t x[LANES];
+    for (int k = 0; k < LANES; k++)
+        x[k] = RANS_L;
+    Py_ssize_t total = 0;
+    for (Py_ssize_t c = 0; c < nc; c++)
+        total += par[c * P_COLS + P_NROWS] * n;
+    unsigned lane = (unsigned)((total - 1) & (LANES - 1)); /* lane of the last element */
+    for (Py_ssize_t c = nc - 1; c >= 0 && !err; c--) {
+        const int64_t *p = par + c * P_COLS;
+        int64_t span_h = p[P_SPAN_H];
+        unsigned raw = (unsigned)p[P_RAW];
+        if (cum_table(fq + p[P_FOFF], span_h, cum)) {
+            err = "cluster table does not sum to its total";
+            break;
+        }
+        const int64_t limit = span_h << raw;
+        for (int64_t r = p[P_NROWS] - 1; r >= 0 && !err; r--) {
+            int32_t row = rws[p[P_ROW0] + r];
+            if (row < 0 || row >= g) {
+                err = "cluster rows out of range";
+                break;
+            }
+            const int64_t base = p[P_LO] + ctr[row];
+            const int32_t *in = src + (Py_ssize_t)row * n;
+            for (Py_ssize_t t = n - 1; t >= 0; t--) {
+                int64_t v = (int64_t)in[t] - base;
+                if (v < 0 || v >= limit) {
+                    err = "a symbol lies outside its cluster's window";
+                    break;
+                }
+                uint32_t xs = x[lane];
+                if (raw) { /* low bits, uniform: decoded after h, so encoded first */
+                    uint32_t low = (uint32_t)v & ((1u << raw) - 1);
+                    uint32_t f = 1u << (PREC - raw);
+                    if (xs >= (f << (32 - PREC))) {
+                        *--w = (uint16_t)xs;
+                        xs >>= 16;
+                    }
+                    xs = ((xs >> (PREC - raw)) << PREC) + (xs & (f - 1)) + (low << (PREC - raw));
+                }
+                uint32_t h = (uint32_t)(v >> raw);
+                uint32_t f = cum[h + 1] - cum[h];
+                if (xs >= (f << (32 - PREC))) {
+                    *--w = (uint16_t)xs;
+                    xs >>= 16;
+                }
+                xs = ((xs / f) << PREC) + (xs % f) + cum[h];
+                x[lane] = xs;
+                lane = (lane - 1) & (LANES - 1);
+            }
+        }
+    }
+    if (!err) {
+        for (int k = LANES - 1; k >= 0; k--) {
+            *--w = (uint16_t)(x[k] >> 16);
+            *--w = (uint16_t)x[k];
+        }
+        start = w - buf;
+    }
+    Py_END_ALLOW_THREADS
+    if (!err)
+        result = PyBytes_FromStringAndSize((const char *)(buf + start), (cap - start) * (Py_ssize_t)sizeof(uint16_t));
+done:
+    free(cum);
+    free(buf);
+    PyBuffer_Release(&matrix);
+    PyBuffer_Release(&freqs);
+    PyBuffer_Release(&params);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&center);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    return result;
+}
+
+/* Encoder helpers: per-row histograms and the choice of each row's parametric model.
+ * Neither affects what a decoder must do, only how well the encoder chooses. */
+
+static PyObject *row_histograms(PyObject *self, PyObject *args)
+{
+    /* counts[offs[r] + v - lo[r]] += 1 for every value v of matrix row rows[r] */
+    Py_buffer matrix, rows, lo, offs, counts;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*n", &matrix, &rows, &lo, &offs, &counts, &n))
+        return NULL;
+    const char *err = NULL;
+    Py_ssize_t nr = rows.len / (Py_ssize_t)sizeof(int32_t);
+    Py_ssize_t g = n > 0 ? matrix.len / (Py_ssize_t)sizeof(int32_t) / n : 0;
+    Py_ssize_t ncells = counts.len / (Py_ssize_t)sizeof(double);
+    if (n < 1 || lo.len != nr * (Py_ssize_t)sizeof(int64_t) || offs.len != (nr + 1) * (Py_ssize_t)sizeof(int64_t)) {
+        err = "histogram arguments have inconsistent sizes";
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const int32_t *m = (const int32_t *)matrix.buf;
+    const int32_t *rw = (const int32_t *)rows.buf;
+    const int64_t *l = (const int64_t *)lo.buf, *o = (const int64_t *)offs.buf;
+    double *c = (double *)counts.buf;
+    memset(c, 0, (size_t)ncells * sizeof(double));
+    for (Py_ssize_t r = 0; r < nr && !err; r++) {
+        if (rw[r] < 0 || rw[r] >= g || o[r] < 0 || o[r + 1] > ncells || o[r] > o[r + 1]) {
+            err = "histogram row out of range";
+            break;
+        }
+        const int32_t *row = m + (Py_ssize_t)rw[r] * n;
+        double *h = c + o[r];
+        int64_t width = o[r + 1] - o[r];
+        for (Py_ssize_t t = 0; t < n; t++) {
+            int64_t v = (int64_t)row[t] - l[r];
+            if (v < 0 || v >= width) {
+                err = "a value lies outside its row's range";
+                break;
+            }
+            h[v] += 1.0;
+        }
+    }
+    Py_END_ALLOW_THREADS
+done:
+    PyBuffer_Release(&matrix);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&lo);
+    PyBuffer_Release(&offs);
+    PyBuffer_Release(&counts);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+#define N_BETAS 4
+#define U_RES 16
+#define U_LEN (64 * U_RES)
+#define S_OFFSET 32
+#define POW_LEN 4096
+
+static PyObject *fit_param(PyObject *self, PyObject *args)
+{
+    /* For each row (cells offs[r]..offs[r+1] holding counts of the values lo[r]+j):
+     * mu4 = round(4 * mean), then for each shape and five scales around its moment
+     * estimate, the code length of the row under the decoder's weights; keep the best.
+     * powers: [N_BETAS, POW_LEN] (d / 4) ** beta; gg / lgg: [N_BETAS, U_LEN] weights and
+     * their log2; s_fixed: s * 2**20 per sidx. */
+    Py_buffer counts, lo, offs, betas, powers, gg, lgg, s_fixed, mu4, sidx, shape;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*w*w*w*n", &counts, &lo, &offs, &betas, &powers, &gg, &lgg,
+                          &s_fixed, &mu4, &sidx, &shape, &n))
+        return NULL;
+    const char *err = NULL;
+    Py_ssize_t nr = lo.len / (Py_ssize_t)sizeof(int64_t);
+    Py_ssize_t ncells = counts.len / (Py_ssize_t)sizeof(double);
+    if (n < 1 || offs.len != (nr + 1) * (Py_ssize_t)sizeof(int64_t) || betas.len != N_BETAS * (Py_ssize_t)sizeof(double)
+        || powers.len != N_BETAS * POW_LEN * (Py_ssize_t)sizeof(double) || gg.len != N_BETAS * U_LEN * (Py_ssize_t)sizeof(double) || lgg.len != gg.len
+        || s_fixed.len != 256 * (Py_ssize_t)sizeof(double) || mu4.len != lo.len || sidx.len != lo.len
+        || shape.len != lo.len) {
+        err = "fit arguments have inconsistent sizes";
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const double *c = (const double *)counts.buf, *bt = (const double *)betas.buf, *pw = (const double *)powers.buf;
+    const double *w = (const double *)gg.buf, *lw = (const double *)lgg.buf, *sf = (const double *)s_fixed.buf;
+    const int64_t *l = (const int64_t *)lo.buf, *o = (const int64_t *)offs.buf;
+    int64_t *out_mu = (int64_t *)mu4.buf, *out_s = (int64_t *)sidx.buf, *out_b = (int64_t *)shape.buf;
+    const double dn = (double)n;
+    for (Py_ssize_t r = 0; r < nr; r++) {
+        int64_t a = o[r], b = o[r + 1];
+        if (a < 0 || b > ncells || a >= b) {
+            err = "fit row out of range";
+            break;
+        }
+        double sum = 0.0;
+        for (int64_t j = a; j < b; j++)
+            sum += c[j] * (double)(l[r] + (j - a));
+        int64_t m4 = (int64_t)nearbyint(4.0 * sum / dn);
+        double best = INFINITY;
+        int64_t best_s = 0, best_b = 0;
+        for (int si = 0; si < N_BETAS; si++) {
+            double beta = bt[si], mom = 0.0;
+            const double *pt = pw + si * POW_LEN;
+            for (int64_t j = a; j < b; j++)
+                if (c[j] > 0) {
+                    int64_t d = 4 * (l[r] + (j - a)) - m4;
+                    d = d < 0 ? -d : d;
+                    mom += c[j] * (d < POW_LEN ? pt[d] : pow((double)d / 4.0, beta));
+                }
+            double s0 = pow(beta * mom / dn, 1.0 / beta);
+            if (!(s0 >= 1.0 / 16))
+                s0 = 1.0 / 16;
+            int64_t c0 = (int64_t)nearbyint(8.0 * log2(s0)) + S_OFFSET;
+            const double *gw = w + si * U_LEN, *glw = lw + si * U_LEN;
+            for (int dc = -2; dc <= 2; dc++) {
+                int64_t cand = c0 + dc;
+                cand = cand < 0 ? 0 : (cand > 255 ? 255 : cand);
+                double s = sf[cand], norm = 0.0, lik = 0.0;
+                for (int64_t j = a; j < b; j++) {
+                    int64_t d = 4 * (l[r] + (j - a)) - m4;
+                    double q = (double)((d < 0 ? -d : d) << 22) / s;
+                    int64_t u = q >= U_LEN - 1 ? U_LEN - 1 : (int64_t)q;
+                    norm += gw[u];
+                    if (c[j] > 0)
+                        lik += c[j] * glw[u];
+                }
+                double cost = dn * log2(norm) - lik;
+                if (cost < best) {
+                    best = cost;
+                    best_s = cand;
+                    best_b = si;
+                }
+            }
+        }
+        out_mu[r] = m4;
+        out_s[r] = best_s;
+        out_b[r] = best_b;
+    }
+    Py_END_ALLOW_THREADS
+done:
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&lo);
+    PyBuffer_Release(&offs);
+    PyBuffer_Release(&betas);
+    PyBuffer_Release(&powers);
+    PyBuffer_Release(&gg);
+    PyBuffer_Release(&lgg);
+    PyBuffer_Release(&s_fixed);
+    PyBuffer_Release(&mu4);
+    PyBuffer_Release(&sidx);
+    PyBuffer_Release(&shape);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"row_histograms", row_histograms, METH_VARARGS,
+     "row_histograms(matrix, rows, lo, offs, counts, n): per-row value counts (encoder)."},
+    {"fit_param", fit_param, METH_VARARGS,
+     "fit_param(counts, lo, offs, betas, powers, gg, lgg, s_fixed, mu4, sidx, shape, n): rows' models (encoder)."},
+    {"decode", rans_decode, METH_VARARGS,
+     "decode(words, freqs, params, rows, center, out, n): decode a rans stream into out (int32 [g, n])."},
+    {"encode", rans_encode, METH_VARARGS,
+     "encode(matrix, freqs, params, rows, center, n) -> bytes: the rans stream of matrix (int32 [g, n])."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "kvzip.codecs._rans", "kvzip's interleaved rANS coder (C).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__rans(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m) {
+        PyModule_AddIntConstant(m, "PREC", PREC);
+        PyModule_AddIntConstant(m, "LANES", LANES);
+        PyModule_AddIntConstant(m, "MAX_SPAN_H", MAX_SPAN_H);
+        PyModule_AddIntConstant(m, "MAX_RAW", MAX_RAW);
+    }
+    return m;
+}
