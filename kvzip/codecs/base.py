@@ -183,5 +183,10 @@ class Codec(ABC):
     def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
         """Decode a payload back to an array of shape ``ctx.shape``."""
 
+    def decode_into(self, payload: bytes, ctx: ChunkContext, out: np.ndarray) -> None:
+        """Decode into ``out`` (float32, ``ctx.shape``, possibly a strided slice of a
+        larger array); codecs override it to skip the intermediate array."""
+        out[...] = self.decode(payload, ctx)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params()})"

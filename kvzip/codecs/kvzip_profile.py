@@ -31,8 +31,8 @@ from kvzip.codecs.entropy import RangeCoder
 from kvzip.codecs.profile import Profile, find_profile
 from kvzip.codecs.quantize import UniformStepQuantizer
 from kvzip.codecs.registry import register_codec
-from kvzip.codecs.stages import ArrayTransform, StagePipeline
-from kvzip.codecs.transforms import UnRoPE
+from kvzip.codecs.stages import ArrayTransform, StagePipeline, SymbolBlocks, unpack_sections
+from kvzip.codecs.transforms import UnRoPE, rope_cos_sin, rotate
 from kvzip.errors import CodecError
 
 
@@ -68,6 +68,12 @@ class ProfileBasis(ArrayTransform):
         # Row-vector form: y = (x - mean) @ fwd^T, x = y @ inv^T + mean.
         self.fwd_t = np.ascontiguousarray(np.stack([t["key_fwd"], t["value_fwd"]]).swapaxes(-1, -2))
         self.inv_t = np.ascontiguousarray(np.stack([t["key_inv"], t["value_inv"]]).swapaxes(-1, -2))
+        # For decoding from the quantiser's channels-by-tokens rows: each head's columns
+        # of inv^T, [2, L, G, H/G, W, D], and the mean per head, [2, L, H, 1, D].
+        per = heads // g
+        self.inv_heads = np.ascontiguousarray(
+            self.inv_t.reshape(2, layers, g, w, per, dim).transpose(0, 1, 2, 4, 3, 5), dtype=np.float32)
+        self.mean_heads = np.ascontiguousarray(mean.reshape(2, layers, heads, 1, dim), dtype=np.float32)
 
     def _grouped(self, x: np.ndarray) -> np.ndarray:
         """[2, L, H, T, D] -> [2, L, G, T, W] (a view when G = H)."""
@@ -85,6 +91,18 @@ class ProfileBasis(ArrayTransform):
 
     def forward(self, x: np.ndarray, ctx: ChunkContext) -> np.ndarray:
         return self._ungrouped(matmul_one_thread(self._grouped(x) - self.mean, self.fwd_t), x.shape)
+
+    def inverse_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Decode from the quantiser's rows, [2, L, H, D, T] (channels by tokens,
+        contiguous), to a new contiguous [2, L, H, T, D] array.  The rows' transpose is
+        handed to BLAS as it is (a transposed operand costs nothing there), and each
+        head's output columns are computed as their own product, so the result comes
+        out in the cache's layout with no copy before or after."""
+        two, layers, heads, dim, tokens = rows.shape
+        y = rows.reshape(two, layers, self.groups, 1, self.width, tokens).swapaxes(-1, -2)
+        out = matmul_one_thread(y, self.inv_heads).reshape(two, layers, heads, tokens, dim)
+        out += self.mean_heads
+        return out
 
     def inverse(self, x: np.ndarray, ctx: ChunkContext) -> np.ndarray:
         out = matmul_one_thread(self._grouped(x), self.inv_t)
@@ -110,9 +128,10 @@ class KvzipProfileCodec(Codec):
         self._p = dict(profile=profile, step=step, value_token_exp=value_token_exp,
                        sink_tokens=sink_tokens, sink_factor=sink_factor, entropy=entropy)
         self.profile = find_profile(profile)
+        self.basis = ProfileBasis(self.profile)
         self.pipeline = StagePipeline([
             UnRoPE(),
-            ProfileBasis(self.profile),
+            self.basis,
             UniformStepQuantizer(step, step, 0.0, value_token_exp, sink_tokens, sink_factor,
                                  layer_scale=self.profile.tensors["step_scale"]),
             RangeCoder(entropy),
@@ -130,5 +149,27 @@ class KvzipProfileCodec(Codec):
         return self.pipeline.encode(to_float32(kv, ctx.dtype), ctx)
 
     def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
+        out = np.empty(ctx.shape, np.float32)
+        self.decode_into(payload, ctx, out)
+        return out
+
+    def decode_into(self, payload: bytes, ctx: ChunkContext, out: np.ndarray) -> None:
+        """The pipeline's stages in reverse, in the layout that costs least: the
+        quantiser's rows (channels by tokens) go through the basis without a copy
+        (:meth:`ProfileBasis.inverse_rows`), then the keys are re-rotated straight
+        into ``out`` and the values copied there."""
         self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)
-        return self.pipeline.decode(payload, ctx)
+        if out.shape != ctx.shape:
+            raise CodecError(f"output has shape {out.shape}, the chunk {ctx.shape}")
+        p = self.pipeline
+        shapes = p.quantizer.symbol_shapes(ctx)
+        sections = unpack_sections(payload, 1 + len(shapes))
+        mats = [p.coder.decode(sec, shape) for sec, shape in zip(sections[1:], shapes)]
+        rows = p.quantizer.dequantize_rows(SymbolBlocks(mats, sections[0], shapes), ctx)
+        x = self.basis.inverse_rows(rows)
+        if ctx.rope_inv_freq is None:
+            out[0] = x[0]
+        else:
+            cos, sin = rope_cos_sin(ctx)
+            rotate(x[0], cos, sin, +1.0, out=out[0])
+        out[1] = x[1]

@@ -168,6 +168,12 @@ class UniformStepQuantizer(Quantizer):
         return SymbolBlocks([m.astype(np.int32) for m in mats], side)
 
     def dequantize(self, blocks, ctx):
+        return self.dequantize_rows(blocks, ctx).transpose(0, 1, 2, 4, 3)
+
+    def dequantize_rows(self, blocks, ctx) -> np.ndarray:
+        """The values in the symbol matrices' own layout, [2, L, H, D, T] float32
+        (channels by tokens), as :meth:`dequantize` returns them transposed; a decoder
+        that multiplies by a basis from the left needs no transposition before it."""
         L, H, T, D = ctx.num_layers, ctx.kv_heads, ctx.token_count, ctx.head_dim
         nref, nk, nv = self._side_sizes(ctx)
         if len(blocks.side) != nref + nk + nv:
@@ -178,16 +184,17 @@ class UniformStepQuantizer(Quantizer):
         kcode = np.frombuffer(blocks.side, np.int8, nk, nref) if nk else None
         vcode = np.frombuffer(blocks.side, np.int8, nv, nref + nk) if nv else None
         ks, vs = self._steps(ref, kcode, vcode, ctx)
+        ks, vs = ks.swapaxes(-1, -2), vs.swapaxes(-1, -2)  # to [L, H|1, D|1, T|1]
         ns = self._sinks(ctx)
-        out = np.empty(ctx.shape, np.float32)
-        main = _from_rows(blocks.matrices[0], (2, L, H, T - ns, D))
+        out = np.empty((2, L, H, D, T), np.float32)
+        main = blocks.matrices[0].reshape(2, L, H, D, T - ns)
         # int32 symbols times float32 steps computed in float32: symbols are below
         # 2**24, so this is the correctly rounded product, as a float64 product
         # rounded to float32 would be, without the float64 temporaries.
-        np.multiply(main[0], ks, out=out[0, :, :, ns:], dtype=np.float32)
-        np.multiply(main[1], vs[:, :, ns:] if nv else vs, out=out[1, :, :, ns:], dtype=np.float32)
+        np.multiply(main[0], ks, out=out[0, ..., ns:], dtype=np.float32)
+        np.multiply(main[1], vs[..., ns:] if nv else vs, out=out[1, ..., ns:], dtype=np.float32)
         if ns:
-            sk = blocks.matrices[1].reshape(2, L, H, ns, D).astype(np.float32)
-            out[0, :, :, :ns] = sk[0] * (ks * np.float32(1 / self.sink_factor))
-            out[1, :, :, :ns] = sk[1] * ((vs[:, :, :ns] if nv else vs) * np.float32(1 / self.sink_factor))
+            sk = blocks.matrices[1].reshape(2, L, H, ns, D).swapaxes(-1, -2).astype(np.float32)
+            out[0, ..., :ns] = sk[0] * (ks * np.float32(1 / self.sink_factor))
+            out[1, ..., :ns] = sk[1] * ((vs[..., :ns] if nv else vs) * np.float32(1 / self.sink_factor))
         return out

@@ -99,7 +99,7 @@ def decode_into(reader: Any, level_name: str, chunks: list[int], out: np.ndarray
     for i in chunks:
         entry = entries[i]
         start, end = entry.token_range
-        out[:, :, :, start:end] = reader.decode_chunk(entry)
+        reader.decode_chunk_into(entry, out[:, :, :, start:end])
 
 
 def file_identity(reader: Any) -> list[int]:

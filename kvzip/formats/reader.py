@@ -89,6 +89,19 @@ class PayloadDecoder:
             profile.check_model(str(model["fingerprint"]))
         return codec
 
+    def decode_into(self, entry: IndexEntry, payload: bytes, out: np.ndarray) -> None:
+        """Decode one KV chunk into ``out`` (its slice of a level's array, storage dtype)."""
+        if entry.kind is not EntryKind.KV:
+            raise ValueError(f"not a KV entry: {entry}")
+        ctx = self.context(entry)
+        if out.shape != ctx.shape:
+            raise CodecError(f"{describe_entry(entry, self.header.level_names)} needs an output of shape "
+                             f"{ctx.shape}, got {out.shape}")
+        if ctx.dtype == "float32" and out.dtype == np.float32:
+            self.level_codec(entry.level).decode_into(payload, ctx, out)
+        else:
+            out[...] = self.decode(entry, payload)
+
     def decode(self, entry: IndexEntry, payload: bytes) -> np.ndarray:
         """One KV chunk as ``[2, layers, kv_heads, tokens, head_dim]`` in the storage dtype."""
         if entry.kind is not EntryKind.KV:
@@ -183,6 +196,10 @@ class KvzReader:
         if entry.kind is not EntryKind.KV:
             raise ValueError(f"not a KV entry: {entry}")
         return self._decoder.decode(entry, self.read_payload(entry))
+
+    def decode_chunk_into(self, entry: IndexEntry, out: np.ndarray) -> None:
+        """:meth:`decode_chunk` straight into ``out`` (e.g. the chunk's slice of a level)."""
+        self._decoder.decode_into(entry, self.read_payload(entry), out)
 
     def decode_level(self, level_name: str, *, decoders: int | None = None) -> np.ndarray:
         """A whole level as ``[2, layers, kv_heads, token_count, head_dim]``.

@@ -160,16 +160,20 @@ class _Downloader(threading.Thread):
         # started the one it is on (None while it waits for the network).
         self.decoded = 0
         self.decoding_since: float | None = None
-        self._predicted_decode: list[float] = []  # per chunk handed over, at its decision
+        self._handed: list[tuple[str | None, int]] = []  # (level or None, elements) per chunk handed over
         # A prior from the caller, then measured by the consumer on each recomputed chunk.
         self.recompute_seconds_per_token: float | None = None
 
     def decoder_busy(self, handed_over: int, now: float) -> float:
-        """Predicted seconds until the decoder has done the chunks already handed over."""
+        """Predicted seconds until the decoder has done the chunks already handed over,
+        at the decode speeds measured by now (a chunk planned before its level was
+        measured is not held to the prior it was planned with)."""
         done, since = self.decoded, self.decoding_since
-        busy = sum(self._predicted_decode[done:handed_over])
-        if since is not None and done < handed_over:
-            busy -= min(now - since, self._predicted_decode[done])
+        times = [0.0 if level is None else self.decode_meter.predict(level, n)
+                 for level, n in self._handed[done:handed_over]]
+        busy = sum(times)
+        if since is not None and times:
+            busy -= min(now - since, times[0])
         return max(0.0, busy)
 
     def run(self) -> None:
@@ -188,8 +192,7 @@ class _Downloader(threading.Thread):
                     None if per_token is None else per_token * sum(c.token_count for c in chunks[i:]),
                     decode_seconds=decode, decoder_busy=self.decoder_busy(i, now),
                 )
-                self._predicted_decode.append(
-                    0.0 if decision.level is None else decode[decision.level][0])
+                self._handed.append((decision.level, elements[i]))
                 self._put(self._fetch(chunk.chunk, chunk.token_count, chunk.payloads, decision, left))
                 if decision.recompute:
                     # Decide the next chunk only once this one is recomputed: by then the
