@@ -222,6 +222,31 @@ def test_stream_generate_matches_local_generation(served, tiny_llama, path):
     assert result.first_token_seconds >= result.context_ready_seconds > 0
 
 
+def test_chunks_are_decoded_side_by_side_with_the_same_result(served, tiny_llama, monkeypatch):
+    """Two decoders work on two chunks at once (each first decode waits for the other
+    to start), and the answer is the one a single decoder gives."""
+    import threading
+
+    from kvzip.formats import PayloadDecoder
+
+    url = served[0] + "/contexts/a.kvz/manifest"
+    one = stream_generate(url, "Q", tiny_llama, levels=["balanced"], max_new_tokens=4, decoders=1)
+    real, seen = PayloadDecoder.decode, set()
+    both = threading.Barrier(2, timeout=30)
+
+    def decode(self, entry, payload):
+        if threading.get_ident() not in seen:
+            seen.add(threading.get_ident())
+            both.wait()
+        return real(self, entry, payload)
+
+    monkeypatch.setattr(PayloadDecoder, "decode", decode)
+    two = stream_generate(url, "Q", tiny_llama, levels=["balanced"], max_new_tokens=4, decoders=2)
+    assert len(seen) == 2
+    assert two.new_token_ids == one.new_token_ids and two.levels == one.levels == ["balanced"] * 6
+    assert [c.chunk for c in two.chunks] == list(range(6))
+
+
 def test_generate_command_streams_a_url(served, tiny_llama, tiny_model_dir):
     url = served[0] + "/contexts/a.kvz/manifest"
     result = CliRunner().invoke(app, ["generate", url, "--prompt", "Q", "-n", "4", "--model",

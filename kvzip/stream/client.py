@@ -5,7 +5,7 @@ on any server with byte ranges), then a download thread walks the chunks: for
 each it asks :func:`~kvzip.stream.controller.choose_level` for the best level
 that still meets the deadline at the throughput and per-level decode speeds
 measured so far, fetches that payload and checks its checksum, while the
-calling thread decodes the chunk before it (decoding overlaps downloading).  A chunk no level can deliver in
+calling thread decodes the chunks before it, on threads (decoding overlaps downloading).  A chunk no level can deliver in
 time is recomputed by the model from its token ids, with the chunks before it
 as cache.  Calibration profiles the chosen levels need and this machine lacks
 are fetched (and checked against their digest) before the first chunk.  The
@@ -14,12 +14,14 @@ result reports time to first token and where it went.
 
 from __future__ import annotations
 
+import collections
 import math
 import queue
 import threading
 import time
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,7 +29,9 @@ import httpx
 import torch
 
 from kvzip.errors import FetchError, InputError, UnknownLevelError
+from kvzip.codecs import one_blas_thread
 from kvzip.formats import IndexEntry, KvzReader, PayloadDecoder
+from kvzip.formats.parallel import default_decoders
 from kvzip.model import TORCH_DTYPES, ChatTemplate, KVModel
 from kvzip.pipeline import Progress, no_progress, storage_to_kv
 from kvzip.stream.controller import (
@@ -39,7 +43,7 @@ from kvzip.stream.controller import (
     rank_levels,
 )
 from kvzip.stream.http import HttpRangeSource, RetryPolicy, get_json, new_client
-from kvzip.stream.manifest import ContextManifest, manifest_from_reader, parse_manifest
+from kvzip.stream.manifest import ChunkInfo, ContextManifest, manifest_from_reader, parse_manifest
 from kvzip.stream.profiles import ProfileStatus, ensure_profiles
 
 RECOMPUTE = "recompute"  # the level reported for a chunk the model recomputed
@@ -252,6 +256,7 @@ def stream_generate(
     client: httpx.Client | None = None,
     policy: RetryPolicy = RetryPolicy(),
     progress: Progress = no_progress,
+    decoders: int | None = None,
 ) -> StreamResult:
     """Stream the context at ``url`` into ``model``'s cache and generate after ``prompt``.
 
@@ -264,7 +269,8 @@ def stream_generate(
     on CacheGen's assumption that recomputing is cheap, and measured.
     ``decode_prior`` is the seconds per K/V element assumed for decoding a level
     not measured yet (default: a conservative :data:`DEFAULT_DECODE_PRIOR`);
-    each level's decode speed is then measured on its chunks.
+    each level's decode speed is then measured on its chunks.  ``decoders``: how
+    many chunks may be decoded at once (default: the CPUs this process may use).
     """
     if max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
@@ -291,7 +297,7 @@ def stream_generate(
         downloader.start()
         try:
             parts, reports, wait, decode_s, recompute_s = _assemble(
-                manifest, model, downloader, progress)
+                manifest, model, downloader, progress, decoders)
         finally:
             downloader.stop.set()
             downloader.join()
@@ -347,38 +353,79 @@ def _allowed_levels(manifest: ContextManifest, levels: Sequence[str] | None) -> 
 
 
 def _assemble(
-    manifest: ContextManifest, model: KVModel, downloader: _Downloader, progress: Progress
+    manifest: ContextManifest, model: KVModel, downloader: _Downloader, progress: Progress,
+    decoders: int | None = None,
 ) -> tuple[list[torch.Tensor], list[ChunkReport], float, float, float]:
-    """Decode or recompute each chunk as the downloader delivers it, in order."""
+    """Decode or recompute each chunk as the downloader delivers it, in order.
+
+    Decoding runs on ``decoders`` threads (default: the CPUs this process may use), so
+    chunks that arrive faster than one core decodes them are decoded side by side
+    (kvzip's codecs decode outside the GIL).  Everything the controller is told (a
+    chunk decoded, its decode speed) is told in chunk order, on this thread, once a
+    chunk's decode has finished; a chunk to recompute waits for every chunk before it,
+    which it uses as its cache."""
     decoder = PayloadDecoder(manifest.header)
     dtype = TORCH_DTYPES[manifest.header.dtype]
+    n_threads = max(1, default_decoders() if decoders is None else int(decoders))
     parts: list[torch.Tensor] = []
     reports: list[ChunkReport] = []
     wait = decode_s = recompute_s = 0.0
     total = len(manifest.chunks)
     elements_per_token = _elements_per_token(manifest)
-    for chunk in manifest.chunks:
-        t0 = time.perf_counter()
-        item = downloader.out.get()
-        t1 = time.perf_counter()
-        wait += t1 - t0
-        if isinstance(item, BaseException):
-            raise item
-        downloader.decoding_since = t1
-        if item.entry is None:
-            parts.append(recompute_chunk(model, parts, chunk.token_ids).to(dtype))
-            item.report.work_seconds = time.perf_counter() - t1
-            recompute_s += item.report.work_seconds
-            downloader.recompute_seconds_per_token = item.report.work_seconds / chunk.token_count
-        else:
-            parts.append(storage_to_kv(decoder.decode(item.entry, item.payload), manifest.header.dtype))
-            item.report.work_seconds = time.perf_counter() - t1
-            decode_s += item.report.work_seconds
-            downloader.decode_meter.add(item.report.level, chunk.token_count * elements_per_token,
-                                        item.report.work_seconds)
-        reports.append(item.report)
-        downloader.decoding_since = None
+    # (chunk, what was fetched, when its decode was handed out, the decode)
+    in_flight: collections.deque[tuple[ChunkInfo, _Fetched, float, Future[tuple[torch.Tensor, float]]]] = (
+        collections.deque())
+
+    def decode(item: _Fetched) -> tuple[torch.Tensor, float]:
+        t = time.perf_counter()
+        kv = storage_to_kv(decoder.decode(item.entry, item.payload), manifest.header.dtype)
+        return kv, time.perf_counter() - t
+
+    def finish(report: ChunkReport) -> None:
+        reports.append(report)
+        # the decoder is now on the oldest chunk still in flight, if any
+        downloader.decoding_since = in_flight[0][2] if in_flight else None
         downloader.decoded += 1
         downloader.consumed.release()
         progress("stream", len(parts), total)
+
+    def finish_oldest() -> None:
+        nonlocal decode_s
+        chunk, item, _, future = in_flight.popleft()
+        kv, seconds = future.result()
+        parts.append(kv)
+        item.report.work_seconds = seconds
+        decode_s += seconds
+        downloader.decode_meter.add(item.report.level, chunk.token_count * elements_per_token, seconds)
+        finish(item.report)
+
+    with one_blas_thread(), ThreadPoolExecutor(n_threads, thread_name_prefix="kvzip-decode") as pool:
+        try:
+            for chunk in manifest.chunks:
+                t0 = time.perf_counter()
+                item = downloader.out.get()
+                t1 = time.perf_counter()
+                wait += t1 - t0
+                if isinstance(item, BaseException):
+                    raise item
+                if item.entry is None:  # recompute, with every chunk before it decoded
+                    while in_flight:
+                        finish_oldest()
+                    t1 = downloader.decoding_since = time.perf_counter()
+                    parts.append(recompute_chunk(model, parts, chunk.token_ids).to(dtype))
+                    item.report.work_seconds = time.perf_counter() - t1
+                    recompute_s += item.report.work_seconds
+                    downloader.recompute_seconds_per_token = item.report.work_seconds / chunk.token_count
+                    finish(item.report)
+                    continue
+                if not in_flight:
+                    downloader.decoding_since = t1
+                in_flight.append((chunk, item, t1, pool.submit(decode, item)))
+                if len(in_flight) >= n_threads:
+                    finish_oldest()
+            while in_flight:
+                finish_oldest()
+        finally:
+            for *_, future in in_flight:
+                future.cancel()
     return parts, reports, wait, decode_s, recompute_s
