@@ -18,6 +18,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,6 +68,23 @@ static int cum_table(const uint16_t *freq, int64_t span_h, uint32_t *cum)
     }
     cum[span_h] = acc;
     return acc == TOTAL ? 0 : -1;
+}
+
+/* Release ``n`` buffers, then: ``result`` when ``err`` is NULL, else a ValueError(err)
+ * (and ``result``, if any, dropped).  Every entry point ends here. */
+static PyObject *finish(const char *err, PyObject *result, int n, ...)
+{
+    va_list bufs;
+    va_start(bufs, n);
+    for (int i = 0; i < n; i++)
+        PyBuffer_Release(va_arg(bufs, Py_buffer *));
+    va_end(bufs);
+    if (err) {
+        Py_XDECREF(result);
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    return result;
 }
 
 static PyObject *rans_decode(PyObject *self, PyObject *args)
@@ -185,17 +203,8 @@ unlock:
 done:
     free(table);
     free(cum);
-    PyBuffer_Release(&words);
-    PyBuffer_Release(&freqs);
-    PyBuffer_Release(&params);
-    PyBuffer_Release(&rows);
-    PyBuffer_Release(&center);
-    PyBuffer_Release(&out);
-    if (err) {
-        PyErr_SetString(PyExc_ValueError, err);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    Py_INCREF(Py_None);
+    return finish(err, Py_None, 6, &words, &freqs, &params, &rows, &center, &out);
 }
 
 static PyObject *rans_encode(PyObject *self, PyObject *args)
@@ -300,16 +309,7 @@ static PyObject *rans_encode(PyObject *self, PyObject *args)
 done:
     free(cum);
     free(buf);
-    PyBuffer_Release(&matrix);
-    PyBuffer_Release(&freqs);
-    PyBuffer_Release(&params);
-    PyBuffer_Release(&rows);
-    PyBuffer_Release(&center);
-    if (err) {
-        PyErr_SetString(PyExc_ValueError, err);
-        return NULL;
-    }
-    return result;
+    return finish(err, result, 5, &matrix, &freqs, &params, &rows, &center);
 }
 
 /* Encoder helpers: per-row histograms and the choice of each row's parametric model.
@@ -355,16 +355,8 @@ static PyObject *row_histograms(PyObject *self, PyObject *args)
     }
     Py_END_ALLOW_THREADS
 done:
-    PyBuffer_Release(&matrix);
-    PyBuffer_Release(&rows);
-    PyBuffer_Release(&lo);
-    PyBuffer_Release(&offs);
-    PyBuffer_Release(&counts);
-    if (err) {
-        PyErr_SetString(PyExc_ValueError, err);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    Py_INCREF(Py_None);
+    return finish(err, Py_None, 5, &matrix, &rows, &lo, &offs, &counts);
 }
 
 #define N_BETAS 4
@@ -453,22 +445,9 @@ static PyObject *fit_param(PyObject *self, PyObject *args)
     }
     Py_END_ALLOW_THREADS
 done:
-    PyBuffer_Release(&counts);
-    PyBuffer_Release(&lo);
-    PyBuffer_Release(&offs);
-    PyBuffer_Release(&betas);
-    PyBuffer_Release(&powers);
-    PyBuffer_Release(&gg);
-    PyBuffer_Release(&lgg);
-    PyBuffer_Release(&s_fixed);
-    PyBuffer_Release(&mu4);
-    PyBuffer_Release(&sidx);
-    PyBuffer_Release(&shape);
-    if (err) {
-        PyErr_SetString(PyExc_ValueError, err);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    Py_INCREF(Py_None);
+    return finish(err, Py_None, 11, &counts, &lo, &offs, &betas, &powers, &gg, &lgg, &s_fixed, &mu4, &sidx,
+                  &shape);
 }
 
 static PyMethodDef methods[] = {

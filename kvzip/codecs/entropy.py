@@ -500,6 +500,13 @@ class RangeCoder(SymbolCoder):
         return nc, center, cid, (frac, sidx, shape, lo, span), pos + 11 * nc
 
     @staticmethod
+    def _check_models(frac, shape, span, min_span):
+        """Refuse cluster models outside what an encoder writes (a CodecError)."""
+        if span.size and (span.min() < min_span or span.max() > MAX_SPAN or frac.max() > 3
+                          or shape.max() >= len(BETAS)):
+            raise CodecError("entropy side info has an invalid model")
+
+    @staticmethod
     def _group_rows(center, cid, nc, g, n):
         """The output with its constant rows filled, and the coded rows grouped by
         cluster: ``(out, rows_by_c, bounds, sizes)`` (the last three None when no row is
@@ -520,9 +527,7 @@ class RangeCoder(SymbolCoder):
 
     def _decode_clustered(self, raw, words, g, n):
         nc, center, cid, (c_frac, c_sidx, c_shape, c_lo, c_span), _ = self._side_rows(raw, g, 11)
-        if nc and (c_span.min() < 1 or c_span.max() > MAX_SPAN or c_frac.max() > 3
-                   or c_shape.max() >= len(BETAS)):
-            raise CodecError("entropy side info has an invalid model")
+        self._check_models(c_frac, c_shape, c_span, 1)
         out, rows_by_c, bounds, sizes = self._group_rows(center, cid, nc, g, n)
         if not nc:
             return out
@@ -554,9 +559,9 @@ class RangeCoder(SymbolCoder):
         nc, center, cid, (c_frac, c_sidx, c_shape, c_lo, c_span), pos = self._side_rows(raw, g, 13)
         c_raw = np.frombuffer(raw, np.uint8, nc, pos).astype(np.int64)
         c_tup = np.frombuffer(raw, np.uint8, nc, pos + nc).astype(np.int64)
+        self._check_models(c_frac, c_shape, c_span, 2)
         if nc:
-            if (c_span.min() < 2 or c_span.max() > MAX_SPAN or c_frac.max() > 3 or c_shape.max() >= len(BETAS)
-                    or c_raw.max() > MAX_RAW or c_tup.min() < 1 or c_tup.max() > MAX_TUP_DECODE):
+            if c_raw.max() > MAX_RAW or c_tup.min() < 1 or c_tup.max() > MAX_TUP_DECODE:
                 raise CodecError("entropy side info has an invalid model")
             span_h = ((c_span - 1) >> c_raw) + 1
             if span_h.min() < 2 or ((c_tup > 1) & (span_h.astype(np.float64) ** c_tup > MAX_ALPHA)).any():
@@ -604,9 +609,7 @@ class RangeCoder(SymbolCoder):
 
     def _decode_rans(self, raw, words, g, n):
         nc, center, cid, (c_frac, c_sidx, c_shape, c_lo, c_span), _ = self._side_rows(raw, g, 11)
-        if nc and (c_span.min() < 2 or c_span.max() > MAX_SPAN or c_frac.max() > 3
-                   or c_shape.max() >= len(BETAS)):
-            raise CodecError("entropy side info has an invalid model")
+        self._check_models(c_frac, c_shape, c_span, 2)
         out, rows_by_c, bounds, sizes = self._group_rows(center, cid, nc, g, n)
         if not nc:
             if words.size:
