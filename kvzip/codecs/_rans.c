@@ -56,6 +56,20 @@ static const char *check_params(const int64_t *params, Py_ssize_t nc, Py_ssize_t
     return NULL;
 }
 
+/* The sizes both directions derive from their buffers, checked: ``data`` is the
+ * [g, n] int32 matrix (encode) or output (decode), g = the number of row centres. */
+static const char *check_block(const Py_buffer *params, const Py_buffer *rows, const Py_buffer *center,
+                               const Py_buffer *freqs, const Py_buffer *data, Py_ssize_t n, Py_ssize_t *nc,
+                               Py_ssize_t *g)
+{
+    *nc = params->len / (Py_ssize_t)(P_COLS * sizeof(int64_t));
+    *g = center->len / (Py_ssize_t)sizeof(int32_t);
+    if (n < 1 || data->len != (Py_ssize_t)(*g * n * (Py_ssize_t)sizeof(int32_t)))
+        return "symbol matrix has the wrong size";
+    return check_params((const int64_t *)params->buf, *nc, rows->len / (Py_ssize_t)sizeof(int32_t),
+                        freqs->len / (Py_ssize_t)sizeof(uint16_t));
+}
+
 /* Cumulative table of one cluster; NULL when the frequencies do not sum to TOTAL. */
 static int cum_table(const uint16_t *freq, int64_t span_h, uint32_t *cum)
 {
@@ -96,16 +110,8 @@ static PyObject *rans_decode(PyObject *self, PyObject *args)
     const char *err = NULL;
     slot_t *table = NULL;
     uint32_t *cum = NULL;
-    Py_ssize_t nc = params.len / (Py_ssize_t)(P_COLS * sizeof(int64_t));
-    Py_ssize_t nrows_total = rows.len / (Py_ssize_t)sizeof(int32_t);
-    Py_ssize_t g = center.len / (Py_ssize_t)sizeof(int32_t);
-    Py_ssize_t nfreq = freqs.len / (Py_ssize_t)sizeof(uint16_t);
-    Py_ssize_t nwords = words.len / (Py_ssize_t)sizeof(uint16_t);
-    if (n < 1 || out.len != (Py_ssize_t)(g * n * (Py_ssize_t)sizeof(int32_t))) {
-        err = "output buffer has the wrong size";
-        goto done;
-    }
-    err = check_params((const int64_t *)params.buf, nc, nrows_total, nfreq);
+    Py_ssize_t nc, g, nwords = words.len / (Py_ssize_t)sizeof(uint16_t);
+    err = check_block(&params, &rows, &center, &freqs, &out, n, &nc, &g);
     if (err)
         goto done;
     table = (slot_t *)malloc(TOTAL * sizeof(slot_t));
@@ -217,16 +223,9 @@ static PyObject *rans_encode(PyObject *self, PyObject *args)
     uint32_t *cum = NULL;
     uint16_t *buf = NULL;
     PyObject *result = NULL;
-    Py_ssize_t nc = params.len / (Py_ssize_t)(P_COLS * sizeof(int64_t));
+    Py_ssize_t nc, g, cap = 0, start = 0;
     Py_ssize_t nrows_total = rows.len / (Py_ssize_t)sizeof(int32_t);
-    Py_ssize_t g = center.len / (Py_ssize_t)sizeof(int32_t);
-    Py_ssize_t nfreq = freqs.len / (Py_ssize_t)sizeof(uint16_t);
-    Py_ssize_t cap = 0, start = 0;
-    if (n < 1 || matrix.len != (Py_ssize_t)(g * n * (Py_ssize_t)sizeof(int32_t))) {
-        err = "symbol matrix has the wrong size";
-        goto done;
-    }
-    err = check_params((const int64_t *)params.buf, nc, nrows_total, nfreq);
+    err = check_block(&params, &rows, &center, &freqs, &matrix, n, &nc, &g);
     if (err)
         goto done;
     /* at most one word per coding step, two steps per element, plus the states */
