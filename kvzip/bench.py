@@ -129,8 +129,8 @@ class SpeedRow:
     bits_per_element: float
     file_bytes: int
     encode_meps: float  # codec encode, after prefill
-    decode_meps: float  # file -> tensor, cold: fresh decode workers, empty model caches
-    decode_warm_meps: float  # the same file again, workers and caches warm
+    decode_meps: float  # file -> tensor, cold: empty model caches (and no decode worker processes)
+    decode_warm_meps: float  # the same file again, caches (and any workers) warm
     decoders: int
     # RSS high-water mark above the start, process + decode workers (DecodeMemory),
     # and never less than the decoded tensor itself

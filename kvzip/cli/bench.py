@@ -164,7 +164,8 @@ def bench_command(
     if result.speed:
         out_console.print(_speed_table(
             result.speed, f"{km.name}: speed, level {speed_level}, chunk {chunk_tokens} tokens "
-            "(decode cold: fresh workers; peak: RSS high-water of the process and its decode workers)"))
+            "(decode cold: empty model caches, no decode workers; decoders are threads for the calibrated levels, "
+            "processes for older layouts; peak: RSS high-water of the process and any decode workers)"))
     if result.profile is not None:
         out_console.print(_profile_line(result.profile))
     elif any(name in CALIBRATED_LEVELS for name in config.levels):
