@@ -61,7 +61,8 @@ def test_encode_prints_a_summary(tiny_model_dir, doc, tmp_path):
 
 def test_encode_stores_several_levels(tiny_model_dir, doc, tmp_path):
     out = tmp_path / "multi.kvz"
-    result = run("encode", doc, "-o", out, "--model", tiny_model_dir, "--level",
+    # --levels, as issue 6 spells it, is the same option as --level
+    result = run("encode", doc, "-o", out, "--model", tiny_model_dir, "--levels",
                  "small,balanced,high", "-q")
     assert result.exit_code == 0, result.output
     levels = {lvl["name"]: lvl for lvl in json.loads(run("info", out, "--json").stdout)["levels"]}

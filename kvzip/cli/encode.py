@@ -36,7 +36,7 @@ def encode_command(
     input: str = typer.Argument(..., help="Text file to prefill, or - for stdin."),
     output: Path = typer.Option(..., "-o", "--output", help="The .kvz file to write."),
     model: str = typer.Option(None, "--model", "-m", help="Model: local dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)."),
-    level: str = typer.Option(DEFAULT_LEVEL, "--level", "-l", help="Quality level: lossless, high, balanced, small; several comma-separated store them all (e.g. small,balanced,high)."),
+    level: str = typer.Option(DEFAULT_LEVEL, "--level", "--levels", "-l", help="Quality level: lossless, high, balanced, small; several comma-separated store them all (e.g. --levels small,balanced,high)."),
     chunk_tokens: int = typer.Option(api.DEFAULT_CHUNK_TOKENS, "--chunk-tokens", help="Tokens per independently decodable chunk."),
     dtype: str = typer.Option(None, "--dtype", help="Store the cache as float32, bfloat16 or float16 (default: as captured)."),
     chat: bool = typer.Option(False, "--chat", help="Cache the text as the opening of a user turn in the model's chat template."),
