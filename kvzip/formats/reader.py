@@ -9,6 +9,7 @@ one range each, and checked against their own checksum before they are decoded.
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ class PayloadDecoder:
     def __init__(self, header: KvzHeader):
         self.header = header
         self._codecs: dict[int, Codec] = {}
+        self._lock = threading.Lock()
 
     def context(self, entry: IndexEntry) -> ChunkContext:
         """What the level's codec needs to know about this chunk."""
@@ -75,10 +77,12 @@ class PayloadDecoder:
         )
 
     def level_codec(self, level: int) -> Codec:
-        """The codec of level ``level``, built (and checked) once."""
-        if level not in self._codecs:
-            self._codecs[level] = self.codec(level)
-        return self._codecs[level]
+        """The codec of level ``level``, built (and checked) once, also when decoder
+        threads ask for it at the same moment (building one may load a profile)."""
+        with self._lock:
+            if level not in self._codecs:
+                self._codecs[level] = self.codec(level)
+            return self._codecs[level]
 
     def codec(self, level: int) -> Codec:
         """The codec of level ``level``, refusing a calibration profile made for another model."""
