@@ -203,3 +203,41 @@ def test_blas_limit_is_restored_after_threads_overlap():
             t.join()
     assert len(seen) == 80 and all(set(v) == {1} for v in seen)
     assert blas_threads() == before  # the last one out restored it
+
+
+def test_tables_are_the_same_in_batches(monkeypatch):
+    rng = np.random.default_rng(8)
+    nc = 40
+    args = (rng.integers(0, 4, nc), rng.integers(0, 256, nc), rng.integers(0, 4, nc),
+            -rng.integers(1, 3000, nc), rng.integers(2, 6000, nc))
+    whole = E._rans_tables(*args)
+    monkeypatch.setattr(E, "_RANS_BATCH_CELLS", 5000)  # a few clusters per batch, some alone
+    for a, b in zip(whole, E._rans_tables(*args)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_huge_declared_windows_do_not_take_memory_in_proportion(monkeypatch):
+    """Side info may declare 65,536 values for every cluster: decoding must refuse or
+    finish without weighing them all at once."""
+    import tracemalloc
+
+    g, n = 400, 4
+    m = np.zeros((g, n), np.int64)
+    m[:, 0] = np.arange(g)  # every row coded, each its own model if the fit says so
+    data = RANS.encode(m)
+    side, words, start = _split(data)
+    nc = struct.unpack_from("<I", side, 0)[0]
+    pos = 4 + 6 * g
+    spans = np.full(nc, 1 << 16, "<i4")
+    los = np.full(nc, -(1 << 15), "<i4")
+    bad_side = side[: pos + 3 * nc] + los.tobytes() + spans.tobytes()
+    packed = zstandard.ZstdCompressor().compress(bad_side)
+    bad = E._HEAD.pack(len(packed), words.size) + packed + data[start:]
+    tracemalloc.start()
+    try:
+        RANS.decode(bad, (g, n))
+    except CodecError:
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 200 * 2**20, peak  # unbatched, nc * 65,536 values would take gigabytes

@@ -299,13 +299,36 @@ RANS_PREC = _rans.PREC
 RANS_MAX_SPAN_H = _rans.MAX_SPAN_H
 
 
+_RANS_BATCH_CELLS = 1 << 20  # model values weighed at once (bounds memory on hostile side info)
+
+
 def _rans_tables(c_frac, c_sidx, c_shape, c_lo, c_span):
-    """Per cluster (int64 arrays): ``(raw, span_h, flat uint16 frequencies, offsets)``."""
+    """Per cluster (int64 arrays): ``(raw, span_h, flat uint16 frequencies, offsets)``.
+
+    Vectorised over clusters, a batch at a time: a chunk's clusters usually weigh a
+    few ten thousand values in all, but side info may declare up to 65,536 per
+    cluster, and memory must not follow it."""
     c_span = c_span.astype(np.int64)
     raw = np.zeros(c_span.size, np.int64)
     while ((((c_span - 1) >> raw) + 1) > RANS_MAX_SPAN_H).any():
         raw += (((c_span - 1) >> raw) + 1) > RANS_MAX_SPAN_H
     span_h = ((c_span - 1) >> raw) + 1
+    foff = np.zeros(c_span.size, np.int64)
+    np.cumsum(span_h[:-1], out=foff[1:])
+    ends = np.cumsum(c_span)
+    parts, start = [], 0
+    while start < c_span.size:
+        stop = max(start + 1, int(np.searchsorted(ends, ends[start] - c_span[start] + _RANS_BATCH_CELLS, "right")))
+        sel = slice(start, stop)
+        parts.append(_rans_freqs(c_frac[sel], c_sidx[sel], c_shape[sel], c_lo[sel], c_span[sel], raw[sel],
+                                 span_h[sel]))
+        start = stop
+    freqs = np.concatenate(parts) if parts else np.zeros(0, np.uint16)
+    return raw, span_h, freqs, foff
+
+
+def _rans_freqs(c_frac, c_sidx, c_shape, c_lo, c_span, raw, span_h) -> np.ndarray:
+    """The clusters' frequency tables, concatenated (see the "rans" notes)."""
     clusters = np.arange(c_span.size)
     rid, kk, _ = _ragged(c_span, clusters)
     w = _param_weights(kk + c_lo[rid], c_frac[rid], c_sidx[rid], c_shape[rid])
@@ -314,10 +337,8 @@ def _rans_tables(c_frac, c_sidx, c_shape, c_lo, c_span):
     total_h = int(span_h.sum())
     if raw.any():  # sum each run of 2**raw values into its h
         wh = np.bincount(foff[rid] + (kk >> raw[rid]), weights=w, minlength=total_h)
-        w = np.rint(wh).astype(np.int64)  # sums of < 2**8 integers < 2**17: exact
+        w = np.rint(wh).astype(np.int64)  # sums of at most 32 integers below 2**16: exact
         rid = np.repeat(clusters, span_h)
-    if not total_h:
-        return raw, span_h, np.zeros(0, np.uint16), foff
     total = 1 << RANS_PREC
     sums = np.add.reduceat(w, foff)
     f = 1 + (w * (total - span_h[rid])) // sums[rid]
@@ -325,7 +346,7 @@ def _rans_tables(c_frac, c_sidx, c_shape, c_lo, c_span):
     pos = np.arange(total_h)
     first_top = np.minimum.reduceat(np.where(w == top[rid], pos, total_h), foff)
     f[first_top] += total - np.add.reduceat(f, foff)
-    return raw, span_h, f.astype(np.uint16), foff
+    return f.astype(np.uint16)
 
 
 def _rans_params(span_h, foff, raw, sizes, bounds, lo) -> np.ndarray:
