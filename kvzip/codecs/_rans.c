@@ -31,6 +31,19 @@
 #define MAX_SPAN_H (TOTAL >> 1)
 #define MAX_RAW 8
 
+static inline uint32_t rd16(const unsigned char *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8);
+}
+
+/* Store the low 16 bits of v little-endian just below p; returns the new position. */
+static inline unsigned char *wr16(unsigned char *p, uint32_t v)
+{
+    p[-2] = (unsigned char)v;
+    p[-1] = (unsigned char)(v >> 8);
+    return p - 2;
+}
+
 typedef struct {
     uint16_t freq, bias, sym, pad;
 } slot_t;
@@ -121,8 +134,10 @@ static PyObject *rans_decode(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    const uint16_t *w = (const uint16_t *)words.buf;
-    const uint16_t *wend = w + nwords;
+    /* words are read byte by byte: little-endian on every machine, and the stream
+     * may start at any offset of its payload (no alignment) */
+    const unsigned char *w = (const unsigned char *)words.buf;
+    const unsigned char *wend = w + 2 * nwords;
     const int64_t *par = (const int64_t *)params.buf;
     const int32_t *rws = (const int32_t *)rows.buf;
     const int32_t *ctr = (const int32_t *)center.buf;
@@ -135,8 +150,8 @@ static PyObject *rans_decode(PyObject *self, PyObject *args)
         goto unlock;
     }
     for (int k = 0; k < LANES; k++) {
-        x[k] = (uint32_t)w[0] | ((uint32_t)w[1] << 16);
-        w += 2;
+        x[k] = rd16(w) | ((uint32_t)rd16(w + 2) << 16);
+        w += 4;
     }
     for (Py_ssize_t c = 0; c < nc && !err; c++) {
         const int64_t *p = par + c * P_COLS;
@@ -163,7 +178,7 @@ static PyObject *rans_decode(PyObject *self, PyObject *args)
                 err = "cluster rows out of range";
                 break;
             }
-            const int32_t base = (int32_t)(p[P_LO] + ctr[row]);
+            const int64_t base = p[P_LO] + (int64_t)ctr[row]; /* int64: no overflow on hostile side info */
             int32_t *o = dst + (Py_ssize_t)row * n;
             for (Py_ssize_t t = 0; t < n; t++) {
                 uint32_t xs = x[lane];
@@ -175,7 +190,8 @@ static PyObject *rans_decode(PyObject *self, PyObject *args)
                         err = "coded stream is truncated";
                         break;
                     }
-                    xs = (xs << 16) | *w++;
+                    xs = (xs << 16) | rd16(w);
+                    w += 2;
                 }
                 uint32_t v = e.sym;
                 if (raw) {
@@ -187,13 +203,14 @@ static PyObject *rans_decode(PyObject *self, PyObject *args)
                             err = "coded stream is truncated";
                             break;
                         }
-                        xs = (xs << 16) | *w++;
+                        xs = (xs << 16) | rd16(w);
+                    w += 2;
                     }
                     v = (v << raw) | (low & low_mask);
                 }
                 x[lane] = xs;
                 lane = (lane + 1) & (LANES - 1);
-                o[t] = (int32_t)v + base;
+                o[t] = (int32_t)((int64_t)v + base);
             }
         }
     }
@@ -221,7 +238,7 @@ static PyObject *rans_encode(PyObject *self, PyObject *args)
         return NULL;
     const char *err = NULL;
     uint32_t *cum = NULL;
-    uint16_t *buf = NULL;
+    unsigned char *buf = NULL;
     PyObject *result = NULL;
     Py_ssize_t nc, g, cap = 0, start = 0;
     Py_ssize_t nrows_total = rows.len / (Py_ssize_t)sizeof(int32_t);
@@ -231,7 +248,7 @@ static PyObject *rans_encode(PyObject *self, PyObject *args)
     /* at most one word per coding step, two steps per element, plus the states */
     cap = 2 * nrows_total * n + 2 * LANES;
     cum = (uint32_t *)malloc((MAX_SPAN_H + 1) * sizeof(uint32_t));
-    buf = (uint16_t *)malloc((size_t)cap * sizeof(uint16_t));
+    buf = (unsigned char *)malloc((size_t)cap * 2);
     if (!cum || !buf) {
         err = "out of memory";
         goto done;
@@ -242,7 +259,7 @@ static PyObject *rans_encode(PyObject *self, PyObject *args)
     const int32_t *ctr = (const int32_t *)center.buf;
     const int32_t *src = (const int32_t *)matrix.buf;
     const uint16_t *fq = (const uint16_t *)freqs.buf;
-    uint16_t *w = buf + cap; /* words are written backwards */
+    unsigned char *w = buf + 2 * cap; /* little-endian words, written backwards */
     uint32_t x[LANES];
     for (int k = 0; k < LANES; k++)
         x[k] = RANS_L;
@@ -278,7 +295,7 @@ static PyObject *rans_encode(PyObject *self, PyObject *args)
                     uint32_t low = (uint32_t)v & ((1u << raw) - 1);
                     uint32_t f = 1u << (PREC - raw);
                     if (xs >= (f << (32 - PREC))) {
-                        *--w = (uint16_t)xs;
+                        w = wr16(w, xs);
                         xs >>= 16;
                     }
                     xs = ((xs >> (PREC - raw)) << PREC) + (xs & (f - 1)) + (low << (PREC - raw));
@@ -286,7 +303,7 @@ static PyObject *rans_encode(PyObject *self, PyObject *args)
                 uint32_t h = (uint32_t)(v >> raw);
                 uint32_t f = cum[h + 1] - cum[h];
                 if (xs >= (f << (32 - PREC))) {
-                    *--w = (uint16_t)xs;
+                    w = wr16(w, xs);
                     xs >>= 16;
                 }
                 xs = ((xs / f) << PREC) + (xs % f) + cum[h];
@@ -297,14 +314,14 @@ static PyObject *rans_encode(PyObject *self, PyObject *args)
     }
     if (!err) {
         for (int k = LANES - 1; k >= 0; k--) {
-            *--w = (uint16_t)(x[k] >> 16);
-            *--w = (uint16_t)x[k];
+            w = wr16(w, x[k] >> 16);
+            w = wr16(w, x[k]);
         }
         start = w - buf;
     }
     Py_END_ALLOW_THREADS
     if (!err)
-        result = PyBytes_FromStringAndSize((const char *)(buf + start), (cap - start) * (Py_ssize_t)sizeof(uint16_t));
+        result = PyBytes_FromStringAndSize((const char *)(buf + start), 2 * cap - start);
 done:
     free(cum);
     free(buf);
