@@ -44,4 +44,4 @@ bench: $(STAMP)
 	$(BIN)/kvzip bench
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info
+	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info kvzip/codecs/_rans*.so
