@@ -36,6 +36,20 @@ static inline uint32_t rd16(const unsigned char *p)
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8);
 }
 
+/* The decoder's renormalisation: below RANS_L a state takes in the next word (one is
+ * always enough: a decoded state is at least 2**(16 - PREC) = 16, and 16 more bits lift
+ * it past 2**20); -1 when the stream has none left. */
+static inline int renorm(uint32_t *x, const unsigned char **w, const unsigned char *wend)
+{
+    if (*x >= RANS_L)
+        return 0;
+    if (*w >= wend)
+        return -1;
+    *x = (*x << 16) | rd16(*w);
+    *w += 2;
+    return 0;
+}
+
 /* Store the low 16 bits of v little-endian just below p; returns the new position. */
 static inline unsigned char *wr16(unsigned char *p, uint32_t v)
 {
@@ -185,26 +199,18 @@ static PyObject *rans_decode(PyObject *self, PyObject *args)
                 uint32_t slot = xs & (TOTAL - 1);
                 slot_t e = table[slot];
                 xs = (uint32_t)e.freq * (xs >> PREC) + e.bias;
-                if (xs < RANS_L) {
-                    if (w >= wend) {
-                        err = "coded stream is truncated";
-                        break;
-                    }
-                    xs = (xs << 16) | rd16(w);
-                    w += 2;
+                if (renorm(&xs, &w, wend)) {
+                    err = "coded stream is truncated";
+                    break;
                 }
                 uint32_t v = e.sym;
                 if (raw) {
                     uint32_t ls = xs & (TOTAL - 1);
                     uint32_t low = ls >> low_shift;
                     xs = ((xs >> PREC) << low_shift) + (ls & ((1u << low_shift) - 1));
-                    if (xs < RANS_L) {
-                        if (w >= wend) {
-                            err = "coded stream is truncated";
-                            break;
-                        }
-                        xs = (xs << 16) | rd16(w);
-                    w += 2;
+                    if (renorm(&xs, &w, wend)) {
+                        err = "coded stream is truncated";
+                        break;
                     }
                     v = (v << raw) | (low & low_mask);
                 }
