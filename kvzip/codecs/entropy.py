@@ -349,9 +349,19 @@ def _rans_freqs(c_frac, c_sidx, c_shape, c_lo, c_span, raw, span_h) -> np.ndarra
     return f.astype(np.uint16)
 
 
-def _rans_params(span_h, foff, raw, sizes, bounds, lo) -> np.ndarray:
-    """The C coder's [nc, 6] int64 cluster table (see ``_rans.c``)."""
-    return np.ascontiguousarray(np.stack([span_h, foff, raw, sizes, bounds[:-1], lo], axis=1), dtype=np.int64)
+def _rans_model(c_frac, c_sidx, c_shape, c_lo, c_span, rows_by_c, bounds):
+    """What the C coder takes besides the symbols, the same for encoder and decoder:
+    ``(frequencies, [nc, 6] int64 cluster table, coded rows in cluster order)``
+    (see ``_rans.c``)."""
+    raw, span_h, freqs, foff = _rans_tables(c_frac, c_sidx, c_shape, c_lo, c_span)
+    params = np.stack([span_h, foff, raw, np.diff(bounds), bounds[:-1], c_lo], axis=1)
+    return freqs, np.ascontiguousarray(params, dtype=np.int64), rows_by_c[: bounds[-1]].astype(np.int32)
+
+
+def _clustered_rows(cid, nc):
+    """Row numbers sorted by cluster (constant rows last) and each cluster's bounds in them."""
+    rows_by_c = np.argsort(cid, kind="stable")
+    return rows_by_c, np.searchsorted(cid[rows_by_c], np.arange(nc + 1))
 
 
 class RangeCoder(SymbolCoder):
@@ -431,28 +441,22 @@ class RangeCoder(SymbolCoder):
             c_shape.astype(np.uint8).tobytes(),
             c_lo.astype("<i4").tobytes(), c_span.astype("<i4").tobytes(),
         ]
-        rows_by_c = np.argsort(cid, kind="stable")
-        bounds = np.searchsorted(cid[rows_by_c], np.arange(nc + 1))
+        rows_by_c, bounds = _clustered_rows(cid, nc)
+        if self.family == "rans":  # the C coder reads the symbols from the matrix itself
+            if not nc:  # every row constant: nothing to code
+                return b"".join(parts), np.zeros(0, np.uint16), b""
+            freqs, params, rows = _rans_model(c_frac, c_sidx, c_shape, c_lo, c_span, rows_by_c, bounds)
+            try:
+                words = _rans.encode(matrix, freqs, params, rows, center.astype(np.int32), n)
+            except ValueError as exc:
+                raise CodecError(f"rans encoder: {exc}") from None
+            return b"".join(parts), np.frombuffer(words, "<u2"), b""
         syms = []
-        for c in range(nc if self.family != "rans" else 0):
+        for c in range(nc):
             rows = rows_by_c[bounds[c] : bounds[c + 1]]
             syms.append((matrix[rows] - center[rows][:, None] - c_lo[c]).ravel())
         if self.family == "param2":
             return self._encode_v2(parts, syms, c_frac, c_sidx, c_shape, c_lo, c_span)
-        if self.family == "rans":
-            if not nc:  # every row constant: nothing to code
-                return b"".join(parts), np.zeros(0, np.uint16), b""
-            raw, span_h, freqs, foff = _rans_tables(c_frac, c_sidx, c_shape, c_lo, c_span)
-            sizes = np.diff(bounds)
-            try:
-                words = _rans.encode(
-                    matrix, freqs,
-                    _rans_params(span_h, foff, raw, sizes, bounds, c_lo),
-                    rows_by_c[: bounds[nc]].astype(np.int32), center.astype(np.int32), n,
-                )
-            except ValueError as exc:
-                raise CodecError(f"rans encoder: {exc}") from None
-            return b"".join(parts), np.frombuffer(words, "<u2"), b""
         enc = _RangeEncoder()
         for c in range(nc):
             self._code_cluster(enc, syms[c], c_frac[c], c_sidx[c], c_shape[c], c_lo[c], c_span[c])
@@ -539,8 +543,7 @@ class RangeCoder(SymbolCoder):
         out[const] = center[const][:, None]
         if not nc:
             return out, None, None, None
-        rows_by_c = np.argsort(cid, kind="stable")
-        bounds = np.searchsorted(cid[rows_by_c], np.arange(nc + 1))
+        rows_by_c, bounds = _clustered_rows(cid, nc)
         sizes = np.diff(bounds)
         if (sizes == 0).any():
             raise CodecError("entropy side info has an unused model")
@@ -636,9 +639,8 @@ class RangeCoder(SymbolCoder):
             if words.size:
                 raise CodecError("entropy block lengths do not match its size")
             return out
-        raw_bits, span_h, freqs, foff = _rans_tables(c_frac, c_sidx, c_shape, c_lo, c_span)
-        _rans.decode(words, freqs, _rans_params(span_h, foff, raw_bits, sizes, bounds, c_lo),
-                     rows_by_c[: bounds[nc]].astype(np.int32), center, out, n)
+        freqs, params, rows = _rans_model(c_frac, c_sidx, c_shape, c_lo, c_span, rows_by_c, bounds)
+        _rans.decode(words, freqs, params, rows, center, out, n)
         return out
 
     def encode(self, matrix: np.ndarray) -> bytes:
