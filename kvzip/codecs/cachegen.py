@@ -21,26 +21,18 @@ This is the baseline kvzip's own levels must beat at the same size.
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
-
-from kvzip.codecs.base import ChunkContext, Codec, to_float32
+from kvzip.codecs.base import ChunkContext
 from kvzip.codecs.entropy import RangeCoder
 from kvzip.codecs.quantize import TokenAbsmaxQuantizer
 from kvzip.codecs.registry import register_codec
-from kvzip.codecs.stages import StagePipeline
+from kvzip.codecs.stages import StagedCodec, StagePipeline
 from kvzip.errors import CodecError
 
 
-def _check_shape(kv: np.ndarray, ctx: ChunkContext) -> None:
-    if kv.shape != ctx.shape:
-        raise CodecError(f"expected KV of shape {ctx.shape}, got {kv.shape}")
-
-
 @register_codec
-class CacheGenCodec(Codec):
+class CacheGenCodec(StagedCodec):
     codec_id = "cachegen"
+    releases_gil = False  # constriction ("hist" tables)
 
     def __init__(self, key_bins_early: int = 32, key_early_layers: int = 10, key_bins: int = 16,
                  value_bins_early: int = 32, value_early_layers: int = 2, value_bins: int = 16):
@@ -56,10 +48,8 @@ class CacheGenCodec(Codec):
         self._p = vals
         self._pipes: dict[int, StagePipeline] = {}
 
-    def params(self) -> dict[str, Any]:
-        return dict(self._p)
-
-    def _pipeline(self, ctx: ChunkContext) -> StagePipeline:
+    def pipeline_for(self, ctx: ChunkContext) -> StagePipeline:
+        """One pipeline per model depth (the bins depend on the layer count)."""
         pipe = self._pipes.get(ctx.num_layers)
         if pipe is None:
             p, L = self._p, ctx.num_layers
@@ -69,9 +59,3 @@ class CacheGenCodec(Codec):
             self._pipes[L] = pipe
         return pipe
 
-    def encode(self, kv: np.ndarray, ctx: ChunkContext) -> bytes:
-        _check_shape(kv, ctx)
-        return self._pipeline(ctx).encode(to_float32(kv, ctx.dtype), ctx)
-
-    def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
-        return self._pipeline(ctx).decode(payload, ctx)

@@ -35,15 +35,12 @@ raise entropy (pre-RoPE keys and values alike).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from kvzip.codecs.base import ChunkContext, Codec, to_float32
 from kvzip.codecs.entropy import FAMILIES, RangeCoder
 from kvzip.codecs.quantize import UniformStepQuantizer
 from kvzip.codecs.registry import register_codec
-from kvzip.codecs.stages import StagePipeline
+from kvzip.codecs.stages import StagedCodec, StagePipeline
 from kvzip.codecs.transforms import UnRoPE
 from kvzip.errors import CodecError
 
@@ -51,7 +48,7 @@ _FLOAT_PARAMS = ("key_step", "value_step", "key_channel_exp", "value_token_exp",
 
 
 @register_codec
-class KvzipLossyCodec(Codec):
+class KvzipLossyCodec(StagedCodec):
     codec_id = "kvzip-lossy"
 
     def __init__(self, key_step: float = 0.1, value_step: float = 0.1, prerope: bool = True,
@@ -88,15 +85,4 @@ class KvzipLossyCodec(Codec):
         ]
         self.pipeline = StagePipeline(stages)
 
-    def params(self) -> dict[str, Any]:
-        return dict(self._p)
 
-    releases_gil = property(lambda self: self.pipeline.releases_gil)
-
-    def encode(self, kv: np.ndarray, ctx: ChunkContext) -> bytes:
-        if kv.shape != ctx.shape:
-            raise CodecError(f"expected KV of shape {ctx.shape}, got {kv.shape}")
-        return self.pipeline.encode(to_float32(kv, ctx.dtype), ctx)
-
-    def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
-        return self.pipeline.decode(payload, ctx)

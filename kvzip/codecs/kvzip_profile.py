@@ -22,16 +22,14 @@ The codec config names its profile by SHA-256; see :mod:`kvzip.codecs.profile`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from kvzip.codecs.base import ChunkContext, Codec, one_blas_thread, to_float32
+from kvzip.codecs.base import ChunkContext, one_blas_thread
 from kvzip.codecs.entropy import RangeCoder
 from kvzip.codecs.profile import Profile, find_profile
 from kvzip.codecs.quantize import UniformStepQuantizer
 from kvzip.codecs.registry import register_codec
-from kvzip.codecs.stages import ArrayTransform, StagePipeline, SymbolBlocks, unpack_sections
+from kvzip.codecs.stages import ArrayTransform, StagedCodec, StagePipeline
 from kvzip.codecs.transforms import UnRoPE, rope_cos_sin, rotate
 from kvzip.errors import CodecError
 
@@ -111,7 +109,7 @@ class ProfileBasis(ArrayTransform):
 
 
 @register_codec
-class KvzipProfileCodec(Codec):
+class KvzipProfileCodec(StagedCodec):
     codec_id = "kvzip-profile"
 
     def __init__(self, profile: str, step: float = 0.3, value_token_exp: float = 0.5,
@@ -137,16 +135,8 @@ class KvzipProfileCodec(Codec):
             RangeCoder(entropy),
         ])
 
-    def params(self) -> dict[str, Any]:
-        return dict(self._p)
-
-    releases_gil = property(lambda self: self.pipeline.releases_gil)
-
-    def encode(self, kv: np.ndarray, ctx: ChunkContext) -> bytes:
-        if kv.shape != ctx.shape:
-            raise CodecError(f"expected KV of shape {ctx.shape}, got {kv.shape}")
+    def check_chunk(self, ctx: ChunkContext) -> None:
         self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)
-        return self.pipeline.encode(to_float32(kv, ctx.dtype), ctx)
 
     def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
         out = np.empty(ctx.shape, np.float32)
@@ -158,14 +148,10 @@ class KvzipProfileCodec(Codec):
         quantiser's rows (channels by tokens) go through the basis without a copy
         (:meth:`ProfileBasis.inverse_rows`), then the keys are re-rotated straight
         into ``out`` and the values copied there."""
-        self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)
+        self.check_chunk(ctx)
         if out.shape != ctx.shape:
             raise CodecError(f"output has shape {out.shape}, the chunk {ctx.shape}")
-        p = self.pipeline
-        shapes = p.quantizer.symbol_shapes(ctx)
-        sections = unpack_sections(payload, 1 + len(shapes))
-        mats = [p.coder.decode(sec, shape) for sec, shape in zip(sections[1:], shapes)]
-        rows = p.quantizer.dequantize_rows(SymbolBlocks(mats, sections[0], shapes), ctx)
+        rows = self.pipeline.quantizer.dequantize_rows(self.pipeline.decode_blocks(payload, ctx), ctx)
         x = self.basis.inverse_rows(rows)
         if ctx.rope_inv_freq is None:
             out[0] = x[0]

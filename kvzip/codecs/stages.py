@@ -19,10 +19,11 @@ import struct
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from kvzip.codecs.base import ChunkContext
+from kvzip.codecs.base import ChunkContext, Codec, to_float32
 from kvzip.errors import CodecError
 
 
@@ -142,11 +143,48 @@ class StagePipeline:
         sections = [blocks.side] + [self.coder.encode(m) for m in blocks.matrices]
         return pack_sections(sections)
 
-    def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
+    def decode_blocks(self, payload: bytes, ctx: ChunkContext) -> SymbolBlocks:
+        """The payload's sections entropy-decoded: the quantiser's side info and symbols."""
         shapes = self.quantizer.symbol_shapes(ctx)
         sections = unpack_sections(payload, 1 + len(shapes))
         mats = [self.coder.decode(s, shape) for s, shape in zip(sections[1:], shapes)]
-        x = self.quantizer.dequantize(SymbolBlocks(mats, sections[0], shapes), ctx)
+        return SymbolBlocks(mats, sections[0], shapes)
+
+    def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
+        x = self.quantizer.dequantize(self.decode_blocks(payload, ctx), ctx)
         for t in reversed(self.transforms):
             x = t.inverse(x, ctx)
         return x
+
+
+class StagedCodec(Codec):
+    """A codec that is a :class:`StagePipeline` over its parameters ``_p``: the
+    config, the GIL question and the shape check are the pipeline's business.
+    Subclasses set ``_p`` and build their pipeline (:meth:`pipeline_for`; by
+    default ``self.pipeline``), and may check a chunk further (:meth:`check_chunk`)."""
+
+    _p: dict[str, Any]
+    pipeline: StagePipeline
+
+    def params(self) -> dict[str, Any]:
+        return dict(self._p)
+
+    @property
+    def releases_gil(self) -> bool:
+        return self.pipeline.releases_gil
+
+    def pipeline_for(self, ctx: ChunkContext) -> StagePipeline:
+        return self.pipeline
+
+    def check_chunk(self, ctx: ChunkContext) -> None:
+        """Refuse a chunk this codec cannot code (before any stage runs)."""
+
+    def encode(self, kv: np.ndarray, ctx: ChunkContext) -> bytes:
+        if kv.shape != ctx.shape:
+            raise CodecError(f"expected KV of shape {ctx.shape}, got {kv.shape}")
+        self.check_chunk(ctx)
+        return self.pipeline_for(ctx).encode(to_float32(kv, ctx.dtype), ctx)
+
+    def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
+        self.check_chunk(ctx)
+        return self.pipeline_for(ctx).decode(payload, ctx)
