@@ -22,7 +22,7 @@ from kvzip.codecs import Codec, codec_for_level
 from kvzip.codecs.profile import Profile
 from kvzip.errors import UnknownLevelError
 from kvzip.formats import KvzReader, KvzWriter, open_kvz
-from kvzip.formats.parallel import default_decoders, encode_chunks_parallel
+from kvzip.formats.parallel import default_decoders, encode_chunks_parallel, on_threads
 from kvzip.model import TORCH_DTYPES, KVModel
 
 Progress = Callable[[str, int, int], None]
@@ -86,8 +86,7 @@ def _rebuildable(codecs: Sequence[Codec]) -> bool:
 
 def _encoders(numel: int, n_chunks: int, encoders: int | None, codecs: Sequence[Codec] = ()) -> int:
     """How many encoders (threads or processes, this one included; 1 = this thread only)."""
-    threads = all(getattr(c, "releases_gil", False) for c in codecs)  # encoded on threads
-    if not threads and not _rebuildable(codecs):
+    if not on_threads(codecs) and not _rebuildable(codecs):
         return 1  # e.g. a benchmark's own codec object, unknown to a fresh process
     if encoders is not None:
         return max(1, min(int(encoders), n_chunks))

@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +295,12 @@ def want_parallel(reader: Any, numel: int, n_chunks: int, decoders: int | None, 
     return min(n, n_chunks)
 
 
+def on_threads(codecs: Sequence[Any]) -> bool:
+    """Whether these codecs work in parallel on threads (all release the GIL), so no
+    worker process is needed."""
+    return all(c.releases_gil for c in codecs)
+
+
 def decode_level_threads(reader: Any, level_name: str, decoders: int) -> np.ndarray:
     """A whole level decoded by ``decoders`` threads of this process, chunk by chunk,
     straight into one array: for codecs whose decode runs outside the GIL (see
@@ -482,7 +488,7 @@ def encode_chunks_parallel(array: np.ndarray, codecs: list[Any], chunks: list[tu
         for i in range(len(chunks)):
             here([i])
         return results  # type: ignore[return-value]
-    if all(getattr(c, "releases_gil", False) for c in codecs):  # threads: no copies, no workers
+    if on_threads(codecs):  # threads: no copies, no workers
         run_on_threads(len(chunks), min(encoders, len(chunks)), lambda i: encode_here([i]),
                        None if done is None else lambda: done(finished[0]))
         if done is not None:
