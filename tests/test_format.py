@@ -671,6 +671,9 @@ def test_attack_file(name: str, error: str):
         with pytest.raises(errors.KvzipError) as caught, open_kvz(ATTACKS / name) as reader:
             reader.token_ids()
             reader.chunk_texts()
+            for entry in reader.entries:  # in this process: no decode worker to translate errors
+                if entry.kind is EntryKind.KV:
+                    reader.decode_chunk(entry)
             for level in reader.header.level_names:
                 reader.decode_level(level)
         peak = tracemalloc.get_traced_memory()[1]
