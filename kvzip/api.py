@@ -20,7 +20,7 @@ import torch
 from kvzip.calibrate import resolve_profile
 from kvzip.codecs import CALIBRATED_LEVELS, DEFAULT_LEVEL, LEVELS, STORAGE_DTYPES
 from kvzip.codecs.profile import find_profile
-from kvzip.errors import InputError, KvzipError, UnknownLevelError
+from kvzip.errors import ContextTooLongError, InputError, KvzipError, UnknownLevelError
 from kvzip.formats import open_kvz
 from kvzip.model import ChatTemplate, KVModel
 from kvzip.pipeline import (
@@ -59,6 +59,7 @@ __all__ = [
     "kv_to_storage",
     "load_kv",
     "load_model",
+    "input_size",
     "read_text",
     "storage_to_kv",
     "verify",
@@ -71,11 +72,35 @@ def load_model(model: ModelLike = None) -> KVModel:
     return model if isinstance(model, KVModel) else KVModel.load(model)
 
 
-def read_text(source: str | os.PathLike[str]) -> str:
-    """Read a UTF-8 text file with one-line errors for the usual failures."""
+def input_size(source: str | os.PathLike[str]) -> int:
+    """The size of a text file about to be read, with :func:`read_text`'s one-line errors."""
     path = Path(source)
     try:
-        data = path.read_bytes()
+        if path.is_dir():
+            raise InputError(f"input is a directory, not a text file: {path}")
+        with open(path, "rb") as handle:
+            return os.fstat(handle.fileno()).st_size
+    except FileNotFoundError:
+        raise InputError(f"input file not found: {path}") from None
+    except PermissionError:
+        raise InputError(f"input file is not readable (permission denied): {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def read_text(source: str | os.PathLike[str], max_bytes: int | None = None) -> str:
+    """Read a UTF-8 text file with one-line errors for the usual failures; one larger
+    than ``max_bytes`` (see ``KVModel.max_text_bytes``) is refused before it is read."""
+    path = Path(source)
+    if max_bytes is not None and (size := input_size(path)) > max_bytes:
+        raise ContextTooLongError(f"{path} is {size} bytes, more than the {max_bytes} bytes of "
+                                  "text the model's context can hold")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:  # it grew while we looked
+            raise ContextTooLongError(f"{path} holds more than the {max_bytes} bytes of text "
+                                      "the model's context can hold")
     except FileNotFoundError:
         raise InputError(f"input file not found: {path}") from None
     except IsADirectoryError:
@@ -130,6 +155,7 @@ def encode(
     if dtype is not None and dtype not in STORAGE_DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     km = load_model(model)
+    km.check_text_size(len(text), unit="characters")  # refused before tokenizing it all
     template = km.chat_template() if chat else None
     if chat and template is None:
         raise InputError(f"{km.name} has no usable chat template; encode without --chat")
@@ -324,7 +350,7 @@ def generate(
         raise InputError("--max-new-tokens must be at least 1")
     km = load_model(model)
     with open_kvz(path) as reader:
-        km.check_identity(reader.header.raw["model"])
+        km.check_stored_cache(reader.header)
     started = time.perf_counter()
     loaded = load_kv(path, level, progress)
     doc_ids, kv = loaded.token_ids, loaded.kv

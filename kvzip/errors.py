@@ -29,6 +29,12 @@ class ContextTooLongError(InputError):
     """The text has more tokens than the model's context window."""
 
 
+class MemoryLimitError(KvzipError):
+    """Decoding would allocate more than the memory limit (``--max-memory``)."""
+
+    exit_code = 7
+
+
 # --- the .kvz container ------------------------------------------------------
 class FormatError(KvzipError):
     """A file that is not a valid ``.kvz`` (base of every container error)."""

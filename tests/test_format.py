@@ -33,6 +33,7 @@ from kvzip.formats import (
     parse_preamble,
     validate,
 )
+from kvzip.formats.limits import set_memory_limit
 from kvzip.formats.spec import (
     FIRST_READ_BYTES,
     MAX_HEADER_BYTES,
@@ -664,8 +665,16 @@ def attack_cases() -> list:
     return cases
 
 
+@pytest.fixture
+def memory_limit_256mib():
+    """A fixed decode memory limit, so attack outcomes do not depend on this machine's RAM."""
+    set_memory_limit(256 << 20)
+    yield
+    set_memory_limit(None)
+
+
 @pytest.mark.parametrize("name, error", attack_cases())
-def test_attack_file(name: str, error: str):
+def test_attack_file(name: str, error: str, memory_limit_256mib):
     tracemalloc.start()
     try:
         with pytest.raises(errors.KvzipError) as caught, open_kvz(ATTACKS / name) as reader:

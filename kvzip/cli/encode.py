@@ -17,18 +17,21 @@ from kvzip.cli.console import (
 )
 from kvzip.cli.errors import handle_errors
 from kvzip.codecs import DEFAULT_LEVEL
-from kvzip.errors import InputError
+from kvzip.errors import ContextTooLongError, InputError
 
 
-def read_input(source: str) -> tuple[str, str]:
-    """(text, name) from a path or ``-`` for stdin."""
+def read_input(source: str, max_bytes: int) -> tuple[str, str]:
+    """(text, name) from a path or ``-`` for stdin, refusing more than ``max_bytes``."""
     if source == "-":
-        data = sys.stdin.buffer.read()
+        data = sys.stdin.buffer.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ContextTooLongError(f"stdin holds more than the {max_bytes} bytes of text "
+                                      "the model's context can hold")
         try:
             return data.decode("utf-8"), "<stdin>"
         except UnicodeDecodeError as exc:
             raise InputError(f"stdin is not UTF-8 text (byte {exc.start} is invalid)") from None
-    return api.read_text(source), Path(source).name
+    return api.read_text(source, max_bytes), Path(source).name
 
 
 @handle_errors
@@ -46,10 +49,12 @@ def encode_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Prefill a text with the model and write its KV cache as a .kvz file."""
-    text, name = read_input(input)
+    if input != "-":
+        api.input_size(input)  # a missing or unreadable input fails before the model loads
     levels = [x.strip() for x in level.split(",") if x.strip()]
     with status("loading model…", not quiet):
         km = api.load_model(model)
+    text, name = read_input(input, km.max_text_bytes)
     with progress_bars(not quiet) as progress:
         summary = api.encode(
             text, output, model=km, levels=levels, chunk_tokens=chunk_tokens, dtype=dtype,

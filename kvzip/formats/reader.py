@@ -22,9 +22,11 @@ from kvzip.errors import (
     CodecError,
     FormatError,
     KvzipError,
+    MemoryLimitError,
     UnknownLevelError,
 )
 from kvzip.formats import parallel
+from kvzip.formats.limits import check_memory, chunk_work_bytes
 from kvzip.formats.container import (
     IndexEntry,
     KvzHeader,
@@ -93,10 +95,17 @@ class PayloadDecoder:
             profile.check_model(str(model["fingerprint"]))
         return codec
 
+    def check_chunk_memory(self, entry: IndexEntry) -> None:
+        """Refuse a chunk whose decoding would take more than the memory limit."""
+        ctx = self.context(entry)
+        check_memory(chunk_work_bytes(int(np.prod(ctx.shape))),
+                     f"decoding {describe_entry(entry, self.header.level_names)}")
+
     def decode_into(self, entry: IndexEntry, payload: bytes, out: np.ndarray) -> None:
         """Decode one KV chunk into ``out`` (its slice of a level's array, storage dtype)."""
         if entry.kind is not EntryKind.KV:
             raise ValueError(f"not a KV entry: {entry}")
+        self.check_chunk_memory(entry)
         ctx = self.context(entry)
         if out.shape != ctx.shape:
             raise CodecError(f"{describe_entry(entry, self.header.level_names)} needs an output of shape "
@@ -110,6 +119,7 @@ class PayloadDecoder:
         """One KV chunk as ``[2, layers, kv_heads, tokens, head_dim]`` in the storage dtype."""
         if entry.kind is not EntryKind.KV:
             raise ValueError(f"not a KV entry: {entry}")
+        self.check_chunk_memory(entry)
         ctx = self.context(entry)
         kv = self.level_codec(entry.level).decode(payload, ctx)
         if kv.shape != ctx.shape:
@@ -169,6 +179,7 @@ class KvzReader:
     def token_ids(self) -> np.ndarray:
         """The context's token ids, as int64."""
         entry = self._index.token_ids
+        check_memory(12 * entry.token_count, "the token ids")  # the u32 bytes and the int64 array
         raw = zstd_decompress_bounded(
             self.read_payload(entry), 4 * entry.token_count, "token ids", FormatError
         )
@@ -219,6 +230,7 @@ class KvzReader:
         shape = (2, h.num_layers, h.kv_heads, h.token_count, h.head_dim)
         threads = bool(entries) and self._decoder.level_codec(entries[0].level).releases_gil
         n = parallel.want_parallel(self, int(np.prod(shape)), len(entries), decoders, threads)
+        self.check_level_memory(level_name, max(n, 1))
         if n > 1 and threads:
             return parallel.decode_level_threads(self, level_name, n)
         if n > 1:
@@ -226,6 +238,20 @@ class KvzReader:
         kv = np.empty(shape, dtype=STORAGE_DTYPES[h.dtype])
         parallel.decode_into(self, level_name, list(range(len(entries))), kv)
         return kv
+
+    def level_bytes(self) -> int:
+        """The size of one decoded level in the storage dtype, as the header declares it."""
+        h = self.header
+        return 2 * h.num_layers * h.kv_heads * h.token_count * h.head_dim * STORAGE_DTYPES[h.dtype].itemsize
+
+    def check_level_memory(self, level_name: str, decoders: int = 1) -> None:
+        """Refuse a level whose array plus ``decoders`` chunks in flight exceed the memory limit."""
+        entries = self.kv_entries(level_name)
+        widest = max((e.token_count for e in entries), default=0)
+        h = self.header
+        work = chunk_work_bytes(2 * h.num_layers * h.kv_heads * widest * h.head_dim)
+        check_memory(self.level_bytes() + min(decoders, len(entries)) * work,
+                     f"decoding level {level_name!r} ({h.token_count} tokens)")
 
     def verify(self, decode: bool = False) -> list[Problem]:
         """Check every payload's checksum (and, with ``decode``, that it decodes).
@@ -243,6 +269,8 @@ class KvzReader:
                     self.token_ids()
                 else:
                     self._read_text(entry)
+            except MemoryLimitError:
+                raise  # the file may be fine; this machine's limit is not a defect of it
             except KvzipError as exc:
                 problems.append(Problem(entry, str(exc)))
         return problems

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,7 +19,11 @@ from kvzip.errors import (
     ModelMismatchError,
     UnsupportedModelError,
 )
+from kvzip.formats.spec import MAX_TOKEN_COUNT
 from kvzip.model.loading import ModelSource, load_pretrained, resolve_model
+
+if TYPE_CHECKING:
+    from kvzip.formats import KvzHeader
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -98,6 +103,24 @@ class KVModel:
     @property
     def max_context(self) -> int:
         return int(getattr(self.text_config, "max_position_embeddings", 0) or 2**31)
+
+    @functools.cached_property
+    def max_text_bytes(self) -> int:
+        """More bytes of text than this cannot fit the context: the context's tokens times the
+        longest token's UTF-8 spelling (an over-estimate of the bytes it stands for: byte-level
+        vocabularies spell a byte with up to two), doubled for normalisers that shrink text."""
+        vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
+        longest = max((len(token.encode("utf-8", "replace")) for token in vocab), default=64)
+        return min(self.max_context, MAX_TOKEN_COUNT) * max(longest, 16) * 2
+
+    def check_text_size(self, size: int, what: str = "the text", unit: str = "bytes") -> None:
+        """Refuse a text too large to fit the context before it is read or tokenized
+        (``size`` in bytes, or in characters, of which each takes at least one byte)."""
+        if size > self.max_text_bytes:
+            raise ContextTooLongError(
+                f"{what} has {size} {unit}; {self.name}'s context of {self.max_context} tokens "
+                f"holds at most {self.max_text_bytes} bytes of text"
+            )
 
     @property
     def sliding_window(self) -> int | None:
@@ -193,6 +216,24 @@ class KVModel:
             f"this .kvz was written by {stored.get('name') or 'another model'!s} "
             f"and does not match {mine['name']} ({', '.join(parts) or 'fingerprint'} differ)"
         )
+
+    def check_stored_cache(self, header: KvzHeader) -> None:
+        """Refuse a file that is not this model's, or whose declared geometry is not this
+        model's cache (a copied fingerprint on forged dimensions), before anything of it
+        is decoded or allocated."""
+        self.check_identity(header.raw["model"])
+        mine = (self.num_layers, self.kv_heads, self.head_dim)
+        stored = (header.num_layers, header.kv_heads, header.head_dim)
+        if stored != mine:
+            raise ModelMismatchError(
+                f"this .kvz declares {stored[0]} layers x {stored[1]} kv heads x head_dim "
+                f"{stored[2]}, but {self.name}'s cache is {mine[0]} x {mine[1]} x {mine[2]}"
+            )
+        if header.token_count > self.max_context:
+            raise ModelMismatchError(
+                f"this .kvz declares {header.token_count} tokens, more than {self.name}'s "
+                f"context of {self.max_context}"
+            )
 
     # -------------------------------------------------------------- tokenizing
     def chat_template(self) -> ChatTemplate | None:

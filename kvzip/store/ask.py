@@ -80,7 +80,7 @@ def load_passage(
     """Fetch and decode a retrieved passage's cache, refusing one that cannot be moved."""
     with store.artifacts.open(hit.artifact) as reader:
         header = reader.header.raw
-        km.check_identity(header["model"])
+        km.check_stored_cache(reader.header)
         rope = header.get("rope")
         if rope is None:
             raise UnsupportedModelError(

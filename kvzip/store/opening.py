@@ -77,7 +77,7 @@ def save_opening(store: PassageStore, km: KVModel) -> bool:
 def read_opening(data: bytes, km: KVModel, ids: Sequence[int]) -> torch.Tensor:
     """A stored opening's cache, checked against the model and the ids (KvzipError if not)."""
     with KvzReader(BytesSource(data)) as reader:
-        km.check_identity(reader.header.raw["model"])
+        km.check_stored_cache(reader.header)
         if reader.token_ids().tolist() != list(ids):
             raise KvzipError("the stored opening holds other token ids")
         return storage_to_kv(reader.decode_level(OPENING_LEVEL, decoders=1), reader.header.dtype)

@@ -1,0 +1,21 @@
+"""Options several commands share, with the one function that applies each."""
+
+from __future__ import annotations
+
+import typer
+
+from kvzip.formats.limits import ENV_MAX_MEMORY, parse_size, set_memory_limit
+
+
+def max_memory_option() -> str | None:
+    return typer.Option(
+        None, "--max-memory", metavar="SIZE",
+        help=f"Most memory decoding may take, e.g. 8G or 512M (default: ${ENV_MAX_MEMORY}, "
+        "else half of this machine's RAM); a file that needs more is refused before anything "
+        "is allocated.",
+    )
+
+
+def apply_max_memory(value: str | None) -> None:
+    """Set the decode memory limit of this process from ``--max-memory`` (None: the default)."""
+    set_memory_limit(None if value is None else parse_size(value))
