@@ -130,7 +130,8 @@ class GuardMiddleware:
 
     Only GET and HEAD (405); no request body (413); URLs up to
     :data:`MAX_URL_CHARS` (414); headers up to :data:`MAX_HEADER_BYTES` (431).
-    uvicorn bounds headers that arrive slowly; this catches those sent at once.
+    h11 caps the size of a head that arrives in pieces (and the server's protocol its
+    time, :func:`kvzip.stream.server.bounded_h11_protocol`); this catches those sent at once.
     """
 
     def __init__(self, app: ASGIApp):

@@ -15,13 +15,19 @@ Routes (described in :mod:`kvzip.stream.openapi`, served at ``/openapi.json``):
 Files are opened per request and served from the open descriptor, so a file
 replaced by an atomic rename mid-response keeps serving the old bytes under the
 old ETag.  Manifests are cached per file identity (inode, mtime, size).
+
+Slow clients are bounded per connection (see :func:`make_server`): a request
+head must be complete within ``header_timeout`` seconds of connecting or of the
+previous response, and at most ``max_connections`` are open at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -54,6 +60,12 @@ from kvzip.stream.ranges import RangeNotSatisfiableError, RangeSyntaxError, pars
 BODY_PIECE = 256 << 10  # file bodies are read and sent in pieces this size
 MAX_MANIFEST_BYTES = 64 << 20  # the client's cap on JSON bodies
 MANIFEST_CACHE = 128  # manifests kept in memory (each is small next to its file)
+HEADER_TIMEOUT = 10.0  # seconds a connection has to send a whole request head
+MAX_CONNECTIONS = 512  # open connections by default, fewer where the open-file limit is low
+FDS_PER_CONNECTION = 2  # its socket and the file its request has open
+FD_RESERVE = 64  # descriptors the process needs besides its connections (libraries, listener)
+
+log = logging.getLogger("kvzip.stream")
 
 
 # ------------------------------------------------------------------------ files
@@ -360,8 +372,179 @@ def bind(host: str, port: int) -> socket.socket:
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def make_server(app: ASGIApp, log_level: str | None = "info") -> Any:
+# ------------------------------------------------------------------ slow clients
+def _open_file_limits() -> tuple[int | None, int | None]:
+    """The soft and hard limits on open files (``ulimit -n``, ``-Hn``); None where unlimited."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: nothing to read
+        return None, None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    return (None if soft == unlimited else soft), (None if hard == unlimited else hard)
+
+
+def default_max_connections() -> int:
+    """:data:`MAX_CONNECTIONS`, or fewer where the soft open-file limit would run out first."""
+    soft, _ = _open_file_limits()
+    if soft is None:
+        return MAX_CONNECTIONS
+    return max(1, min(MAX_CONNECTIONS, (soft - FD_RESERVE) // FDS_PER_CONNECTION))
+
+
+def check_limits(header_timeout: float, max_connections: int) -> None:
+    """Raise :class:`InputError` unless both bounds are usable numbers."""
+    if not 0 < header_timeout < float("inf"):
+        raise InputError(f"the header timeout must be a positive number of seconds, got {header_timeout}")
+    if max_connections < 1:
+        raise InputError(f"at least one connection must be allowed, got {max_connections}")
+
+
+def reserve_descriptors(max_connections: int) -> None:
+    """Make room for ``max_connections`` open at once: raise the soft open-file limit
+    toward the hard one if it is too low; :class:`InputError` if even the hard one is."""
+    need = max_connections * FDS_PER_CONNECTION + FD_RESERVE
+    soft, hard = _open_file_limits()
+    if soft is None or need <= soft:
+        return
+    if hard is not None and need > hard:
+        raise InputError(f"{max_connections} connections need about {need} open files, over this "
+                         f"process's limit of {hard} (ulimit -Hn)")
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, resource.RLIM_INFINITY if hard is None else hard))
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{max_connections} connections need about {need} open files; raising the "
+                         f"limit of {soft} (ulimit -n) failed: {exc}") from None
+
+
+class _ClosedLog:
+    """Counts the connections closed for being slow or too many; a warning every 10 s at most."""
+
+    EVERY = 10.0
+
+    def __init__(self, header_timeout: float, max_connections: int):
+        self.header_timeout, self.max_connections = header_timeout, max_connections
+        self.slow = self.excess = 0
+        self.logged_at = -self.EVERY
+        self.pending: asyncio.TimerHandle | None = None
+
+    def note(self, loop: asyncio.AbstractEventLoop, *, slow: bool) -> None:
+        if slow:
+            self.slow += 1
+        else:
+            self.excess += 1
+        if self.pending is None:  # else the counts go out with the warning already due
+            wait = self.logged_at + self.EVERY - loop.time()
+            if wait <= 0:
+                self._flush(loop)
+            else:
+                self.pending = loop.call_later(wait, self._flush, loop)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.pending = None
+        log.warning(
+            "closed %d connection(s): %d without a whole request head within %gs (--header-timeout), "
+            "%d beyond %d open (--max-connections)", self.slow + self.excess, self.slow,
+            self.header_timeout, self.excess, self.max_connections)
+        self.slow = self.excess = 0
+        self.logged_at = loop.time()
+
+
+def bounded_h11_protocol(header_timeout: float, max_connections: int) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with the two bounds uvicorn has not got: time and number.
+
+    uvicorn's ``timeout_keep_alive`` runs only between requests and is cancelled
+    by the first byte of the next one, and nothing at all times a first request,
+    so a client sending its head one byte at a time holds a connection (a file
+    descriptor) forever; ``limit_concurrency`` answers 503 only once a head is
+    complete, and counts the held connections while doing so.  Here:
+
+    - from connecting, and from the end of each response, a connection has
+      ``header_timeout`` seconds to deliver a whole request head; then it is
+      closed (while a request is being answered the clock is stopped);
+    - past ``max_connections`` open, a new connection closes the one that has
+      been waiting longest for a request head, or itself if every other one is
+      being answered, so the count never grows past the cap and a stalled crowd
+      cannot keep a prompt client out.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    closed = _ClosedLog(header_timeout, max_connections)
+
+    class BoundedH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+        _waiting_since: float | None = None  # loop time it began waiting for a request head
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                waiting = [c for c in self.connections
+                           if c is not self and getattr(c, "_waiting_since", None) is not None]
+                closed.note(self.loop, slow=False)
+                if not waiting:
+                    self._close()
+                    return
+                min(waiting, key=lambda c: c._waiting_since)._close()
+            self._wait_for_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._answering():
+                self._stop_waiting()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.transport.is_closing():
+                return
+            if self._answering():  # a pipelined request was waiting
+                self._stop_waiting()
+            else:
+                self._wait_for_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+        def _answering(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _wait_for_head(self) -> None:
+            self._stop_waiting()
+            self._waiting_since = self.loop.time()
+            self._deadline = self.loop.call_later(header_timeout, self._head_too_slow)
+
+        def _stop_waiting(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self._waiting_since = None
+
+        def _head_too_slow(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                closed.note(self.loop, slow=True)
+                self._close()
+
+        def _close(self) -> None:
+            """Close now, and stop counting this connection as open (uvicorn would on connection_lost)."""
+            self._stop_waiting()
+            self.connections.discard(self)
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return BoundedH11Protocol
+
+
+def make_server(app: ASGIApp, log_level: str | None = "info", *,
+                header_timeout: float = HEADER_TIMEOUT, max_connections: int | None = None) -> Any:
     """A uvicorn server for ``app`` with kvzip's bounds; run it with ``server.run(sockets=[...])``.
+
+    ``header_timeout`` and ``max_connections`` (default :func:`default_max_connections`)
+    bound slow clients, see :func:`bounded_h11_protocol`.  The protocol is h11
+    whatever else is installed: both bounds and the cap on a request head's size
+    (``h11_max_incomplete_event_size``) are built on h11's parser, and uvicorn's
+    "auto" would switch to httptools, with neither, as soon as it is installed.
 
     uvicorn installs SIGINT/SIGTERM handlers when run in the main thread and
     then stops accepting, lets open responses finish (up to the grace time) and
@@ -369,12 +552,18 @@ def make_server(app: ASGIApp, log_level: str | None = "info") -> Any:
     """
     import uvicorn
 
+    if max_connections is None:
+        max_connections = default_max_connections()
+    check_limits(header_timeout, max_connections)
     config = uvicorn.Config(
         app,
+        http=bounded_h11_protocol(header_timeout, max_connections),
+        ws="none",  # no websocket routes; an upgraded connection would leave the count
         log_config=None if log_level is None else log_config(log_level),
         log_level=log_level,
         access_log=False,  # kvzip.stream.access logs with sizes and times instead
-        limit_concurrency=512,  # beyond this uvicorn answers 503
+        # No limit_concurrency: it counts open connections, which the protocol keeps
+        # under max_connections, so it could only turn prompt clients away with 503s.
         timeout_keep_alive=5,
         timeout_graceful_shutdown=5,
         h11_max_incomplete_event_size=16 << 10,  # caps request line + headers
@@ -391,25 +580,39 @@ def serve(
     throttle: Throttle | None = None,
     on_ready: Callable[[str], None] | None = None,
     log_level: str = "info",
+    header_timeout: float = HEADER_TIMEOUT,
+    max_connections: int | None = None,
 ) -> None:
-    """Serve ``root`` until SIGINT or SIGTERM; ``on_ready`` gets the base URL once listening."""
+    """Serve ``root`` until SIGINT or SIGTERM; ``on_ready`` gets the base URL once listening.
+
+    ``header_timeout`` and ``max_connections`` bound slow clients (:func:`make_server`);
+    the open-file limit is raised for ``max_connections`` if it has to be and can be.
+    """
+    if max_connections is None:
+        max_connections = default_max_connections()
+    check_limits(header_timeout, max_connections)
+    reserve_descriptors(max_connections)
     app = create_app(root, throttle)
+    server = make_server(app, log_level, header_timeout=header_timeout, max_connections=max_connections)
     sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     if on_ready is not None:
         on_ready(f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}")
-    make_server(app, log_level).run(sockets=[sock])
+    server.run(sockets=[sock])
 
 
 @contextmanager
-def serve_in_thread(app: ASGIApp, host: str = "127.0.0.1") -> Iterator[str]:
+def serve_in_thread(app: ASGIApp, host: str = "127.0.0.1", *, header_timeout: float = HEADER_TIMEOUT,
+                    max_connections: int | None = None) -> Iterator[str]:
     """Run ``app`` on a free port of ``host`` in a background thread; yields the base URL.
 
     For tests and benchmarks: the server is always stopped (and its thread
-    joined) when the block ends, however it ends.
+    joined) when the block ends, however it ends.  The bounds are
+    :func:`make_server`'s.
     """
+    server = make_server(app, log_level=None, header_timeout=header_timeout,
+                         max_connections=max_connections)
     sock = bind(host, 0)
-    server = make_server(app, log_level=None)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
