@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kvzip.atomic import write_atomic
 from kvzip.calibrate import resolve_profile
 from kvzip.codecs import CALIBRATED_LEVELS, DEFAULT_LEVEL, LEVELS, STORAGE_DTYPES
 from kvzip.codecs.profile import find_profile
@@ -298,24 +299,8 @@ def decode(
         "level": loaded.level,
         "dtype": header["dtype"],
     }
-    _atomic_write(Path(out), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return DecodeSummary(str(path), str(out), len(ids), loaded.level, time.perf_counter() - started)
-
-
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Write through ``write(tmp)`` to a temporary sibling, fsync, then rename over ``target``."""
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise InputError(f"output directory does not exist: {directory}")
-    tmp = directory / f".{target.name}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # -------------------------------------------------------------------- generate

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from kvzip import api
+from kvzip.atomic import write_atomic
 from kvzip.calibrate import resolve_profile
 from kvzip.codecs import CALIBRATED_LEVELS, DEFAULT_LEVEL, LEVELS, Codec, codec_from_config, codec_ids, level_config
 from kvzip.codecs.entropy import clear_model_caches
@@ -725,8 +726,7 @@ def plot(rows: Sequence[BenchRow], out: str | Path, title: str,
     ax.set_title(textwrap.fill(title, 80), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)

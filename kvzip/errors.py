@@ -120,3 +120,21 @@ class ProfileNotFoundError(ProfileError):
 
 class ProfileMismatchError(ProfileError):
     """A profile whose hash, model or geometry is not the one asked for."""
+
+
+# --- signals -------------------------------------------------------------------
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived (see ``kvzip.atomic.install_signal_handlers``).
+
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` blocks do
+    not swallow it while ``finally`` blocks still remove temporary files."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+    def __str__(self) -> str:
+        import signal
+
+        return f"terminated by {signal.Signals(self.signum).name}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from kvzip import __version__
+from kvzip.atomic import install_signal_handlers
 
 app = typer.Typer(
     name="kvzip",
@@ -37,6 +38,7 @@ def _register() -> None:
         ask,
         bench,
         calibrate,
+        clean,
         decode,
         encode,
         fetch,
@@ -48,7 +50,7 @@ def _register() -> None:
         verify,
     )
 
-    for module in (encode, info, decode, verify, generate, fetch, serve, precache, ask, store, calibrate, bench):
+    for module in (encode, info, decode, verify, generate, fetch, serve, precache, ask, store, calibrate, bench, clean):
         module.register(app)
 
 
@@ -56,4 +58,5 @@ _register()
 
 
 def main() -> None:
+    install_signal_handlers()  # SIGTERM/SIGHUP unwind like Ctrl-C: no temporary file left behind
     app()

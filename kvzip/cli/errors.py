@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import typer
 
 from kvzip.cli.console import err_console
-from kvzip.errors import KvzipError
+from kvzip.errors import KvzipError, Terminated
 
 EXIT_OS_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -33,6 +33,8 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return f"{exc.strerror or exc}{where}", EXIT_OS_ERROR
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", EXIT_INTERRUPTED
+    if isinstance(exc, Terminated):
+        return str(exc), exc.exit_code
     if os.environ.get("KVZIP_DEBUG"):
         raise exc
     return (

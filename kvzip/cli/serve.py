@@ -8,7 +8,7 @@ import typer
 
 from kvzip.cli.console import err_console
 from kvzip.cli.errors import handle_errors
-from kvzip.errors import InputError
+from kvzip.errors import InputError, Terminated
 
 
 @handle_errors
@@ -51,7 +51,7 @@ def serve_command(
         serve(root, host, port, throttle=throttle, on_ready=ready,
               log_level="warning" if quiet else "info", header_timeout=header_timeout,
               max_connections=max_connections)
-    except KeyboardInterrupt:  # uvicorn re-raises SIGINT once it has shut down cleanly
+    except (KeyboardInterrupt, Terminated):  # uvicorn re-raises the signal once it shut down cleanly
         pass
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from kvzip.atomic import atomic_output
 from kvzip.errors import ProfileError, ProfileMismatchError, ProfileNotFoundError
 
 PROFILE_SUFFIX = ".kvzprofile"
@@ -172,19 +172,8 @@ def write_profile(data: bytes, directory: str | os.PathLike[str] | None = None,
     else:
         target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared profile
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(target) as tmp:
+        tmp.write_bytes(data)
     prof.path = target
     _CACHE[prof.digest] = prof
     return prof

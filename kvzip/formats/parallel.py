@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import json
 import mmap
 import os
@@ -51,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from kvzip import errors
+from kvzip.atomic import pid_alive
 from kvzip.codecs import STORAGE_DTYPES, one_blas_thread
 from kvzip.errors import CodecError, FormatError, KvzipError
 
@@ -90,6 +92,19 @@ def buffer_dir(nbytes: int) -> Path:
     except (OSError, AttributeError):
         pass
     return Path(tempfile.gettempdir())
+
+
+def new_buffer_name(directory: Path) -> str:
+    """A fresh shared-buffer name in ``directory``, after removing the buffers of this
+    host's dead processes (a decode killed with -9 cannot remove its own; in /dev/shm it
+    would hold its size of RAM until reboot)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            pid = name[len(BUFFER_PREFIX):].split("-", 1)[0]
+            if name.startswith(BUFFER_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(directory / name)
+    return str(directory / f"{BUFFER_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
 
 
 # ------------------------------------------------------------------ the worker side
@@ -363,7 +378,7 @@ def decode_level_parallel(reader: Any, level_name: str, decoders: int) -> np.nda
     if nbytes == 0:
         return np.empty(shape, dtype)
     directory = buffer_dir(nbytes)
-    name = str(directory / f"{BUFFER_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
+    name = new_buffer_name(directory)
     fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
@@ -496,7 +511,7 @@ def encode_chunks_parallel(array: np.ndarray, codecs: list[Any], chunks: list[tu
         return results  # type: ignore[return-value]
     array = np.ascontiguousarray(array)
     directory = buffer_dir(array.nbytes)
-    name = str(directory / f"{BUFFER_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
+    name = new_buffer_name(directory)
     fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:

@@ -10,8 +10,6 @@ then the target is untouched, and on any failure every temporary file is removed
 from __future__ import annotations
 
 import os
-import secrets
-import tempfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import replace
@@ -21,7 +19,7 @@ from typing import IO, Any
 import numpy as np
 import zstandard
 
-from kvzip.errors import InputError
+from kvzip import atomic
 from kvzip.formats.container import (
     IndexEntry,
     Preamble,
@@ -43,7 +41,6 @@ from kvzip.formats.spec import (
 # Token ids and texts are tiny next to the KV payloads; a middling level is plenty.
 _AUX_ZSTD_LEVEL = 9
 _COPY_PIECE = 1 << 20
-_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows only
 
 
 class KvzWriter:
@@ -60,13 +57,7 @@ class KvzWriter:
         self._header_bytes = encode_header({"format": FORMAT_NAME, **header})
         self.header = parse_header(self._header_bytes)  # what readers will see
         self._entries: list[IndexEntry] = []  # offsets relative to the spill file
-        try:
-            fd, spill_name = tempfile.mkstemp(
-                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".spill"
-            )
-        except OSError as exc:
-            raise InputError(f"cannot write next to {self.path}: {exc.strerror or exc}") from None
-        self._spill_path = Path(spill_name)
+        fd, self._spill_path = atomic.create_temp(self.path, "spill", mode=0o600)
         self._spill: IO[bytes] = os.fdopen(fd, "w+b")
         self._spill_size = 0
         self._closed = False
@@ -146,25 +137,14 @@ class KvzWriter:
         preamble = pack_preamble(Preamble.for_sections(self._header_bytes, index))
 
         self._spill.flush()
-        out_path = self.path.parent / f".{self.path.name}.{secrets.token_hex(8)}.tmp"
-        # Mode 0o666 honours the umask, so the final file gets the permissions any
-        # new file would (mkstemp's 0o600 would leak through the rename).
-        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(preamble)
-                out.write(self._header_bytes)
-                out.write(index)
-                for entry in spilled:
-                    self._copy_payload(entry, out)
-                out.flush()
-                os.fsync(out.fileno())
-                validate(self.header, placed, os.fstat(out.fileno()).st_size, data_offset)
-            os.replace(out_path, self.path)
-        except BaseException:
-            out_path.unlink(missing_ok=True)
-            raise
-        _fsync_directory(self.path.parent)
+        with atomic.atomic_output(self.path) as out_path, open(out_path, "wb") as out:
+            out.write(preamble)
+            out.write(self._header_bytes)
+            out.write(index)
+            for entry in spilled:
+                self._copy_payload(entry, out)
+            out.flush()
+            validate(self.header, placed, os.fstat(out.fileno()).st_size, data_offset)
         self.close()
 
     def _copy_payload(self, entry: IndexEntry, out: IO[bytes]) -> None:
@@ -182,7 +162,7 @@ class KvzWriter:
         if not self._closed:
             self._closed = True
             self._spill.close()
-            self._spill_path.unlink(missing_ok=True)
+            atomic.discard(self._spill_path)
 
     def __enter__(self) -> KvzWriter:
         return self
@@ -199,13 +179,3 @@ def _compress(data: bytes) -> bytes:
     # The frame declares its content size; readers rely on it to bound decompression.
     return zstandard.ZstdCompressor(level=_AUX_ZSTD_LEVEL, write_content_size=True).compress(data)
 
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX only; Windows cannot open directories)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
