@@ -10,6 +10,7 @@ import typer
 from kvzip import api
 from kvzip.cli.console import err_console, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
+from kvzip.cli.options import apply_max_memory, max_memory_option
 from kvzip.store import PassageStore, ask
 
 
@@ -25,8 +26,10 @@ def ask_command(
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Also time a full prefill of the same prompt."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    max_memory: str = max_memory_option(),
 ) -> None:
     """Answer QUESTION from the store's best passages, reusing their caches (greedy)."""
+    apply_max_memory(max_memory)
     with PassageStore(store) as passage_store:
         with status("loading model…", not quiet):
             km = api.load_model(model)
