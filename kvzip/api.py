@@ -22,7 +22,7 @@ from kvzip.calibrate import resolve_profile
 from kvzip.codecs import CALIBRATED_LEVELS, DEFAULT_LEVEL, LEVELS, STORAGE_DTYPES
 from kvzip.codecs.profile import find_profile
 from kvzip.errors import ContextTooLongError, InputError, KvzipError, UnknownLevelError
-from kvzip.formats import open_kvz
+from kvzip.formats import ChatInfo, SourceInfo, open_kvz
 from kvzip.model import ChatTemplate, KVModel
 from kvzip.pipeline import (
     DEFAULT_CHUNK_TOKENS,
@@ -168,17 +168,11 @@ def encode(
     started = time.perf_counter()
     kv = km.prefill(ids, progress=lambda d, t: progress("prefill", d, t))
     prefill_seconds = time.perf_counter() - started
-    extra: dict[str, Any] = {}
-    if template is not None:
-        extra["chat"] = template.to_json()
-    if source_name:
-        extra["source"] = {
-            "name": source_name,
-            "sha256": hashlib.sha256(text.encode()).hexdigest(),
-        }
+    chat_info = None if template is None else ChatInfo(template.prefix, template.separator, template.suffix)
+    source = None if not source_name else SourceInfo(source_name, hashlib.sha256(text.encode()).hexdigest())
     summary = write_kvz(
         kv, ids, out, km, levels=names, chunk_tokens=chunk_tokens,
-        dtype=dtype or km.dtype, extra_header=extra, profile=prof, progress=progress,
+        dtype=dtype or km.dtype, chat=chat_info, source=source, profile=prof, progress=progress,
     )
     summary.prefill_seconds = prefill_seconds
     return summary
@@ -204,13 +198,12 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
                     "ratio": round(raw / payload, 4) if payload else None,
                 }
             )
-        raw_header = h.raw
         return {
             "path": str(path),
             "format_version": f"{reader.version[0]}.{reader.version[1]}",
-            "kvzip_version": raw_header.get("kvzip_version"),
-            "created": raw_header.get("created"),
-            "model": dict(raw_header["model"]),
+            "kvzip_version": h.kvzip_version,
+            "created": h.created,
+            "model": h.model.to_json(),
             "num_layers": h.num_layers,
             "kv_heads": h.kv_heads,
             "head_dim": h.head_dim,
@@ -218,14 +211,14 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "tokens": h.token_count,
             "chunk_tokens": h.chunk_tokens,
             "chunks": len(reader.kv_entries(h.levels[0].name)),
-            "chat": "chat" in raw_header,
-            "rope": raw_header.get("rope") is not None,
+            "chat": h.chat is not None,
+            "rope": h.rope_inv_freq is not None,
             "levels": levels,
             "raw_bytes": raw,
             "file_bytes": file_bytes,
             "ratio": round(raw / file_bytes, 4),
             "bits_per_element": round(file_bytes * 8 / elements, 4),
-            "source": raw_header.get("source"),
+            "source": None if h.source is None else {"name": h.source.name, "sha256": h.source.sha256},
             "profile": _profile_info(h.levels),
         }
 
@@ -295,9 +288,9 @@ def decode(
         tensors[f"layers.{i}.value"] = kv[1, i].contiguous()
     metadata = {
         "format": "kvzip-decoded",
-        "model_fingerprint": header["model"]["fingerprint"],
+        "model_fingerprint": header.model_fingerprint,
         "level": loaded.level,
-        "dtype": header["dtype"],
+        "dtype": header.dtype,
     }
     write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return DecodeSummary(str(path), str(out), len(ids), loaded.level, time.perf_counter() - started)
@@ -340,7 +333,7 @@ def generate(
     loaded = load_kv(path, level, progress)
     doc_ids, kv = loaded.token_ids, loaded.kv
     decode_seconds = time.perf_counter() - started
-    chat = ChatTemplate(**loaded.header["chat"]) if loaded.header.get("chat") else None
+    chat = ChatTemplate.from_info(loaded.header.chat)
     prompt_ids = km.prompt_ids(prompt, chat)
     ids = doc_ids + prompt_ids
     offset = time.perf_counter() - started

@@ -21,7 +21,16 @@ from kvzip import __version__
 from kvzip.codecs import Codec, codec_for_level
 from kvzip.codecs.profile import Profile
 from kvzip.errors import UnknownLevelError
-from kvzip.formats import KvzReader, KvzWriter, open_kvz
+from kvzip.formats import (
+    ChatInfo,
+    KvzHeader,
+    KvzReader,
+    KvzWriter,
+    ProfileInfo,
+    SourceInfo,
+    new_header,
+    open_kvz,
+)
 from kvzip.formats.parallel import default_decoders, encode_chunks_parallel, on_threads
 from kvzip.model import TORCH_DTYPES, KVModel
 
@@ -104,6 +113,8 @@ def write_kvz(
     levels: Sequence[str | tuple[str, Codec]],
     chunk_tokens: int,
     dtype: str,
+    chat: ChatInfo | None = None,
+    source: SourceInfo | None = None,
     extra_header: dict[str, Any] | None = None,
     chunk_texts: bool = True,
     profile: Profile | None = None,
@@ -132,29 +143,24 @@ def write_kvz(
     array = kv_to_storage(kv, dtype)
     _, n_layers, kv_heads, n_tokens, head_dim = array.shape
     inv_freq = km.rope_inv_freq()
-    header: dict[str, Any] = {
-        "format": "kvz",
-        "kvzip_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": km.identity(),
-        "num_layers": n_layers,
-        "kv_heads": kv_heads,
-        "head_dim": head_dim,
-        "dtype": dtype,
-        "token_count": n_tokens,
-        "chunk_tokens": chunk_tokens,
-        "levels": [{"name": name, "codec": codec.config()} for name, codec in named],
-        "rope": None if inv_freq is None else {"inv_freq": list(inv_freq)},
-        **({"profile": {"digest": profile.digest, "bytes": profile.size}} if profile is not None else {}),
-        **(extra_header or {}),
-    }
+    header = new_header(
+        kvzip_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=km.identity(),
+        num_layers=n_layers, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+        token_count=n_tokens, chunk_tokens=chunk_tokens,
+        levels=[(name, codec.config()) for name, codec in named],
+        rope_inv_freq=inv_freq,
+        profile=None if profile is None else ProfileInfo(profile.digest, profile.size),
+        chat=chat, source=source, extra=extra_header,
+    )
     codecs = [codec for _, codec in named]
     starts = list(range(0, n_tokens, chunk_tokens))
     ranges = [(start, min(chunk_tokens, n_tokens - start)) for start in starts]
     ctx = {"num_layers": n_layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": dtype,
            "rope_inv_freq": None if inv_freq is None else [float(f) for f in inv_freq]}
     out = Path(out)
-    with KvzWriter(out, header) as writer:
+    with KvzWriter(out, header.raw) as writer:
         writer.set_token_ids(np.asarray(token_ids, dtype=np.int64))
         payloads = encode_chunks_parallel(array, codecs, ranges, ctx, _encoders(array.size, len(ranges), encoders, codecs),
                                           done=lambda n: progress("encode", n, len(starts)))
@@ -195,7 +201,7 @@ def _level_name(reader: KvzReader, level: str | None) -> str:
 
 @dataclass
 class LoadedKV:
-    header: dict[str, Any]
+    header: KvzHeader
     token_ids: list[int]
     kv: torch.Tensor  # [2, L, H, T, D] in the stored dtype
     level: str
@@ -215,4 +221,4 @@ def load_kv(
         name = _level_name(reader, level)
         array = reader.decode_level(name, decoders=decoders)
         kv = storage_to_kv(array, reader.header.dtype)
-        return LoadedKV(reader.header.raw, reader.token_ids().tolist(), kv, name)
+        return LoadedKV(reader.header, reader.token_ids().tolist(), kv, name)

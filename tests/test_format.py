@@ -15,6 +15,10 @@ import pytest
 import kvzip.errors as errors
 from kvzip.codecs import ChunkContext, Codec, codec_from_config, register_codec
 from kvzip.formats import (
+    ChatInfo,
+    ProfileInfo,
+    SourceInfo,
+    new_header,
     BytesSource,
     EntryKind,
     FileSource,
@@ -221,7 +225,7 @@ def test_layout_does_not_depend_on_add_order(tmp_path: Path):
 def test_at_most_two_reads_before_the_first_payload(
     tmp_path: Path, extra_bytes: int, reads_before_payload: int
 ):
-    header = make_header("float16", chat={"notes": "x" * extra_bytes})
+    header = make_header("float16", notes="x" * extra_bytes)
     data = write_kvz(tmp_path / "ctx.kvz", synthetic_kv("float16"), "float16", header).read_bytes()
     assert (split(data)[0].data_offset > FIRST_READ_BYTES) == (reads_before_payload == 2)
     source = CountingSource(data)
@@ -497,11 +501,53 @@ def test_rope_frequencies_must_be_finite():
         parse_header(text.encode())  # json reads 1e400 as inf
 
 
-def test_header_keeps_optional_fields():
-    header = parse_header(encode_header(make_header(created="2025-01-01", profile={"id": "p"})))
-    assert header.raw["created"] == "2025-01-01"
-    assert header.raw["profile"] == {"id": "p"}
-    assert header.raw["chat"] is None
+DIGEST = "ab" * 32
+
+
+def test_header_types_its_optional_fields_and_keeps_unknown_ones():
+    header = parse_header(encode_header(make_header(
+        created="2025-01-01", profile={"digest": DIGEST, "bytes": 10},
+        chat={"prefix": "<u>", "separator": "\n", "suffix": "</u>"},
+        source={"name": "doc.txt", "sha256": DIGEST}, future_field={"kept": [1, 2]})))
+    assert header.created == "2025-01-01"
+    assert header.profile == ProfileInfo(DIGEST, 10) and header.profile_bytes(DIGEST) == 10
+    assert header.chat == ChatInfo("<u>", "\n", "</u>")
+    assert header.source == SourceInfo("doc.txt", DIGEST)
+    assert header.raw["future_field"] == {"kept": [1, 2]}
+    assert header.profile_digests() == [DIGEST]
+    plain = parse_header(encode_header(make_header()))
+    assert (plain.chat, plain.profile, plain.source, plain.created) == (None, None, None, None)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("chat", {"prefix": "a", "separator": "b"}, "chat.suffix' is missing"),
+    ("chat", ["a", "b", "c"], "'chat' must be an object"),
+    ("chat", {"prefix": 1, "separator": "b", "suffix": "c"}, "'chat.prefix' must be a string"),
+    ("profile", {"digest": "p"}, "'profile.digest' must be a SHA-256"),
+    ("profile", {"digest": DIGEST, "bytes": -1}, "'profile.bytes' must be a positive integer"),
+    ("source", {"name": "x"}, "'source.sha256' is missing"),
+    ("model", {"fingerprint": "f", "name": 7}, "'model.name' must be a string"),
+    ("levels", [{"name": "x", "codec": {"id": "kvzip-profile", "profile": "../../etc"}}],
+     r"'levels\[0\].codec.profile' must be a SHA-256"),
+    ("created", 20250101, "'created' must be a string"),
+])
+def test_a_malformed_optional_field_is_a_header_error(field, value, message):
+    """One line naming the field, never a TypeError from whoever reads it later."""
+    with pytest.raises(errors.HeaderError, match=message):
+        parse_header(encode_header(make_header(**{field: value})))
+
+
+def test_new_header_builds_what_readers_parse():
+    header = new_header(
+        model={"fingerprint": "sha256:x", "name": "m"}, num_layers=2, kv_heads=1, head_dim=4,
+        dtype="float32", token_count=5, chunk_tokens=4, levels=[("lossless", {"id": "bytegroup-zstd"})],
+        rope_inv_freq=[1.0, 0.5], profile=ProfileInfo(DIGEST, None), chat=ChatInfo("a", "b", "c"))
+    again = parse_header(encode_header(header.raw))
+    assert again.raw == header.raw and again.chat == ChatInfo("a", "b", "c")
+    assert header.raw["profile"] == {"digest": DIGEST}  # no "bytes": null
+    with pytest.raises(errors.HeaderError, match="dtype"):
+        new_header(model={"fingerprint": "f"}, num_layers=1, kv_heads=1, head_dim=2, dtype="int4",
+                   token_count=1, chunk_tokens=1, levels=[("x", {"id": "y"})], rope_inv_freq=None)
 
 
 def test_unknown_codec_id_fails_only_when_decoding(tmp_path: Path):

@@ -5,13 +5,18 @@ The byte layout is documented in ``docs/format.md``.  This package imports only
 """
 
 from kvzip.formats.container import (
+    ChatInfo,
     ChunkIndex,
     IndexEntry,
     KvzHeader,
+    ModelInfo,
     Preamble,
+    ProfileInfo,
     QualityLevel,
+    SourceInfo,
     describe_entry,
     encode_header,
+    new_header,
     pack_index,
     pack_preamble,
     parse_header,
@@ -25,6 +30,11 @@ from kvzip.formats.spec import MAGIC, VERSION_MAJOR, VERSION_MINOR, EntryKind
 from kvzip.formats.writer import KvzWriter
 
 __all__ = [
+    "ChatInfo",
+    "ModelInfo",
+    "ProfileInfo",
+    "SourceInfo",
+    "new_header",
     "MAGIC",
     "VERSION_MAJOR",
     "VERSION_MINOR",

@@ -138,17 +138,86 @@ class QualityLevel:
     name: str
     codec: dict[str, Any]
 
+    @property
+    def profile(self) -> str | None:
+        """The digest of the calibration profile the codec names (validated), if any."""
+        value = self.codec.get("profile")
+        return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """``model``: who wrote the cache.  Only ``fingerprint`` is required."""
+
+    fingerprint: str
+    name: str | None = None
+    architecture: str | None = None
+    tokenizer_fingerprint: str | None = None
+    config_sha256: str | None = None
+    weights_sha256: str | None = None
+
+    def to_json(self) -> dict[str, str]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class ChatInfo:
+    """``chat``: the chat template around the cached document (prefix + document +
+    separator + question + suffix renders one user turn and the assistant's opening)."""
+
+    prefix: str
+    separator: str
+    suffix: str
+
+
+@dataclass(frozen=True)
+class ProfileInfo:
+    """``profile``: the calibration profile the lossy levels use, by SHA-256 and size."""
+
+    digest: str
+    bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """``source``: the text the cache was made from (its file name and SHA-256)."""
+
+    name: str
+    sha256: str
+
 
 class KvzHeader:
     """A validated header: typed views over the JSON object, kept whole in ``raw``.
 
-    Construction validates every required field, so holding a ``KvzHeader``
-    means the shapes and caps are sane.  Unknown fields stay in ``raw`` untouched.
+    Construction validates every field kvzip writes (required or optional), so
+    holding a ``KvzHeader`` means the shapes and caps are sane and every optional
+    object has the types its readers expect; a malformed one is a one-line
+    :class:`~kvzip.errors.HeaderError`.  Unknown fields stay in ``raw`` untouched.
     """
 
     def __init__(self, raw: Any):
         self.levels = _check_header(raw)
         self.raw: dict[str, Any] = raw
+        self.model = _model_info(raw["model"])
+        self.chat = _optional(raw, "chat", _chat_info)
+        self.profile = _optional(raw, "profile", _profile_info)
+        self.source = _optional(raw, "source", _source_info)
+        self.created = _optional(raw, "created", _string)
+        self.kvzip_version = _optional(raw, "kvzip_version", _string)
+
+    def profile_digests(self, levels: Iterable[str] | None = None) -> list[str]:
+        """The profile digests the codecs of ``levels`` (default: every level) name, in
+        order and once each; with every level, the header's own ``profile`` too."""
+        wanted = None if levels is None else set(levels)
+        found = [lv.profile for lv in self.levels
+                 if lv.profile is not None and (wanted is None or lv.name in wanted)]
+        if levels is None and self.profile is not None:
+            found.append(self.profile.digest)
+        return list(dict.fromkeys(found))
+
+    def profile_bytes(self, digest: str) -> int | None:
+        """The size the header's ``profile`` entry gives ``digest``, if it gives one."""
+        return self.profile.bytes if self.profile is not None and self.profile.digest == digest else None
 
     @property
     def num_layers(self) -> int:
@@ -192,13 +261,58 @@ class KvzHeader:
 
     @property
     def model_fingerprint(self) -> str:
-        return self.raw["model"]["fingerprint"]
+        return self.model.fingerprint
 
     def __repr__(self) -> str:
         return (
             f"KvzHeader(model={self.model_fingerprint!r}, tokens={self.token_count}, "
             f"levels={list(self.level_names)})"
         )
+
+
+def new_header(
+    *,
+    model: Mapping[str, Any],
+    num_layers: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: str,
+    token_count: int,
+    chunk_tokens: int,
+    levels: Sequence[tuple[str, Mapping[str, Any]]],
+    rope_inv_freq: Sequence[float] | None,
+    profile: ProfileInfo | None = None,
+    chat: ChatInfo | None = None,
+    source: SourceInfo | None = None,
+    created: str | None = None,
+    kvzip_version: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> KvzHeader:
+    """The one place a writer's header is put together, validated as a reader will
+    validate it (``extra``: further fields, kept as they are)."""
+    raw: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        **({"kvzip_version": kvzip_version} if kvzip_version is not None else {}),
+        **({"created": created} if created is not None else {}),
+        "model": dict(model),
+        "num_layers": num_layers,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "dtype": dtype,
+        "token_count": token_count,
+        "chunk_tokens": chunk_tokens,
+        "levels": [{"name": name, "codec": dict(codec)} for name, codec in levels],
+        "rope": None if rope_inv_freq is None else {"inv_freq": [float(f) for f in rope_inv_freq]},
+        **({"profile": _drop_none(profile.__dict__)} if profile is not None else {}),
+        **({"chat": dict(chat.__dict__)} if chat is not None else {}),
+        **({"source": dict(source.__dict__)} if source is not None else {}),
+        **dict(extra or {}),
+    }
+    return KvzHeader(json.loads(encode_header(raw)))  # exactly what a reader will parse
+
+
+def _drop_none(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def encode_header(fields: Mapping[str, Any]) -> bytes:
@@ -272,6 +386,45 @@ def _check_header(raw: Any) -> tuple[QualityLevel, ...]:
     return _check_levels(_required(raw, "levels"))
 
 
+def _optional(raw: dict[str, Any], key: str, parse: Any) -> Any:
+    """An optional field: absent or null is None, anything else must parse."""
+    value = raw.get(key)
+    return None if value is None else parse(value, key)
+
+
+def _model_info(value: Any, field: str = "model") -> ModelInfo:
+    model = _object(value, field)
+    known = {k: _string(model[k], f"{field}.{k}") for k in ModelInfo.__dataclass_fields__ if k in model}
+    return ModelInfo(**known)
+
+
+def _chat_info(value: Any, field: str) -> ChatInfo:
+    chat = _object(value, field)
+    return ChatInfo(*(_string(_required(chat, k, f"{field}."), f"{field}.{k}")
+                      for k in ("prefix", "separator", "suffix")))
+
+
+def _profile_info(value: Any, field: str) -> ProfileInfo:
+    entry = _object(value, field)
+    size = entry.get("bytes")
+    if size is not None:
+        size = _positive_int(size, f"{field}.bytes")
+    return ProfileInfo(_digest(_required(entry, "digest", f"{field}."), f"{field}.digest"), size)
+
+
+def _source_info(value: Any, field: str) -> SourceInfo:
+    source = _object(value, field)
+    return SourceInfo(_string(_required(source, "name", f"{field}."), f"{field}.name"),
+                      _digest(_required(source, "sha256", f"{field}."), f"{field}.sha256"))
+
+
+def _digest(value: Any, field: str) -> str:
+    if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+        raise HeaderError(f"header field '{field}' must be a SHA-256 (64 lowercase hex digits), "
+                          f"got {str(value)[:80]!r}")
+    return value
+
+
 def _check_rope(rope: Any, head_dim: int) -> None:
     if rope is None:
         return
@@ -296,6 +449,8 @@ def _check_levels(levels: Any) -> tuple[QualityLevel, ...]:
         name = _string(_required(level, "name", f"{where}."), f"{where}.name")
         codec = _object(_required(level, "codec", f"{where}."), f"{where}.codec")
         _string(_required(codec, "id", f"{where}.codec."), f"{where}.codec.id")
+        if "profile" in codec:  # a codec names its calibration profile by digest
+            _digest(codec["profile"], f"{where}.codec.profile")
         parsed.append(QualityLevel(name, codec))
     names = [level.name for level in parsed]
     if len(set(names)) != len(names):

@@ -90,9 +90,8 @@ class PayloadDecoder:
         """The codec of level ``level``, refusing a calibration profile made for another model."""
         codec = codec_from_config(self.header.levels[level].codec)
         profile = getattr(codec, "profile", None)
-        model = self.header.raw.get("model")
-        if profile is not None and isinstance(model, dict) and "fingerprint" in model:
-            profile.check_model(str(model["fingerprint"]))
+        if profile is not None:
+            profile.check_model(self.header.model_fingerprint)
         return codec
 
     def check_chunk_memory(self, entry: IndexEntry) -> None:

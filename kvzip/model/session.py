@@ -23,7 +23,7 @@ from kvzip.formats.spec import MAX_TOKEN_COUNT
 from kvzip.model.loading import ModelSource, load_pretrained, resolve_model
 
 if TYPE_CHECKING:
-    from kvzip.formats import KvzHeader
+    from kvzip.formats import ChatInfo, KvzHeader
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -58,6 +58,11 @@ class ChatTemplate:
 
     def to_json(self) -> dict[str, str]:
         return {"prefix": self.prefix, "separator": self.separator, "suffix": self.suffix}
+
+    @classmethod
+    def from_info(cls, chat: ChatInfo | None) -> ChatTemplate | None:
+        """The template a header's (validated) ``chat`` field stores, if any."""
+        return None if chat is None else cls(chat.prefix, chat.separator, chat.suffix)
 
 
 @dataclass
@@ -221,7 +226,7 @@ class KVModel:
         """Refuse a file that is not this model's, or whose declared geometry is not this
         model's cache (a copied fingerprint on forged dimensions), before anything of it
         is decoded or allocated."""
-        self.check_identity(header.raw["model"])
+        self.check_identity(header.model.to_json())
         mine = (self.num_layers, self.kv_heads, self.head_dim)
         stored = (header.num_layers, header.kv_heads, header.head_dim)
         if stored != mine:

@@ -79,16 +79,15 @@ def load_passage(
 ) -> CachedPassage:
     """Fetch and decode a retrieved passage's cache, refusing one that cannot be moved."""
     with store.artifacts.open(hit.artifact) as reader:
-        header = reader.header.raw
         km.check_stored_cache(reader.header)
-        rope = header.get("rope")
-        if rope is None:
+        inv_freq = reader.header.rope_inv_freq
+        if inv_freq is None:
             raise UnsupportedModelError(
                 f"artifact {hit.artifact} has rope: null (the model's positions are not a plain "
                 "RoPE), so its keys cannot be moved to a new position"
             )
         kv = storage_to_kv(reader.decode_level(level, decoders=decoders), reader.header.dtype)
-        return CachedPassage(reader.token_ids().tolist(), kv, rope["inv_freq"])
+        return CachedPassage(reader.token_ids().tolist(), kv, list(inv_freq))
 
 
 def passage_decoders() -> int:

@@ -102,7 +102,7 @@ def adopt_artifact(job: PassageJob, artifacts: ArtifactStore) -> ArtifactRecord 
     try:
         with artifacts.open(job.name) as reader:
             sound = (
-                reader.header.raw["model"].get("fingerprint") == job.model
+                reader.header.model_fingerprint == job.model
                 and job.level in reader.header.level_names
                 and tuple(reader.token_ids().tolist()) == job.token_ids
             )

@@ -93,7 +93,7 @@ class PassageStore:
             with self.artifacts.open(record.name) as reader:
                 problems = [p.message for p in reader.verify(decode=True)]
                 header = reader.header
-                if header.raw["model"].get("fingerprint") != record.model:
+                if header.model_fingerprint != record.model:
                     problems.append("written by another model than the index says")
                 if record.level not in header.level_names:
                     problems.append(f"has no level {record.level!r}")
