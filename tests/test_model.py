@@ -28,7 +28,7 @@ def test_prefill_captures_every_layer_like_one_forward_pass(family_model):
     kv = km.prefill(ids, step=37)  # odd step: pieces do not align with anything
     assert kv.shape == (2, km.num_layers, km.kv_heads, len(ids), km.head_dim)
     with torch.inference_mode():
-        cache = km.model(torch.tensor([ids]), use_cache=True).past_key_values
+        cache = km.model(torch.tensor([ids]), use_cache=True).cache
     ref = km.cache_to_tensor(cache, len(ids))
     torch.testing.assert_close(kv, ref, rtol=1e-4, atol=1e-5)
 

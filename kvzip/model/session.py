@@ -331,7 +331,7 @@ class KVModel:
         total = input_ids.shape[1]
         for start in range(0, total, step):
             piece = input_ids[:, start : start + step]
-            self.model(input_ids=piece, past_key_values=cache, use_cache=True)
+            self.model(input_ids=piece, cache=cache, use_cache=True)
             if progress is not None:
                 progress(min(start + step, total), total)
         return self.cache_to_tensor(cache, cached + total)
@@ -374,7 +374,7 @@ class KVModel:
             input_ids=torch.tensor([list(ids)], dtype=torch.long),
             position_ids=pos[None, :],
             attention_mask=mask[None, None],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         layers = cache.layers
@@ -436,7 +436,7 @@ class KVModel:
         cache = self.build_cache(kv)
         out = self.model(
             input_ids=torch.tensor([list(ids)], dtype=torch.long),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         return out.logits[0].float()
@@ -464,7 +464,7 @@ class KVModel:
         if kv is not None:
             if kv.shape[3] >= len(ids):
                 kv = kv[:, :, :, : len(ids) - 1]
-            kwargs["past_key_values"] = self.build_cache(kv)
+            kwargs["cache"] = self.build_cache(kv)
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
