@@ -38,12 +38,14 @@ from kvzip.pipeline import (
 from kvzip.stream.client import StreamResult
 from kvzip.stream.client import stream_generate as _stream_generate
 from kvzip.stream.fetch import FetchSummary, fetch
+from kvzip.stream.http import DownloadLimits
 
 ModelLike = KVModel | str | None
 
 __all__ = [
     "DEFAULT_CHUNK_TOKENS",
     "DecodeSummary",
+    "DownloadLimits",
     "EncodeSummary",
     "FetchSummary",
     "StreamResult",
@@ -370,10 +372,14 @@ def generate_url(
     max_new_tokens: int = 64,
     deadline: float | None = None,
     level: str | None = None,
+    limits: DownloadLimits = DownloadLimits(),
     progress: Progress = no_progress,
 ) -> StreamResult:
-    """Stream a context from ``url`` (adapting quality to ``deadline``) and generate after ``prompt``."""
+    """Stream a context from ``url`` (adapting quality to ``deadline``) and generate after ``prompt``.
+
+    ``limits`` bound the download (overall time, minimum speed, redirects to other
+    hosts), as for :func:`fetch`."""
     return _stream_generate(
         url, prompt, load_model(model), deadline=deadline, max_new_tokens=max_new_tokens,
-        levels=None if level is None else [level], progress=progress,
+        levels=None if level is None else [level], limits=limits, progress=progress,
     )

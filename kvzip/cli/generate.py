@@ -10,6 +10,13 @@ import typer
 from kvzip import api
 from kvzip.cli.console import err_console, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
+from kvzip.cli.fetch import (
+    download_limits,
+    max_download_seconds_option,
+    min_speed_option,
+    min_speed_window_option,
+    other_hosts_option,
+)
 from kvzip.errors import InputError
 
 
@@ -24,13 +31,30 @@ def generate_command(
     deadline: float = typer.Option(None, "--deadline", help="For a URL: seconds until the streamed context must be ready; quality adapts to the measured bandwidth."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    max_download_seconds: float = max_download_seconds_option(),
+    min_speed: float = min_speed_option(),
+    min_speed_window: float = min_speed_window_option(),
+    allow_other_hosts: bool = other_hosts_option(),
 ) -> None:
-    """Attach the cached document to the model and generate after PROMPT (greedy)."""
+    """Attach the cached document to the model and generate after PROMPT (greedy).
+
+    For a URL, the download options bound the download itself (its total time,
+    its slowest acceptable speed, redirects to other hosts); --deadline only
+    steers the quality streamed."""
     if api.is_url(file):
-        _generate_url(file, prompt, max_new_tokens, model, level, compare, deadline, json_out, quiet)
+        limits = download_limits(max_download_seconds, min_speed, min_speed_window, allow_other_hosts)
+        _generate_url(file, prompt, max_new_tokens, model, level, compare, deadline, limits,
+                      json_out, quiet)
         return
     if deadline is not None:
         raise InputError("--deadline applies to a streamed context (a URL), not a local file")
+    given = [name for name, value in (
+        ("--max-download-seconds", max_download_seconds), ("--min-speed", min_speed),
+        ("--min-speed-window", min_speed_window),
+        ("--allow-redirects-to-other-hosts", allow_other_hosts or None)) if value is not None]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise InputError(f"{', '.join(given)} {verb} to a streamed context (a URL), not a local file")
     with status("loading model…", not quiet):
         km = api.load_model(model)
     with progress_bars(not quiet) as progress:
@@ -66,7 +90,7 @@ def generate_command(
 
 def _generate_url(
     url: str, prompt: str, max_new_tokens: int, model: str | None, level: str | None,
-    compare: bool, deadline: float | None, json_out: bool, quiet: bool,
+    compare: bool, deadline: float | None, limits: api.DownloadLimits, json_out: bool, quiet: bool,
 ) -> None:
     if compare:
         raise InputError("--compare needs a local .kvz file (it re-reads the text from the cache)")
@@ -75,7 +99,7 @@ def _generate_url(
     with progress_bars(not quiet) as progress:
         result = api.generate_url(
             url, prompt, model=km, max_new_tokens=max_new_tokens, deadline=deadline,
-            level=level, progress=progress,
+            level=level, limits=limits, progress=progress,
         )
     if json_out:
         out_console.print_json(data=result.to_json())

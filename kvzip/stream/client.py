@@ -42,7 +42,7 @@ from kvzip.stream.controller import (
     choose_level,
     rank_levels,
 )
-from kvzip.stream.http import HttpRangeSource, RetryPolicy, get_json, new_client
+from kvzip.stream.http import Budget, DownloadLimits, HttpRangeSource, RetryPolicy, get_json, new_client
 from kvzip.stream.manifest import ChunkInfo, ContextManifest, manifest_from_reader, parse_manifest
 from kvzip.stream.profiles import ProfileStatus, ensure_profiles
 
@@ -100,7 +100,7 @@ class StreamResult:
 
 # ---------------------------------------------------------------- open a context
 def open_context(
-    url: str, client: httpx.Client, policy: RetryPolicy = RetryPolicy()
+    url: str, client: httpx.Client, policy: RetryPolicy = RetryPolicy(), budget: Budget | None = None
 ) -> tuple[ContextManifest, HttpRangeSource, float]:
     """(manifest, source of the file's bytes, throughput estimate in bytes/s) for ``url``.
 
@@ -108,17 +108,20 @@ def open_context(
     server; anything else is taken as a kvzip manifest URL.  The estimate is the
     rate the bodies arrived at; small bodies underestimate a fast link, which
     errs on the side of meeting the deadline, and the first chunk corrects it.
+    Every request (the source's too) is part of ``budget``'s download.
     """
+    budget = budget or Budget()
     if httpx.URL(url).path.endswith(".kvz"):
-        source = HttpRangeSource(url, client, policy=policy)
+        source = HttpRangeSource(url, client, policy=policy, budget=budget)
         reader = KvzReader(source)
         manifest = manifest_from_reader(reader, url, source.etag)
         rate = source.bytes_received / max(source.body_seconds, 1e-6)
     else:
-        data, rate = get_json(client, url, policy)
+        data, rate = get_json(client, url, policy, budget)
         manifest = parse_manifest(data, url)
         source = HttpRangeSource(
-            manifest.file_url, client, etag=manifest.etag, size=manifest.file_size, policy=policy
+            manifest.file_url, client, etag=manifest.etag, size=manifest.file_size, policy=policy,
+            budget=budget,
         )
     return manifest, source, rate
 
@@ -255,6 +258,7 @@ def stream_generate(
     decode_prior: float = DEFAULT_DECODE_PRIOR,
     client: httpx.Client | None = None,
     policy: RetryPolicy = RetryPolicy(),
+    limits: DownloadLimits = DownloadLimits(),
     progress: Progress = no_progress,
     decoders: int | None = None,
 ) -> StreamResult:
@@ -271,6 +275,9 @@ def stream_generate(
     not measured yet (default: a conservative :data:`DEFAULT_DECODE_PRIOR`);
     each level's decode speed is then measured on its chunks.  ``decoders``: how
     many chunks may be decoded at once (default: the CPUs this process may use).
+    ``limits`` bound the download itself (manifest, profiles and chunks): its
+    overall time, the minimum speed of each body, redirects to other hosts;
+    breaking one is a :class:`FetchError` (``deadline`` only steers quality).
     """
     if max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
@@ -279,15 +286,16 @@ def stream_generate(
     started = time.perf_counter()
     own_client = client is None
     client = client or new_client()
+    budget = limits.start()
     try:
-        manifest, source, estimate = open_context(url, client, policy)
+        manifest, source, estimate = open_context(url, client, policy, budget)
         manifest_seconds = time.perf_counter() - started
         header = manifest.header
-        model.check_identity(header.raw["model"])
+        model.check_stored_cache(header)
         allowed = _allowed_levels(manifest, levels)
         # A level whose codec names a profile this machine lacks: fetch it (verified) first.
         t_profiles = time.perf_counter()
-        profiles = ensure_profiles(manifest.profiles_for(allowed), client, policy)
+        profiles = ensure_profiles(manifest.profiles_for(allowed), client, policy, budget)
         profile_seconds = time.perf_counter() - t_profiles
         meter = ThroughputMeter(initial_mbps * 1e6 / 8 if initial_mbps else estimate)
         downloader = _Downloader(manifest, source, allowed, meter, DecodeMeter(decode_prior),

@@ -25,7 +25,7 @@ from kvzip.errors import FetchError, InputError
 from kvzip.formats import KvzReader, open_kvz
 from kvzip.formats.spec import FIRST_READ_BYTES
 from kvzip.pipeline import Progress, no_progress
-from kvzip.stream.http import HttpRangeSource, RetryPolicy, new_client
+from kvzip.stream.http import DownloadLimits, HttpRangeSource, RetryPolicy, new_client
 from kvzip.stream.profiles import ProfileStatus, ensure_profiles, named_digests, plain_profile_ref
 
 PIECE_BYTES = 4 << 20  # one range request; bounds memory whatever the file size
@@ -51,9 +51,14 @@ def fetch(
     *,
     client: httpx.Client | None = None,
     policy: RetryPolicy = RetryPolicy(),
+    limits: DownloadLimits = DownloadLimits(),
     progress: Progress = no_progress,
 ) -> FetchSummary:
-    """Download the ``.kvz`` at ``url`` to ``out``; ``out`` is untouched unless all of it checks out."""
+    """Download the ``.kvz`` at ``url`` to ``out``; ``out`` is untouched unless all of it checks out.
+
+    ``limits``: the whole download's deadline, the minimum speed of its bodies and
+    whether redirects to another host are followed (every request: header,
+    profiles, payloads); breaking one is a :class:`FetchError`."""
     started = time.perf_counter()
     target = Path(out)
     directory = target.parent
@@ -61,13 +66,14 @@ def fetch(
         raise InputError(f"output directory does not exist: {directory}")
     own_client = client is None
     client = client or new_client()
-    source = HttpRangeSource(url, client, policy=policy)
+    budget = limits.start()
+    source = HttpRangeSource(url, client, policy=policy, budget=budget)
     try:
         header = KvzReader(source).header  # refuse a non-.kvz before downloading it
         # The calibration profiles its codecs name, beside it on the server; fetched (and
         # checked against their digests) unless this machine has them.
         refs = [plain_profile_ref(url, header.raw, d) for d in named_digests(header.raw)]
-        profiles = ensure_profiles(refs, client, policy)
+        profiles = ensure_profiles(refs, client, policy, budget)
         size = source.size()
         fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".part")
         tmp = Path(tmp_name)

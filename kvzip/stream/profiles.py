@@ -52,7 +52,7 @@ from kvzip.codecs.profile import (
 )
 from kvzip.errors import KvzipError, ProfileError, ProfileMismatchError
 from kvzip.formats import open_kvz
-from kvzip.stream.http import RetryPolicy, get_body
+from kvzip.stream.http import Budget, RetryPolicy, get_body
 from kvzip.stream.paths import MAX_CONTEXTS, list_contexts
 
 SCAN_SECONDS = 2.0  # the root is walked for profiles and named digests at most this often
@@ -146,15 +146,17 @@ class ProfileStatus:
 
 
 def ensure_profiles(
-    refs: Sequence[ProfileRef], client: httpx.Client, policy: RetryPolicy = RetryPolicy()
+    refs: Sequence[ProfileRef], client: httpx.Client, policy: RetryPolicy = RetryPolicy(),
+    budget: Budget | None = None,
 ) -> list[ProfileStatus]:
-    """Make every profile in ``refs`` findable here, downloading those this machine lacks."""
+    """Make every profile in ``refs`` findable here, downloading those this machine lacks
+    (within ``budget``: the download they are part of)."""
     done = []
     for ref in refs:
         try:
             prof = find_profile(ref.digest)
         except ProfileNotFoundError:
-            data = download_profile(ref, client, policy)
+            data = download_profile(ref, client, policy, budget)
             prof = write_profile(data)
             done.append(ProfileStatus(ref.digest, str(prof.path), prof.size, True, ref.url))
         else:
@@ -162,11 +164,12 @@ def ensure_profiles(
     return done
 
 
-def download_profile(ref: ProfileRef, client: httpx.Client, policy: RetryPolicy = RetryPolicy()) -> bytes:
+def download_profile(ref: ProfileRef, client: httpx.Client, policy: RetryPolicy = RetryPolicy(),
+                     budget: Budget | None = None) -> bytes:
     """The bytes of ``ref``, refused unless they hash to its digest and parse as a profile."""
     short = ref.digest[:12]
     what = f"profile {short}… from {ref.url}"
-    data = get_body(client, ref.url, what, MAX_PROFILE_BYTES, ref.size, policy)
+    data = get_body(client, ref.url, what, MAX_PROFILE_BYTES, ref.size, policy, budget)
     got = hashlib.sha256(data).hexdigest()
     if got != ref.digest:
         raise ProfileMismatchError(
