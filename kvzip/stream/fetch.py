@@ -13,7 +13,6 @@ digest and stored in the profile directory first.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from kvzip import atomic
 from kvzip.errors import FetchError, InputError
 from kvzip.formats import KvzReader, open_kvz
 from kvzip.formats.spec import FIRST_READ_BYTES
@@ -75,8 +75,7 @@ def fetch(
         refs = [plain_profile_ref(url, header.raw, d) for d in named_digests(header.raw)]
         profiles = ensure_profiles(refs, client, policy, budget)
         size = source.size()
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".part")
-        tmp = Path(tmp_name)
+        fd, tmp = atomic.create_temp(target, "part")
         try:
             with os.fdopen(fd, "wb") as handle:
                 offset = 0
@@ -85,17 +84,14 @@ def fetch(
                     handle.write(source.get_bytes(offset, n))
                     offset += n
                     progress("fetch", offset, size)
-                handle.flush()
-                os.fsync(handle.fileno())
             verified = _verify(tmp, url)
-            os.replace(tmp, target)
+            atomic.commit(tmp, target)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            atomic.discard(tmp)
             raise
     finally:
         if own_client:
             client.close()
-    _fsync_directory(directory)
     return FetchSummary(url, str(target), size, verified, source.etag, time.perf_counter() - started,
                         profiles)
 
@@ -108,17 +104,3 @@ def _verify(path: Path, url: str) -> int:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise FetchError(f"{url}: downloaded file is corrupt: {problems[0].message}{more}")
         return len(reader.entries)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable (POSIX); platforms without directory fds skip it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
