@@ -72,9 +72,9 @@ static const char *check_params(const int64_t *params, Py_ssize_t nc, Py_ssize_t
         const int64_t *p = params + c * P_COLS;
         if (p[P_SPAN_H] < 2 || p[P_SPAN_H] > MAX_SPAN_H || p[P_RAW] < 0 || p[P_RAW] > MAX_RAW)
             return "invalid cluster model";
-        if (p[P_FOFF] < 0 || p[P_FOFF] + p[P_SPAN_H] > nfreq)
+        if (p[P_FOFF] < 0 || p[P_FOFF] > nfreq - p[P_SPAN_H]) /* no overflow: span_h <= MAX_SPAN_H */
             return "cluster table out of range";
-        if (p[P_NROWS] < 1 || p[P_ROW0] != rows_seen || p[P_ROW0] + p[P_NROWS] > nrows_total)
+        if (p[P_NROWS] < 1 || p[P_ROW0] != rows_seen || p[P_NROWS] > nrows_total - p[P_ROW0]) /* no overflow */
             return "cluster rows out of range";
         if (p[P_LO] < -(1LL << 31) || p[P_LO] >= (1LL << 31))
             return "cluster window out of range";
@@ -91,7 +91,10 @@ static const char *check_block(const Py_buffer *params, const Py_buffer *rows, c
 {
     *nc = params->len / (Py_ssize_t)(P_COLS * sizeof(int64_t));
     *g = center->len / (Py_ssize_t)sizeof(int32_t);
-    if (n < 1 || data->len != (Py_ssize_t)(*g * n * (Py_ssize_t)sizeof(int32_t)))
+    /* g * n * 4 is compared only once it cannot overflow (a wrapped product could match
+     * a short buffer, and rows would then be written or read far outside it) */
+    if (n < 1 || *g > PY_SSIZE_T_MAX / (Py_ssize_t)sizeof(int32_t) / n
+        || data->len != *g * n * (Py_ssize_t)sizeof(int32_t))
         return "symbol matrix has the wrong size";
     return check_params((const int64_t *)params->buf, *nc, rows->len / (Py_ssize_t)sizeof(int32_t),
                         freqs->len / (Py_ssize_t)sizeof(uint16_t));
@@ -246,13 +249,19 @@ static PyObject *rans_encode(PyObject *self, PyObject *args)
     uint32_t *cum = NULL;
     unsigned char *buf = NULL;
     PyObject *result = NULL;
-    Py_ssize_t nc, g, cap = 0, start = 0;
-    Py_ssize_t nrows_total = rows.len / (Py_ssize_t)sizeof(int32_t);
+    Py_ssize_t nc, g, cap = 0, start = 0, coded_rows = 0;
     err = check_block(&params, &rows, &center, &freqs, &matrix, n, &nc, &g);
     if (err)
         goto done;
-    /* at most one word per coding step, two steps per element, plus the states */
-    cap = 2 * nrows_total * n + 2 * LANES;
+    for (Py_ssize_t c = 0; c < nc; c++) /* checked: the clusters' rows tile rows[] */
+        coded_rows += ((const int64_t *)params.buf)[c * P_COLS + P_NROWS];
+    /* at most one word per coding step, two steps per element, plus the states: sized by
+     * the elements the clusters code (overflow-checked), not by what rows[] could hold */
+    if (coded_rows > (PY_SSIZE_T_MAX / 4 - 2 * LANES) / 2 / n) {
+        err = "symbol matrix too large to encode";
+        goto done;
+    }
+    cap = 2 * coded_rows * n + 2 * LANES;
     cum = (uint32_t *)malloc((MAX_SPAN_H + 1) * sizeof(uint32_t));
     buf = (unsigned char *)malloc((size_t)cap * 2);
     if (!cum || !buf) {
@@ -269,9 +278,7 @@ static PyObject *rans_encode(PyObject *self, PyObject *args)
     uint32_t x[LANES];
     for (int k = 0; k < LANES; k++)
         x[k] = RANS_L;
-    Py_ssize_t total = 0;
-    for (Py_ssize_t c = 0; c < nc; c++)
-        total += par[c * P_COLS + P_NROWS] * n;
+    Py_ssize_t total = coded_rows * n;
     unsigned lane = (unsigned)((total - 1) & (LANES - 1)); /* lane of the last element */
     for (Py_ssize_t c = nc - 1; c >= 0 && !err; c--) {
         const int64_t *p = par + c * P_COLS;
@@ -359,7 +366,8 @@ static PyObject *row_histograms(PyObject *self, PyObject *args)
     double *c = (double *)counts.buf;
     memset(c, 0, (size_t)ncells * sizeof(double));
     for (Py_ssize_t r = 0; r < nr && !err; r++) {
-        if (rw[r] < 0 || rw[r] >= g || o[r] < 0 || o[r + 1] > ncells || o[r] > o[r + 1]) {
+        if (rw[r] < 0 || rw[r] >= g || o[r] < 0 || o[r + 1] > ncells || o[r] > o[r + 1]
+            || l[r] < -(1LL << 32) || l[r] > (1LL << 32)) { /* no overflow in row[t] - l[r] */
             err = "histogram row out of range";
             break;
         }
@@ -386,6 +394,8 @@ done:
 #define U_LEN (64 * U_RES)
 #define S_OFFSET 32
 #define POW_LEN 4096
+#define MAX_FIT_WIDTH (1LL << 20) /* values one row's counts may cover (the encoder: 1 << 16) */
+#define MAX_FIT_LO (1LL << 32)    /* |lo| of a row (the encoder's values are int32) */
 
 static PyObject *fit_param(PyObject *self, PyObject *args)
 {
@@ -415,16 +425,35 @@ static PyObject *fit_param(PyObject *self, PyObject *args)
     const int64_t *l = (const int64_t *)lo.buf, *o = (const int64_t *)offs.buf;
     int64_t *out_mu = (int64_t *)mu4.buf, *out_s = (int64_t *)sidx.buf, *out_b = (int64_t *)shape.buf;
     const double dn = (double)n;
-    for (Py_ssize_t r = 0; r < nr; r++) {
+    /* Scales and shapes become divisors and exponents, counts weigh values, and rows'
+     * windows and means become table indices below: checked first, so no argument can
+     * make an index negative or an integer overflow (the encoder passes its own tables). */
+    for (int i = 0; i < 256 && !err; i++)
+        if (!(sf[i] > 0.0) || isinf(sf[i]))
+            err = "fit scales must be finite and positive";
+    for (int i = 0; i < N_BETAS && !err; i++)
+        if (!(bt[i] > 0.0) || isinf(bt[i]))
+            err = "fit shapes must be finite and positive";
+    for (Py_ssize_t r = 0; r < nr && !err; r++) {
         int64_t a = o[r], b = o[r + 1];
-        if (a < 0 || b > ncells || a >= b) {
+        if (a < 0 || b > ncells || a >= b || b - a > MAX_FIT_WIDTH || l[r] < -MAX_FIT_LO || l[r] > MAX_FIT_LO) {
             err = "fit row out of range";
             break;
         }
         double sum = 0.0;
-        for (int64_t j = a; j < b; j++)
+        for (int64_t j = a; j < b; j++) {
+            if (!(c[j] >= 0.0) || isinf(c[j])) {
+                err = "fit counts must be finite and non-negative";
+                break;
+            }
             sum += c[j] * (double)(l[r] + (j - a));
-        int64_t m4 = (int64_t)nearbyint(4.0 * sum / dn);
+        }
+        double mean4 = nearbyint(4.0 * sum / dn);
+        if (err || !(fabs(mean4) <= 4.0 * (MAX_FIT_LO + MAX_FIT_WIDTH))) {
+            err = err ? err : "fit counts out of range";
+            break;
+        }
+        int64_t m4 = (int64_t)mean4;
         double best = INFINITY;
         int64_t best_s = 0, best_b = 0;
         for (int si = 0; si < N_BETAS; si++) {
@@ -439,7 +468,8 @@ static PyObject *fit_param(PyObject *self, PyObject *args)
             double s0 = pow(beta * mom / dn, 1.0 / beta);
             if (!(s0 >= 1.0 / 16))
                 s0 = 1.0 / 16;
-            int64_t c0 = (int64_t)nearbyint(8.0 * log2(s0)) + S_OFFSET;
+            double lc = nearbyint(8.0 * log2(s0)); /* >= -32: s0 >= 1/16 */
+            int64_t c0 = (lc < 512.0 ? (int64_t)lc : 512) + S_OFFSET;
             const double *gw = w + si * U_LEN, *glw = lw + si * U_LEN;
             for (int dc = -2; dc <= 2; dc++) {
                 int64_t cand = c0 + dc;
