@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kvzip.codecs import LEVELS, ChunkContext, codec_for_level, codec_from_config
-from kvzip.codecs.entropy import RangeCoder
+from kvzip.codecs.entropy import entropy_layout
 from kvzip.codecs.stages import StagePipeline
 from kvzip.codecs.transforms import UnRoPE, rope_cos_sin, rotate
 from kvzip.errors import CodecError
@@ -223,7 +223,7 @@ def test_bad_configs(bad):
 
 def test_pipeline_checks_stage_order():
     with pytest.raises(CodecError):
-        StagePipeline([RangeCoder(), UnRoPE()])
+        StagePipeline([entropy_layout("param"), UnRoPE()])
     with pytest.raises(CodecError):
         StagePipeline([UnRoPE()])
 
@@ -234,7 +234,7 @@ def test_entropy_coder_lossless(family):
     m = np.rint(rng.laplace(0, 1, (50, 77)) * np.exp(rng.normal(0, 1.5, 50))[:, None]).astype(np.int32)
     m[3] = 5  # constant row
     m[4, 10] = 3000  # outlier widens one row's alphabet
-    coder = RangeCoder(family)
+    coder = entropy_layout(family)
     assert np.array_equal(coder.decode(coder.encode(m), m.shape), m)
 
 

@@ -12,7 +12,8 @@ import zstandard
 
 from kvzip.codecs import LEVELS, ChunkContext, codec_from_config
 from kvzip.codecs import entropy as E
-from kvzip.codecs.entropy import RangeCoder
+from kvzip.codecs.entropy import entropy_layout
+from kvzip.codecs.entropy import param2 as P2
 from kvzip.codecs.transforms import UnRoPE, rope_cos_sin, rotate
 from kvzip.errors import CodecError
 
@@ -64,14 +65,14 @@ KINDS = ["random-narrow", "random-wide", "skewed-narrow", "skewed-wide", "skewed
 @pytest.mark.parametrize("n", [1, 2, 65, 256])
 def test_param2_roundtrip_exact(kind, n):
     m = _matrix(kind, seed=n, n=n)
-    coder = RangeCoder("param2")
+    coder = entropy_layout("param2")
     data = coder.encode(m)
     assert data == coder.encode(m.copy())  # deterministic
     out = coder.decode(data, m.shape)
     assert out.dtype == np.int32 and np.array_equal(out, m)
     # The fresh model cache decodes the same (models are rebuilt, not remembered).
     E.clear_model_caches()
-    assert np.array_equal(RangeCoder("param2").decode(data, m.shape), m)
+    assert np.array_equal(entropy_layout("param2").decode(data, m.shape), m)
 
 
 def test_param2_uses_pairs_and_raw_bits_and_costs_little():
@@ -80,18 +81,18 @@ def test_param2_uses_pairs_and_raw_bits_and_costs_little():
     g, n = 600, 255  # odd n: pair clusters end with a single symbol
     sig = np.exp(rng.uniform(0, np.log(200), g))[:, None]
     m = np.rint(rng.normal(0, 1, (g, n)) * sig + rng.normal(0, 5, g)[:, None]).astype(np.int32)
-    a, b = RangeCoder("param").encode(m), RangeCoder("param2").encode(m)
-    assert np.array_equal(RangeCoder("param2").decode(b, m.shape), m)
+    a, b = entropy_layout("param").encode(m), entropy_layout("param2").encode(m)
+    assert np.array_equal(entropy_layout("param2").decode(b, m.shape), m)
     span, raw, tup = _layout(b, g)
     assert (raw > 0).any() and (raw == 0).any()
     assert (tup == 2).any()
     span_h = ((span.astype(np.int64) - 1) >> raw) + 1
-    assert (span_h[tup > 1] ** 2 <= E.MAX_ALPHA).all()
+    assert (span_h[tup > 1] ** 2 <= P2.MAX_ALPHA).all()
     assert len(b) <= 1.005 * len(a)
 
 
 def test_param2_all_constant_and_empty():
-    coder = RangeCoder("param2")
+    coder = entropy_layout("param2")
     m = np.full((5, 9), -3, np.int32)
     assert np.array_equal(coder.decode(coder.encode(m), m.shape), m)
     e = np.zeros((0, 4), np.int32)
@@ -101,13 +102,13 @@ def test_param2_all_constant_and_empty():
 def test_param_bitstream_unchanged_by_param2():
     """'param' still writes (and reads) its own layout: no raw/tup bytes, no planes."""
     m = _matrix("skewed-wide", 3)
-    data = RangeCoder("param").encode(m)
+    data = entropy_layout("param").encode(m)
     side, nwords = _side(data)
     nc = struct.unpack_from("<I", side, 0)[0]
     assert len(side) == 4 + 6 * m.shape[0] + 11 * nc
-    assert np.array_equal(RangeCoder("param").decode(data, m.shape), m)
+    assert np.array_equal(entropy_layout("param").decode(data, m.shape), m)
     with pytest.raises(CodecError):  # the layouts are not interchangeable
-        RangeCoder("param").decode(RangeCoder("param2").encode(m), m.shape)
+        entropy_layout("param").decode(entropy_layout("param2").encode(m), m.shape)
 
 
 # ---- through the codec ---------------------------------------------------------------
@@ -165,7 +166,7 @@ def test_codec_accepts_param2_and_rejects_unknown():
 def block():
     m = _matrix("skewed-wide", 11, g=60, n=64)
     m[:30] = _matrix("skewed-narrow", 12, g=30, n=64)
-    data = RangeCoder("param2").encode(m)
+    data = entropy_layout("param2").encode(m)
     span, raw, tup = _layout(data, m.shape[0])
     assert (raw > 0).any() and (tup == 2).any()
     return m, data
@@ -187,7 +188,7 @@ def test_param2_invalid_side_info(block, edit):
     nc = struct.unpack_from("<I", side, 0)[0]
     pos = 4 + 6 * g
     if edit == "raw":
-        bad = _edit_cluster_byte(data, g, 11, E.MAX_RAW + 1)
+        bad = _edit_cluster_byte(data, g, 11, P2.MAX_RAW + 1)
     elif edit == "tup0":
         bad = _edit_cluster_byte(data, g, 12, 0)
     elif edit == "tup9":
@@ -213,19 +214,19 @@ def test_param2_invalid_side_info(block, edit):
     else:
         bad = _rebuild(data, side + b"\0")
     with pytest.raises(CodecError):
-        RangeCoder("param2").decode(bad, m.shape)
+        entropy_layout("param2").decode(bad, m.shape)
 
 
 def test_param2_plane_length_checked(block):
     m, data = block
     for bad in (data[:-1], data + b"\0", data[:-4]):
         with pytest.raises(CodecError):
-            RangeCoder("param2").decode(bad, m.shape)
+            entropy_layout("param2").decode(bad, m.shape)
 
 
 def test_param2_truncations_and_garbage(block):
     m, data = block
-    coder = RangeCoder("param2")
+    coder = entropy_layout("param2")
     for cut in (0, 3, 8, 12, len(data) // 2):
         with pytest.raises(CodecError):
             coder.decode(data[:cut], m.shape)
@@ -250,7 +251,7 @@ def test_param2_flipped_code_words_never_crash(block):
         if i % 4 == 0:  # a zero last word, which the ANS coder refuses
             b[start + 4 * nwords - 4 : start + 4 * nwords] = bytes(4)
         try:
-            out = RangeCoder("param2").decode(bytes(b), m.shape)
+            out = entropy_layout("param2").decode(bytes(b), m.shape)
         except CodecError:
             continue
         assert out.shape == m.shape and out.dtype == np.int32
@@ -261,5 +262,5 @@ def test_param2_window_rounding_stays_within_max_span():
     m = np.zeros((4, 8), np.int32)
     m[0, 0], m[0, 1] = -30000, 30000  # span 60001: rounds to 65537 (> MAX_SPAN) if unchecked
     m[1, 3] = 5
-    coder = RangeCoder("param2")
+    coder = entropy_layout("param2")
     assert np.array_equal(coder.decode(coder.encode(m), m.shape), m)

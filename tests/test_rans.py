@@ -17,10 +17,12 @@ from hypothesis import strategies as st
 from kvzip.codecs import entropy as E
 from kvzip.codecs import kvzip_profile
 from kvzip.codecs._rans import LANES, PREC
-from kvzip.codecs.entropy import RangeCoder
+from kvzip.codecs.entropy import _common as C
+from kvzip.codecs.entropy import entropy_layout
+from kvzip.codecs.entropy import rans as R
 from kvzip.errors import CodecError
 
-RANS = RangeCoder("rans")
+RANS = entropy_layout("rans")
 
 
 def _matrix(rng, g=40, n=37, wide=False):
@@ -40,11 +42,11 @@ def _split(data: bytes):
 def reference_decode(data: bytes, g: int, n: int) -> np.ndarray:
     """The format, decoded one symbol at a time in Python (slow; for tests only)."""
     side, words, _ = _split(data)
-    nc, center, cid, (frac, sidx, shape, lo, span), _ = RangeCoder._side_rows(side, g, 11)
+    nc, center, cid, (frac, sidx, shape, lo, span), _ = C.parse_cluster_side(side, g, 11)
     out = np.repeat(center[:, None], n, axis=1).astype(np.int64)
     if not nc:
         return out
-    raw, span_h, freqs, foff = E._rans_tables(frac, sidx, shape, lo, span)
+    raw, span_h, freqs, foff = R._rans_tables(frac, sidx, shape, lo, span)
     total, low_l = 1 << PREC, 1 << 16
     w = [int(v) for v in words]
     x = [w[2 * k] | (w[2 * k + 1] << 16) for k in range(LANES)]
@@ -88,8 +90,8 @@ def test_stream_matches_an_independent_decoder(wide):
     data = RANS.encode(m)
     if wide:  # clusters wider than 2**(PREC-1) values code their low bits separately
         side, _, _ = _split(data)
-        *_, (f, s, sh, lo, span), _ = RangeCoder._side_rows(side, 12, 11)
-        assert E._rans_tables(f, s, sh, lo, span)[0].max() > 0
+        *_, (f, s, sh, lo, span), _ = C.parse_cluster_side(side, 12, 11)
+        assert R._rans_tables(f, s, sh, lo, span)[0].max() > 0
     np.testing.assert_array_equal(reference_decode(data, *m.shape), m)
     np.testing.assert_array_equal(RANS.decode(data, m.shape), m)
 
@@ -107,8 +109,8 @@ def test_tables_sum_to_the_total_and_favour_the_mode():
     frac, sidx, shape = rng.integers(0, 4, nc), rng.integers(0, 256, nc), rng.integers(0, 4, nc)
     span = rng.integers(2, 9000, nc)
     lo = -(span // 2)
-    raw, span_h, freqs, foff = E._rans_tables(frac, sidx, shape, lo, span)
-    assert (span_h <= E.RANS_MAX_SPAN_H).all() and (((span - 1) >> raw) + 1 == span_h).all()
+    raw, span_h, freqs, foff = R._rans_tables(frac, sidx, shape, lo, span)
+    assert (span_h <= R.RANS_MAX_SPAN_H).all() and (((span - 1) >> raw) + 1 == span_h).all()
     sums = np.add.reduceat(freqs.astype(np.int64), foff)
     assert (sums == 1 << PREC).all() and freqs.min() >= 1
 
@@ -160,7 +162,7 @@ def test_side_info_naming_rows_twice_or_out_of_range_is_refused():
     side, _, start = _split(data)
     nc = struct.unpack_from("<I", side, 0)[0]
     cid = np.frombuffer(side, "<u2", 8, 4 + 4 * 8).copy()
-    cid[cid != E._CONST_ROW] = nc + 3  # an unknown cluster
+    cid[cid != C._CONST_ROW] = nc + 3  # an unknown cluster
     bad_side = side[: 4 + 32] + cid.tobytes() + side[4 + 48 :]
     packed = zstandard.ZstdCompressor().compress(bad_side)
     bad = E._HEAD.pack(len(packed), E._HEAD.unpack_from(data, 0)[1]) + packed + data[start:]
@@ -210,9 +212,9 @@ def test_tables_are_the_same_in_batches(monkeypatch):
     nc = 40
     args = (rng.integers(0, 4, nc), rng.integers(0, 256, nc), rng.integers(0, 4, nc),
             -rng.integers(1, 3000, nc), rng.integers(2, 6000, nc))
-    whole = E._rans_tables(*args)
-    monkeypatch.setattr(E, "_RANS_BATCH_CELLS", 5000)  # a few clusters per batch, some alone
-    for a, b in zip(whole, E._rans_tables(*args)):
+    whole = R._rans_tables(*args)
+    monkeypatch.setattr(R, "_RANS_BATCH_CELLS", 5000)  # a few clusters per batch, some alone
+    for a, b in zip(whole, R._rans_tables(*args)):
         np.testing.assert_array_equal(a, b)
 
 

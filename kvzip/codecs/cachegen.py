@@ -22,7 +22,7 @@ This is the baseline kvzip's own levels must beat at the same size.
 from __future__ import annotations
 
 from kvzip.codecs.base import ChunkContext
-from kvzip.codecs.entropy import RangeCoder
+from kvzip.codecs.entropy import entropy_layout
 from kvzip.codecs.quantize import TokenAbsmaxQuantizer
 from kvzip.codecs.registry import register_codec
 from kvzip.codecs.stages import StagedCodec, StagePipeline
@@ -55,7 +55,7 @@ class CacheGenCodec(StagedCodec):
             p, L = self._p, ctx.num_layers
             kb = [p["key_bins_early"] if i < p["key_early_layers"] else p["key_bins"] for i in range(L)]
             vb = [p["value_bins_early"] if i < p["value_early_layers"] else p["value_bins"] for i in range(L)]
-            pipe = StagePipeline([TokenAbsmaxQuantizer(kb, vb), RangeCoder("hist")])
+            pipe = StagePipeline([TokenAbsmaxQuantizer(kb, vb), entropy_layout("hist")])
             self._pipes[L] = pipe
         return pipe
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvzip.codecs.entropy import FAMILIES, RangeCoder
+from kvzip.codecs.entropy import entropy_layout
 from kvzip.codecs.quantize import UniformStepQuantizer
 from kvzip.codecs.registry import register_codec
 from kvzip.codecs.stages import StagedCodec, StagePipeline
@@ -72,8 +72,7 @@ class KvzipLossyCodec(StagedCodec):
         for k in ("sink_tokens", "early_layers"):
             if isinstance(p[k], bool) or not isinstance(p[k], int) or not 0 <= p[k] <= 1 << 20:
                 raise CodecError(f"kvzip-lossy {k} must be a non-negative integer")
-        if not isinstance(entropy, str) or entropy not in FAMILIES:
-            raise CodecError(f"kvzip-lossy entropy must be one of {', '.join(FAMILIES)}, got {entropy!r}")
+        coder = entropy_layout(entropy)  # an unknown name is a CodecError naming the known ones
         if not isinstance(prerope, bool):
             raise CodecError("kvzip-lossy prerope must be true or false")
         self._p = p
@@ -81,7 +80,7 @@ class KvzipLossyCodec(StagedCodec):
         stages += [
             UniformStepQuantizer(key_step, value_step, key_channel_exp, value_token_exp,
                                  sink_tokens, sink_factor, early_layers, early_factor),
-            RangeCoder(entropy),
+            coder,
         ]
         self.pipeline = StagePipeline(stages)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvzip.codecs.base import ChunkContext, one_blas_thread
-from kvzip.codecs.entropy import RangeCoder
+from kvzip.codecs.entropy import entropy_layout
 from kvzip.codecs.profile import Profile, find_profile
 from kvzip.codecs.quantize import UniformStepQuantizer
 from kvzip.codecs.registry import register_codec
@@ -132,7 +132,7 @@ class KvzipProfileCodec(StagedCodec):
             self.basis,
             UniformStepQuantizer(step, step, 0.0, value_token_exp, sink_tokens, sink_factor,
                                  layer_scale=self.profile.tensors["step_scale"]),
-            RangeCoder(entropy),
+            entropy_layout(entropy),
         ])
 
     def check_chunk(self, ctx: ChunkContext) -> None:
