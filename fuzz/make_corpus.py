@@ -102,10 +102,13 @@ def rans_c_seeds() -> dict[str, bytes]:
     import numpy as np
 
     from kvzip.codecs import entropy as E
+    from kvzip.codecs.entropy import _common, rans
     from kvzip.formats import open_kvz
 
-    recorder = _Recorder(E._rans)
-    E._rans = recorder
+    holders = (_common, rans)  # the entropy modules that call kvzip.codecs._rans
+    recorder = _Recorder(_common._rans)
+    for mod in holders:
+        mod._rans = recorder
     try:
         with open_kvz(T.GOLDEN / "golden_profile_rans_f32.kvz") as reader:
             entries = reader.kv_entries("balanced")
@@ -119,7 +122,8 @@ def rans_c_seeds() -> dict[str, bytes]:
         for m in (narrow, medium, wide):
             coder.decode(coder.encode(m), m.shape)
     finally:
-        E._rans = recorder._real
+        for mod in holders:
+            mod._rans = recorder._real
     tables = T._constant_tables()
     seeds, per_function = {}, {}
     for name, args in recorder.calls:
