@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from kvzip.calibrate import _pre_rope, default_calibration_texts, read_texts  # noqa: E402
+from kvzip.levels.calibrate import _pre_rope, default_calibration_texts, read_texts  # noqa: E402
 from kvzip.model import KVModel  # noqa: E402
 
 HELD_OUT = ["/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/GFDL-1.3"]

@@ -1,4 +1,4 @@
-"""Decode (and encode) speed of the lossy levels, file -> tensor, in-process and parallel.
+"""Decode (and encode) speed of the lossy levels, file -> tensor, on one thread and on all CPUs.
 
     PYTHONPATH=. python benchmarks/decode_speed.py [--tokens 2048,4096,8000] [--levels high,balanced,small]
                                                    [--repeat 3] [--kv /tmp/kv_gpl3.safetensors]
@@ -67,14 +67,15 @@ def realistic_kv(path: str, tokens: int) -> tuple[np.ndarray, tuple[float, ...]]
 
 def write_file(kv: np.ndarray, inv, level: str, path: Path, chunk: int = 256, config: dict | None = None,
                encoders: int = 1) -> float:
-    """Write a one-level .kvz; returns the encode time (codecs only, ``encoders`` processes
-    as ``write_kvz`` runs them; worker start-up excluded, shared-buffer copy included)."""
-    from kvzip.codecs import LEVELS, codec_from_config
+    """Write a one-level .kvz; returns the encode time (codecs only, on ``encoders`` threads
+    as ``write_kvz`` runs them)."""
+    from kvzip.codecs import ChunkContext, codec_from_config
     from kvzip.formats import KvzWriter
-    from kvzip.formats.parallel import encode_chunks_parallel
+    from kvzip.levels import LEVELS, encode_chunks, find_profile
 
     _, layers, heads, tokens, dim = kv.shape
-    codec = codec_from_config(config if config is not None else LEVELS[level])
+    config = config if config is not None else LEVELS[level]
+    codec = codec_from_config(config, find_profile(config["profile"]) if "profile" in config else None)
     # a calibrated codec's profile is bound to the model that made it
     profile = getattr(codec, "profile", None)
     fingerprint = profile.model_fingerprint if profile is not None else "sha256:bench"
@@ -85,12 +86,10 @@ def write_file(kv: np.ndarray, inv, level: str, path: Path, chunk: int = 256, co
         "levels": [{"name": level, "codec": codec.config()}],
     }
     ranges = [(start, min(chunk, tokens - start)) for start in range(0, tokens, chunk)]
-    ctx = {"num_layers": layers, "kv_heads": heads, "head_dim": dim, "dtype": "float32", "rope_inv_freq": list(inv)}
-    if encoders > 1:  # start the workers (and let them import kvzip) outside the timing
-        encode_chunks_parallel(kv[:, :, :, : 2 * chunk], [codec], ranges[:2], ctx, encoders)
+    ctx = ChunkContext(0, 0, layers, heads, dim, "float32", tuple(inv))
     with KvzWriter(path, header) as writer:
         t0 = time.perf_counter()
-        payloads = encode_chunks_parallel(kv, [codec], ranges, ctx, encoders)
+        payloads = encode_chunks(kv, [codec], ranges, ctx, encoders)
         spent = time.perf_counter() - t0
         for i, ((start, n), (payload,)) in enumerate(zip(ranges, payloads)):
             writer.add_kv(i, 0, start, n, payload)
@@ -111,12 +110,10 @@ def _private_kib(pid: int) -> int:
 
 
 class PeakMemory:
-    """Peak of (private memory of this process + decode workers) while running."""
+    """Peak private memory of this process while running (decoders are its threads)."""
 
     def __enter__(self):
-        from kvzip.formats import parallel
-
-        self.pids = lambda: [os.getpid(), *parallel.worker_pids()]
+        self.pids = lambda: [os.getpid()]
         self.peak = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -137,14 +134,14 @@ def decode_once(path: Path, level: str, decoders: int | None, cold: bool = False
     import torch
 
     from kvzip.codecs.entropy import clear_model_caches
-    from kvzip.formats import open_kvz
+    from kvzip.levels import open_cache
 
     if cold:
         clear_model_caches()
     base = sum(_private_kib(p) for p in [os.getpid()])
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        with open_kvz(path) as reader:
+        with open_cache(path) as reader:
             array = reader.decode_level(level, decoders=decoders)
         tensor = torch.from_numpy(array)
         seconds = time.perf_counter() - t0
@@ -155,7 +152,7 @@ def decode_once(path: Path, level: str, decoders: int | None, cold: bool = False
 
 def configs_from_args(levels: str, codecs: list[str]) -> dict[str, dict]:
     """name -> codec config: the named levels, then each --codec JSON."""
-    from kvzip.codecs import LEVELS
+    from kvzip.levels import LEVELS
 
     out = {level: dict(LEVELS[level]) for level in levels.split(",") if level}
     for i, text in enumerate(codecs):
@@ -171,18 +168,18 @@ def main() -> None:
     ap.add_argument("--tokens", default="2048,4096,8000")
     ap.add_argument("--levels", default="high,balanced,small")
     ap.add_argument("--codec", action="append", default=[], help="codec config JSON (repeatable)")
-    ap.add_argument("--modes", default="1p,Np", help="decode modes: 1p (one process), Np (all CPUs)")
+    ap.add_argument("--modes", default="1p,Np", help="decode modes: 1p (one thread), Np (all CPUs)")
     ap.add_argument("--cold", action="store_true", help="empty the entropy model cache before each decode")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--encoders", default="1", help="encode processes, comma-separated (one column each)")
+    ap.add_argument("--encoders", default="1", help="encode threads, comma-separated (one column each)")
     ap.add_argument("--kv", default="/tmp/kv_gpl3.safetensors")
     args = ap.parse_args()
-    from kvzip.formats import parallel
+    from kvzip.levels import default_threads
 
     configs = configs_from_args(args.levels, args.codec)
     modes = [m for m in args.modes.split(",") if m]
     encoders = [int(e) for e in args.encoders.split(",") if e]
-    print(f"decoders for 'Np': {parallel.default_decoders()}  (cpus: {os.cpu_count()})"
+    print(f"decoders for 'Np': {default_threads()}  (cpus: {os.cpu_count()})"
           f"{'  cold model cache' if args.cold else ''}")
     enc_cols = " ".join(f"{'enc ' + str(e) + 'p':>7}" for e in encoders)
     print(f"{'tokens':>6} {'level':9} {'bits':>6} {enc_cols} {'dec 1p':>7} {'dec Np':>7} "

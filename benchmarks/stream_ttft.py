@@ -50,11 +50,11 @@ import numpy as np
 import torch
 
 from kvzip.bench import score
-from kvzip.calibrate import resolve_profile
+from kvzip.levels import model_profile
 from kvzip.codecs import ChunkContext, Codec, register_codec
 from kvzip.formats import open_kvz
 from kvzip.model import KVModel
-from kvzip.pipeline import storage_to_kv, write_kvz
+from kvzip.levels import storage_to_kv, write_kvz
 from kvzip.stream.client import RECOMPUTE, stream_generate
 
 # The multi-level file of issue 6 (`kvzip encode --levels small,balanced,high`);
@@ -154,7 +154,7 @@ def main() -> None:
         root = Path(tmp)
         levels = [level for level in args.levels.split(",") if level]
         # the model's calibration profile, as `kvzip encode` finds (or builds) it
-        profile = resolve_profile(km, None, if_missing="calibrate")
+        profile = model_profile(km, None, if_missing="calibrate")
         report["levels"] = levels
         report["profile"] = None if profile is None else profile.digest
         kvz = write_kvz(kv, ids, root / "ctx.kvz", km, levels=levels, chunk_tokens=256, profile=profile,

@@ -53,14 +53,15 @@ ENTROPY_SOURCES = {
 
 def entropy_seeds(layout: str) -> dict[str, bytes]:
     from kvzip.codecs.stages import StagedCodec, unpack_sections
-    from kvzip.formats import PayloadDecoder, open_kvz
+    from kvzip.formats import open_kvz
+    from kvzip.levels import LevelCodecs
 
     found = {}
     for file in ENTROPY_SOURCES[layout]:
         with open_kvz(T.GOLDEN / file) as reader:
-            decoder = PayloadDecoder(reader.header)
+            decoder = LevelCodecs(reader.header)
             for li, level in enumerate(reader.header.levels):
-                codec = decoder.level_codec(li)
+                codec = decoder.codec(li)
                 if not isinstance(codec, StagedCodec):
                     continue
                 for entry in reader.kv_entries(level.name):
@@ -103,14 +104,14 @@ def rans_c_seeds() -> dict[str, bytes]:
 
     from kvzip.codecs import entropy as E
     from kvzip.codecs.entropy import _common, rans
-    from kvzip.formats import open_kvz
+    from kvzip.levels import open_cache
 
     holders = (_common, rans)  # the entropy modules that call kvzip.codecs._rans
     recorder = _Recorder(_common._rans)
     for mod in holders:
         mod._rans = recorder
     try:
-        with open_kvz(T.GOLDEN / "golden_profile_rans_f32.kvz") as reader:
+        with open_cache(T.GOLDEN / "golden_profile_rans_f32.kvz") as reader:
             entries = reader.kv_entries("balanced")
             reader.decode_chunk(entries[-1])  # the short last chunk: small calls
         rng = np.random.default_rng(12)

@@ -208,19 +208,20 @@ def encode_c_call(name: str, args: list, tables: dict[tuple[str, int], bytes]) -
 
 def _setup_container() -> OneInput:
     from kvzip.errors import KvzipError
-    from kvzip.formats import BytesSource, KvzReader
+    from kvzip.formats import BytesSource
+    from kvzip.levels import open_cache
 
     def one(data: bytes) -> None:
         for candidate in dict.fromkeys([data, reseal_kvz(data)]):
             try:
-                reader = KvzReader(BytesSource(candidate))
+                reader = open_cache(BytesSource(candidate))
             except KvzipError as exc:
                 refused(exc, "open:")
                 continue
             for problem in reader.verify(decode=True):  # KvzipErrors, reported as problems
                 feedback(f"verify:{_NUMBERS.sub('#', problem.message)[:120]}")
             calls = [reader.token_ids, reader.chunk_texts]
-            # decoders=1: in this thread (a fuzzer must not spawn decode workers)
+            # decoders=1: on this thread only
             calls += [lambda n=n: reader.decode_level(n, decoders=1) for n in reader.header.level_names]
             for call in calls:
                 try:
@@ -246,23 +247,24 @@ PAYLOADS: dict[str, list[tuple[str, str]]] = {
 
 def register_golden_profiles() -> None:
     """Make the golden files' calibration profile findable (the profile codec needs it)."""
-    from kvzip.codecs import profile as profile_mod
+    from kvzip.levels import register_profile_file
 
     for path in sorted(PROFILES.glob("*.kvzprofile")):
-        profile_mod.register_profile_file(path)
+        register_profile_file(path)
 
 
 def payload_contexts(target: str):
-    """[(PayloadDecoder, KV entry, lossy?)] for every chunk of a payload target's levels."""
+    """[(LevelCodecs, KV entry, lossy?)] for every chunk of a payload target's levels."""
     from kvzip.codecs.stages import StagedCodec
-    from kvzip.formats import PayloadDecoder, open_kvz
+    from kvzip.formats import open_kvz
+    from kvzip.levels import LevelCodecs
 
     register_golden_profiles()
     out = []
     for file, level in PAYLOADS[target]:
         with open_kvz(GOLDEN / file) as reader:
-            decoder = PayloadDecoder(reader.header)
-            lossy = isinstance(decoder.level_codec(reader.header.level_index(level)), StagedCodec)
+            decoder = LevelCodecs(reader.header)
+            lossy = isinstance(decoder.codec(reader.header.level_index(level)), StagedCodec)
             # every chunk: they differ in length and in holding the attention sinks or not
             out += [(decoder, e, lossy) for e in reader.kv_entries(level)]
     return out

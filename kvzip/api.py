@@ -18,20 +18,24 @@ from typing import Any
 import torch
 
 from kvzip.atomic import write_atomic
-from kvzip.calibrate import resolve_profile
-from kvzip.codecs import CALIBRATED_LEVELS, DEFAULT_LEVEL, LEVELS, STORAGE_DTYPES
-from kvzip.codecs.profile import find_profile
+from kvzip.codecs import STORAGE_DTYPES
 from kvzip.errors import ContextTooLongError, InputError, KvzipError, UnknownLevelError
 from kvzip.formats import ChatInfo, SourceInfo, open_kvz
 from kvzip.model import ChatTemplate, KVModel
-from kvzip.pipeline import (
+from kvzip.levels import (
+    check_if_missing,
+    check_levels,
     DEFAULT_CHUNK_TOKENS,
+    DEFAULT_LEVEL,
     EncodeSummary,
     LoadedKV,
     Progress,
+    find_profile,
     kv_to_storage,
     load_kv,
     no_progress,
+    open_cache,
+    resolve,
     storage_to_kv,
     write_kvz,
 )
@@ -119,18 +123,6 @@ def read_text(source: str | os.PathLike[str], max_bytes: int | None = None) -> s
 
 
 # ---------------------------------------------------------------------- encode
-def _check_levels(levels: Sequence[str]) -> list[str]:
-    names = list(dict.fromkeys(levels))
-    if not names:
-        raise InputError("no level given")
-    for name in names:
-        if name not in LEVELS:
-            raise UnknownLevelError(
-                f"unknown level {name!r} (choose from: {', '.join(LEVELS)})"
-            )
-    return names
-
-
 def encode(
     text: str,
     out: str | os.PathLike[str],
@@ -152,7 +144,8 @@ def encode(
     With none, ``if_no_profile`` picks: ``"calibrate"`` builds and stores one
     first, ``"uncalibrated"`` uses the uncalibrated codec, ``"error"`` refuses.
     """
-    names = _check_levels(levels)
+    check_levels(levels)
+    check_if_missing(if_no_profile)
     if chunk_tokens <= 0:
         raise InputError(f"--chunk-tokens must be positive, got {chunk_tokens}")
     if dtype is not None and dtype not in STORAGE_DTYPES:
@@ -164,17 +157,16 @@ def encode(
         raise InputError(f"{km.name} has no usable chat template; encode without --chat")
     ids = km.document_ids(text, template)
     km.check_length(len(ids))
-    prof = None
-    if any(name in CALIBRATED_LEVELS for name in names):
-        prof = resolve_profile(km, profile, if_missing=if_no_profile, progress=progress)
+    resolved = resolve(levels, km, profile, if_missing=if_no_profile, progress=progress)
     started = time.perf_counter()
     kv = km.prefill(ids, progress=lambda d, t: progress("prefill", d, t))
     prefill_seconds = time.perf_counter() - started
     chat_info = None if template is None else ChatInfo(template.prefix, template.separator, template.suffix)
     source = None if not source_name else SourceInfo(source_name, hashlib.sha256(text.encode()).hexdigest())
     summary = write_kvz(
-        kv, ids, out, km, levels=names, chunk_tokens=chunk_tokens,
-        dtype=dtype or km.dtype, chat=chat_info, source=source, profile=prof, progress=progress,
+        kv, ids, out, km, levels=resolved.pairs(), chunk_tokens=chunk_tokens,
+        dtype=dtype or km.dtype, chat=chat_info, source=source, profile=resolved.profile,
+        progress=progress,
     )
     summary.prefill_seconds = prefill_seconds
     return summary
@@ -227,7 +219,7 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _profile_info(levels) -> dict[str, Any] | None:
     """The calibration profile a file's levels name, and whether this machine has it."""
-    digests = {lv.codec.get("profile") for lv in levels if isinstance(lv.codec.get("profile"), str)}
+    digests = {lv.profile for lv in levels if lv.profile is not None}
     if not digests:
         return None
     digest = sorted(digests)[0]
@@ -252,9 +244,9 @@ class VerifyReport:
 
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """Check the header, index and every payload checksum; decode every chunk."""
-    with open_kvz(path) as reader:
-        problems = [p.message for p in reader.verify(decode=True)]
-        return VerifyReport(str(path), not problems, problems, len(reader.entries))
+    with open_cache(path) as cache:
+        problems = [p.message for p in cache.verify(decode=True)]
+        return VerifyReport(str(path), not problems, problems, len(cache.entries))
 
 
 # ---------------------------------------------------------------------- decode

@@ -11,7 +11,7 @@ of K and V scalars), KL(original ‖ decoded) in nats/token, relative perplexity
 change in percent, top-1 agreement, encode and decode throughput, and time to first
 token from the ``.kvz`` against a fresh prefill of the text.
 
-The lossy levels use the model's calibration profile (:func:`kvzip.calibrate.resolve_profile`);
+The lossy levels use the model's calibration profile (:func:`kvzip.levels.resolve`);
 the texts scored must not be among the profile's calibration texts.  With a profile,
 the profile's size and its break-even (tokens of ``.kvz`` that pay for shipping it)
 are reported against the uncalibrated level of the same name.
@@ -47,12 +47,21 @@ import torch
 
 from kvzip import api
 from kvzip.atomic import write_atomic
-from kvzip.calibrate import resolve_profile
-from kvzip.codecs import CALIBRATED_LEVELS, DEFAULT_LEVEL, LEVELS, Codec, codec_from_config, codec_ids, level_config
+from kvzip.codecs import Codec, codec_from_config, codec_ids
 from kvzip.codecs.entropy import clear_model_caches
 from kvzip.codecs.profile import Profile
 from kvzip.errors import InputError
-from kvzip.formats import open_kvz, parallel
+from kvzip.levels import (
+    DEFAULT_LEVEL,
+    LEVELS,
+    check_level,
+    codec_for_level,
+    is_calibrated,
+    level_config,
+    open_cache,
+    resolve,
+    threads_for,
+)
 from kvzip.model import KVModel
 
 Progress = Callable[[str, int, int], None]
@@ -61,8 +70,8 @@ Progress = Callable[[str, int, int], None]
 def default_texts() -> list[Path]:
     """Real texts already on the machine that no one on the project wrote.
 
-    None of them is among :func:`kvzip.calibrate.default_calibration_texts`
-    (they are ``kvzip.calibrate.BENCH_TEXT_NAMES``).
+    None of them is among :func:`kvzip.levels.calibrate.default_calibration_texts`
+    (they are ``kvzip.levels.calibrate.BENCH_TEXT_NAMES``).
     """
     import argparse
     import typing
@@ -230,18 +239,18 @@ class BenchConfig:
     quality: bool = True  # False: the speed section only
     lengths: Sequence[int] = ()  # the speed section's context lengths (none: no speed section)
     speed_level: str = DEFAULT_LEVEL
-    decoders: int | None = None  # decode processes in the speed section (None: kvzip's default)
+    decoders: int | None = None  # decode threads in the speed section (None: kvzip's default)
 
 
-def resolve_codecs(names: Sequence[str], profile_digest: str | None = None) -> list[tuple[str, Codec]]:
+def resolve_codecs(names: Sequence[str], profile: Profile | None = None) -> list[tuple[str, Codec]]:
     """Codec ids (default config) or level names -> (row name, codec).
 
-    Levels are calibrated with ``profile_digest`` when they have a calibrated form.
+    Levels are calibrated with ``profile`` when they have a calibrated form.
     """
     out = []
     for name in names:
         if name in LEVELS:
-            out.append((name, codec_from_config(level_config(name, profile_digest))))
+            out.append((name, codec_for_level(name, profile)))
         else:
             out.append((name, codec_from_config({"id": name})))
     return out
@@ -270,18 +279,18 @@ def check_no_overlap(texts: Sequence[Path], profile: Profile | None) -> None:
             )
 
 
-def sweep_methods(profile_digest: str | None, uncalibrated: bool,
+def sweep_methods(profile: Profile | None, uncalibrated: bool,
                   cachegen: bool = True) -> list[tuple[str, float, str, Codec]]:
     """The stored codecs of the sweep: (curve, setting, label, codec)."""
     out: list[tuple[str, float, str, Codec]] = []
-    if profile_digest is not None and SWEEP_LEVEL in CALIBRATED_LEVELS:
-        base = level_config(SWEEP_LEVEL, profile_digest)
+    if profile is not None and is_calibrated(SWEEP_LEVEL):
+        base = level_config(SWEEP_LEVEL, profile.digest)
         for f in STEP_FACTORS:
             cfg = {**base, "step": base["step"] * f}
-            out.append(("kvzip", f, f"step×{f:g}", codec_from_config(cfg)))
-    if profile_digest is None or uncalibrated:
+            out.append(("kvzip", f, f"step×{f:g}", codec_from_config(cfg, profile)))
+    if profile is None or uncalibrated:
         base = dict(LEVELS[SWEEP_LEVEL])
-        curve = "kvzip" if profile_digest is None else f"kvzip{UNCAL_SUFFIX}"
+        curve = "kvzip" if profile is None else f"kvzip{UNCAL_SUFFIX}"
         for f in STEP_FACTORS:
             cfg = dict(base)
             for key in ("key_step", "value_step", "step"):
@@ -301,8 +310,7 @@ def sweep_methods(profile_digest: str | None, uncalibrated: bool,
 def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None) -> BenchResult:
     """Run the protocol on every text (one row per (text, method)), then the sweep and speed sections."""
     for level in [*config.levels, *([config.speed_level] if config.lengths else [])]:
-        if level not in LEVELS:
-            raise InputError(f"unknown level {level!r} (choose from: {', '.join(LEVELS)})")
+        check_level(level)
     if not config.quality and not config.lengths:
         raise InputError("nothing to run: the speed section needs --lengths")
     if not config.quality and config.sweep:
@@ -313,16 +321,12 @@ def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None
     if any(n < 2 for n in lengths):
         raise InputError(f"--lengths must be at least 2 tokens each, got {','.join(map(str, lengths))}")
 
-    needs_profile = (
-        any(level in CALIBRATED_LEVELS for level in config.levels if config.quality)
-        or (config.sweep and SWEEP_LEVEL in CALIBRATED_LEVELS)
-        or (bool(lengths) and config.speed_level in CALIBRATED_LEVELS)
-    )
+    used_levels = [*(config.levels if config.quality else []), *([SWEEP_LEVEL] if config.sweep else []),
+                   *([config.speed_level] if lengths else [])]
     profile = None
-    if needs_profile:
-        profile = resolve_profile(km, config.profile, if_missing=config.if_no_profile, progress=progress)
+    if used_levels:  # one profile for every level the run codes (found, made, or none)
+        profile = resolve(used_levels, km, config.profile, config.if_no_profile, progress).profile
     check_no_overlap(config.texts, profile)
-    digest = None if profile is None else profile.digest
 
     rows: list[BenchRow] = []
     sweep: list[SweepPoint] = []
@@ -330,10 +334,10 @@ def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None
     used_texts: list[str] = []
     with tempfile.TemporaryDirectory(prefix="kvzip-bench-") as tmp:
         if config.quality:
-            methods = resolve_codecs(config.codecs) + resolve_codecs(config.levels, digest)
-            calibrated = [lv for lv in config.levels if digest is not None and lv in CALIBRATED_LEVELS]
-            uncal = [(f"{lv}{UNCAL_SUFFIX}", codec_from_config(LEVELS[lv])) for lv in calibrated]
-            sweeps = sweep_methods(digest, config.uncalibrated) if config.sweep else []
+            methods = resolve_codecs(config.codecs) + resolve_codecs(config.levels, profile)
+            calibrated = [lv for lv in config.levels if profile is not None and is_calibrated(lv)]
+            uncal = [(f"{lv}{UNCAL_SUFFIX}", codec_for_level(lv)) for lv in calibrated]
+            sweeps = sweep_methods(profile, config.uncalibrated) if config.sweep else []
             need = config.prefix + config.cont + 1
             usable = []
             for path in config.texts:
@@ -455,7 +459,7 @@ def _bench_text(
 
     if config.baselines:
         rows.append(row("fp16", kv.half().float(), 16.0))
-        rows.append(stored("zstd-fp16", codec_from_config(LEVELS["lossless"]), "float16"))
+        rows.append(stored("zstd-fp16", codec_for_level("lossless"), "float16"))
         for method, bits in KIVI_BASELINES.items():
             decoded, bpe = kivi_roundtrip(kv, bits)
             rows.append(row(method, decoded, bpe))
@@ -520,15 +524,11 @@ def _reset_high_water(pid: int) -> bool:
 
 
 class DecodeMemory:
-    """Peak memory of this process and its decode workers while the block runs.
+    """Peak memory of this process while the block runs (decoding runs on its threads).
 
-    Each process's RSS high-water mark (``VmHWM``, reset on entry) above the RSS it
-    had on entry, summed over this process and every decode worker alive at either
-    end (a worker started inside the block counts whole).  The sum of per-process
-    peaks bounds their simultaneous peak from above.  The shared output buffer of a
-    parallel decode is counted in the RSS of whichever process wrote each page, so
-    once.  Where the marks cannot be reset (not Linux, or no permission), RSS is
-    sampled every 2 ms instead (``method`` says which).
+    The RSS high-water mark (``VmHWM``, reset on entry) above the RSS on entry.
+    Where the mark cannot be reset (not Linux, or no permission), RSS is sampled
+    every 2 ms instead (``method`` says which).
     """
 
     def __init__(self) -> None:
@@ -537,7 +537,7 @@ class DecodeMemory:
 
     @staticmethod
     def _pids() -> list[int]:
-        return [os.getpid(), *parallel.worker_pids()]
+        return [os.getpid()]
 
     def __enter__(self) -> DecodeMemory:
         gc.collect()
@@ -596,8 +596,7 @@ def run_speed(km: KVModel, config: BenchConfig, profile: Profile | None, tmp: Pa
     cap = km.max_context - 1
     lengths = [min(int(n), cap) for n in config.lengths]
     ids_all, used = long_ids(km, config.texts, max(lengths) + 1)
-    digest = None if profile is None else profile.digest
-    codec = codec_from_config(level_config(config.speed_level, digest))
+    codec = codec_for_level(config.speed_level, profile)
     ticker = _Ticker(progress, "speed", len(lengths))
     rows = []
     for n in lengths:
@@ -611,11 +610,9 @@ def run_speed(km: KVModel, config: BenchConfig, profile: Profile | None, tmp: Pa
                                 chunk_tokens=config.chunk_tokens, dtype="float32")
         numel = kv.numel()
         del kv
-        with open_kvz(out) as reader:
-            decoders = parallel.want_parallel(reader, numel, len(reader.kv_entries(config.speed_level)),
-                                              config.decoders)
-        # Cold, as a fresh process finds it: no decode workers, empty entropy-model caches.
-        parallel.shutdown_workers()
+        with open_cache(out) as cache:
+            decoders = threads_for([codec], numel, len(cache.kv_entries(config.speed_level)), config.decoders)
+        # Cold, as a fresh process finds it: empty entropy-model caches.
         clear_model_caches()
         with DecodeMemory() as mem:
             t0 = time.perf_counter()

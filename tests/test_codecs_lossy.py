@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvzip.codecs import LEVELS, ChunkContext, codec_for_level, codec_from_config
+from kvzip.levels import LEVELS, codec_for_level
+from kvzip.codecs import ChunkContext, codec_from_config
 from kvzip.codecs.entropy import entropy_layout
 from kvzip.codecs.stages import StagePipeline
 from kvzip.codecs.transforms import UnRoPE, rope_cos_sin, rotate

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from kvzip.codecs import LEVELS, ChunkContext, codec_from_config
+from kvzip.levels import LEVELS
+from kvzip.codecs import ChunkContext, codec_from_config
 from kvzip.codecs import entropy as E
 from kvzip.codecs.entropy import entropy_layout
 from kvzip.codecs.entropy import param2 as P2

@@ -37,6 +37,7 @@ from kvzip.formats import (
     parse_preamble,
     validate,
 )
+from kvzip.levels import open_cache
 from kvzip.formats.limits import set_memory_limit
 from kvzip.formats.spec import (
     FIRST_READ_BYTES,
@@ -143,7 +144,7 @@ def reseal(
 
 
 def open_bytes(data: bytes) -> KvzReader:
-    return KvzReader(BytesSource(data))
+    return open_cache(BytesSource(data))
 
 
 def header_of(data: bytes) -> dict:
@@ -166,7 +167,7 @@ class CountingSource(BytesSource):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_round_trip_is_bit_exact(tmp_path: Path, dtype: str):
     kv = synthetic_kv(dtype)
-    with open_kvz(write_kvz(tmp_path / "ctx.kvz", kv, dtype)) as reader:
+    with open_cache(write_kvz(tmp_path / "ctx.kvz", kv, dtype)) as reader:
         assert reader.version == (1, 0)
         assert reader.header.level_names == ("lossless", "lossless-max")
         assert reader.header.rope_inv_freq == (1.0, 0.01)
@@ -190,7 +191,7 @@ def test_round_trip_is_bit_exact(tmp_path: Path, dtype: str):
 def test_chunk_context_comes_from_header_and_entry(kvz_bytes: bytes):
     reader = open_bytes(kvz_bytes)
     entry = reader.kv_entries("lossless")[2]
-    assert reader.chunk_context(entry) == ChunkContext(
+    assert reader.codecs.context(entry) == ChunkContext(
         32, 5, LAYERS, HEADS, HEAD_DIM, "float16", rope_inv_freq=(1.0, 0.01)
     )
 
@@ -229,7 +230,7 @@ def test_at_most_two_reads_before_the_first_payload(
     data = write_kvz(tmp_path / "ctx.kvz", synthetic_kv("float16"), "float16", header).read_bytes()
     assert (split(data)[0].data_offset > FIRST_READ_BYTES) == (reads_before_payload == 2)
     source = CountingSource(data)
-    reader = KvzReader(source)
+    reader = open_cache(source)
     assert len(source.calls) == reads_before_payload
     assert source.calls[0] == (0, min(len(data), FIRST_READ_BYTES))
     first = reader.kv_entries("lossless")[0]
@@ -554,7 +555,7 @@ def test_unknown_codec_id_fails_only_when_decoding(tmp_path: Path):
     levels = [LEVELS[0], {"name": "future", "codec": {"id": "no-such-codec", "q": 1}}]
     header = make_header("float16", levels=levels)
     path = write_kvz(tmp_path / "ctx.kvz", synthetic_kv("float16"), "float16", header)
-    with open_kvz(path) as reader:
+    with open_cache(path) as reader:
         reader.decode_level("lossless")
         with pytest.raises(errors.UnknownCodecError, match="no-such-codec"):
             reader.decode_level("future")
@@ -630,7 +631,7 @@ def test_commit_replaces_target(tmp_path: Path):
     target.write_bytes(b"previous contents")
     write_kvz(target, synthetic_kv("float32"), "float32")
     assert os.listdir(tmp_path) == ["ctx.kvz"]
-    with open_kvz(target) as reader:
+    with open_cache(target) as reader:
         assert reader.verify(decode=True) == []
 
 
@@ -693,7 +694,7 @@ def test_float32_codec_output_is_cast_to_bfloat16_rounding_to_nearest_even(tmp_p
         writer.add_kv(0, 0, 0, 7, Float32Passthrough().encode(values, None))
         writer.set_token_ids(np.arange(7))
         writer.commit()
-    with open_kvz(tmp_path / "ctx.kvz") as reader:
+    with open_cache(tmp_path / "ctx.kvz") as reader:
         decoded = reader.decode_level("f32")
     assert decoded.dtype == np.uint16
     np.testing.assert_array_equal(decoded.reshape(2, 7)[0], expect)
@@ -723,7 +724,7 @@ def memory_limit_256mib():
 def test_attack_file(name: str, error: str, memory_limit_256mib):
     tracemalloc.start()
     try:
-        with pytest.raises(errors.KvzipError) as caught, open_kvz(ATTACKS / name) as reader:
+        with pytest.raises(errors.KvzipError) as caught, open_cache(ATTACKS / name) as reader:
             reader.token_ids()
             reader.chunk_texts()
             for entry in reader.entries:  # in this process: no decode worker to translate errors

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from kvzip.errors import KvzipError
 from kvzip.formats import BytesSource, KvzReader, parse_preamble
+from kvzip.levels import open_cache
 from kvzip.formats.spec import (
     INDEX_ENTRY,
     INDEX_ENTRY_SIZE,
@@ -100,7 +101,7 @@ def reseal_checksums(data: bytes) -> bytes:
 def open_and_decode_everything(data: bytes) -> None:
     """Everything a user can ask of a file; KvzipErrors are the allowed outcome."""
     try:
-        reader = KvzReader(BytesSource(data))
+        reader = open_cache(BytesSource(data))
     except KvzipError as exc:
         event(f"refused on open: {type(exc).__name__}")
         return
@@ -114,7 +115,7 @@ def open_and_decode_everything(data: bytes) -> None:
 
 
 def test_seed_file_is_valid():
-    reader = KvzReader(BytesSource(SEED))
+    reader = open_cache(BytesSource(SEED))
     assert reader.verify(decode=True) == []
     assert reader.chunk_texts() is not None
     assert len(reader.header.levels) == 2

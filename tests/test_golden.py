@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvzip.formats import open_kvz
+from kvzip.levels import open_cache
 
 GOLDEN_DIRS = sorted((Path(__file__).parent / "fixtures").glob("v[0-9]*"))
 # Each directory's expected.json names its exact (hash-checked) golden files.
@@ -34,7 +34,7 @@ def test_golden_files_exist():
 @pytest.mark.parametrize("path", GOLDEN_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_golden_file_decodes(path: Path):
     expected = _expected(path)
-    with open_kvz(path) as reader:
+    with open_cache(path) as reader:
         assert reader.verify(decode=True) == []
         assert reader.header.dtype == expected["dtype"]
         assert set(reader.header.level_names) == set(expected["levels"])
@@ -58,7 +58,7 @@ def test_lossy_golden_files_exist():
 def test_lossy_golden_file_decodes(path: Path):
     """Lossy files decode to the stored arrays within float rounding of RoPE's cos/sin."""
     expected = json.loads((path.parent / "expected_lossy.json").read_text())[path.name]
-    with open_kvz(path) as reader:
+    with open_cache(path) as reader:
         assert reader.verify(decode=True) == []
         for level, npy in expected["decoded"].items():
             want = np.load(path.parent / npy)
@@ -83,17 +83,17 @@ def test_profile_golden_files_exist():
 def test_profile_golden_file_decodes(path: Path, monkeypatch):
     """The calibrated codec and the param2 layout decode as they did, with their profile;
     without it, decoding is a ProfileNotFoundError."""
-    from kvzip.codecs import profile as profile_mod
+    from kvzip.levels import profiles as profile_mod
     from kvzip.errors import ProfileNotFoundError
 
     expected = json.loads((path.parent / "expected_profile.json").read_text())[path.name]
-    monkeypatch.setattr(profile_mod, "_CACHE", {})
+    monkeypatch.setattr(profile_mod, "_LOADED", {})
     monkeypatch.setenv("KVZIP_PROFILE_DIR", str(path.parent / "empty-profile-dir"))
-    with open_kvz(path) as reader:
+    with open_cache(path) as reader:
         with pytest.raises(ProfileNotFoundError):
             reader.decode_level("balanced")
     monkeypatch.setenv("KVZIP_PROFILE_DIR", str(path.parent / "profiles"))
-    with open_kvz(path) as reader:
+    with open_cache(path) as reader:
         assert reader.verify(decode=True) == []
         assert {lv.codec.get("profile") for lv in reader.header.levels} >= {expected["profile"]}
         for level, npy in expected["decoded"].items():

@@ -13,7 +13,8 @@ from test_cli import assert_one_line_error, run
 
 from kvzip import api
 from kvzip.errors import ContextTooLongError, InputError, MemoryLimitError, ModelMismatchError
-from kvzip.formats import encode_header, open_kvz, parse_header
+from kvzip.formats import encode_header, parse_header
+from kvzip.levels import open_cache
 from kvzip.formats import limits
 from kvzip.formats.limits import memory_limit, parse_size, set_memory_limit
 
@@ -62,7 +63,7 @@ def test_an_honest_file_over_the_limit_is_refused_before_decoding():
     """The probe's file: 34 KB that inflates to 1 GiB; verify must neither decode it
     (no 2 GiB of RSS) nor call it damaged."""
     set_memory_limit(512 << 20)
-    with open_kvz(ATTACK) as reader:
+    with open_cache(ATTACK) as reader:
         with pytest.raises(MemoryLimitError, match=r"3\.0 GiB.*--max-memory or KVZIP_MAX_MEMORY"):
             reader.verify(decode=True)
         with pytest.raises(MemoryLimitError, match="level 'lossless'"):
@@ -79,7 +80,7 @@ def test_verify_cli_names_the_option(tmp_path):
 
 
 def test_a_limit_counts_the_level_and_the_chunks_in_flight(tiny_kvz):
-    with open_kvz(tiny_kvz) as reader:
+    with open_cache(tiny_kvz) as reader:
         level = reader.level_bytes()
         assert level == 2 * 3 * 2 * reader.header.token_count * 16 * 4  # tiny llama, float32
         set_memory_limit(level)  # the array fits, the decoder's working chunk does not
@@ -91,7 +92,7 @@ def test_a_limit_counts_the_level_and_the_chunks_in_flight(tiny_kvz):
 
 def test_a_forged_geometry_is_refused_before_decoding(tiny_llama, tiny_kvz):
     """A copied fingerprint on other dimensions, or more tokens than the context."""
-    with open_kvz(tiny_kvz) as reader:
+    with open_cache(tiny_kvz) as reader:
         raw = reader.header.raw
     tiny_llama.check_stored_cache(parse_header(encode_header(raw)))
     for forged in ({"kv_heads": 64}, {"num_layers": 3000}, {"token_count": 100_000}):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,32 +15,32 @@ from conftest import TEXT
 from test_cli import assert_one_line_error, run
 
 from kvzip import api
-from kvzip.calibrate import CalibrationOptions, calibrate, resolve_profile
-from kvzip.codecs import ChunkContext, codec_for_level, codec_from_config, level_config
-from kvzip.codecs.profile import (
+from kvzip.codecs import ChunkContext, codec_from_config
+from kvzip.codecs.profile import profile_from_bytes, profile_to_bytes
+from kvzip.errors import CodecError, ProfileError, ProfileMismatchError, ProfileNotFoundError
+from kvzip.formats import open_kvz
+from kvzip.levels import (
+    codec_for_level,
     find_profile,
+    level_config,
     list_profiles,
-    profile_from_bytes,
-    profile_to_bytes,
     read_profile_file,
+    write_kvz,
     write_profile,
 )
-from kvzip.errors import ProfileError, ProfileMismatchError, ProfileNotFoundError
-from kvzip.formats import open_kvz
+from kvzip.levels import model_profile
+from kvzip.levels import profiles as profile_mod
+from kvzip.levels.calibrate import CalibrationOptions, calibrate
 from kvzip.model import KVModel
-from kvzip.pipeline import write_kvz
 
 CAL_TEXT = (TEXT + "Numbers 0123456789 and (brackets) [lists] {sets}; punctuation!? ") * 8
 
 
 @pytest.fixture
 def profile_dir(tmp_path, monkeypatch) -> Path:
-    from kvzip.codecs import profile as profile_mod
-
     d = tmp_path / "profiles"
     monkeypatch.setenv("KVZIP_PROFILE_DIR", str(d))
-    monkeypatch.delenv("KVZIP_PROFILE_PATH", raising=False)
-    monkeypatch.setattr(profile_mod, "_CACHE", {})  # profiles found in memory by earlier tests
+    monkeypatch.setattr(profile_mod, "_LOADED", {})  # profiles found in memory by earlier tests
     return d
 
 
@@ -103,11 +104,11 @@ def test_profile_codec_roundtrip_is_close_and_deterministic(km, profile_bytes, p
     ctx = ChunkContext(0, n, km.num_layers, km.kv_heads, km.head_dim, "float32", km.rope_inv_freq())
     errs = {}
     for level in ("high", "balanced", "small"):
-        codec = codec_for_level(level, prof.digest)
+        codec = codec_for_level(level, prof)
         assert codec.config()["id"] == "kvzip-profile"
         payload = codec.encode(kv, ctx)
         assert codec.encode(kv, ctx) == payload
-        again = codec_from_config(json.loads(json.dumps(codec.config())))
+        again = codec_from_config(json.loads(json.dumps(codec.config())), prof)
         out = again.decode(payload, ctx)
         assert np.array_equal(out, codec.decode(payload, ctx))
         errs[level] = float(np.sqrt(np.mean((out - kv) ** 2)) / np.sqrt(np.mean(kv**2)))
@@ -155,10 +156,10 @@ def test_decoding_without_the_profile_is_a_clear_error(km, tmp_path, profile_dir
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "k.npy"), str(out)], check=True)
     assert np.array_equal(np.load(tmp_path / "k.npy"), ref.numpy())
     # a fresh process without it: one line, exit code 6
-    from kvzip.codecs import profile as profile_mod
+    from kvzip.levels import profiles as profile_mod
 
     monkeypatch.setenv("KVZIP_PROFILE_DIR", str(tmp_path / "empty"))
-    monkeypatch.setattr(profile_mod, "_CACHE", {})
+    monkeypatch.setattr(profile_mod, "_LOADED", {})
     with pytest.raises(ProfileNotFoundError):
         api.load_kv(out)
     result = run("decode", out, "-o", tmp_path / "x.safetensors")
@@ -173,7 +174,7 @@ def test_profile_for_another_model_is_refused(km, profile_bytes, tmp_path, profi
     t = profile_from_bytes(profile_bytes[0]).tensors
     foreign = write_profile(profile_to_bytes(t, {"model_fingerprint": "f" * 64}))
     with pytest.raises(ProfileMismatchError, match="calibrated for model"):
-        resolve_profile(km, foreign.path)
+        model_profile(km, foreign.path)
     kv = km.prefill(km.encode_text(TEXT, special_tokens=True))
     with pytest.raises(ProfileMismatchError):
         write_kvz(kv, list(range(kv.shape[3])), tmp_path / "f.kvz", km, levels=["balanced"],
@@ -212,7 +213,27 @@ def test_bad_digest_and_codec_config(profile_dir):
     with pytest.raises(ProfileError, match="SHA-256"):
         find_profile("../../etc/passwd")
     with pytest.raises(ProfileNotFoundError, match="kvzprofile"):
+        find_profile("a" * 64)
+    with pytest.raises(CodecError, match="needs its calibration profile aaaaaaaaaaaa"):
         codec_from_config(level_config("balanced", "a" * 64))
+
+
+def test_a_profile_codec_is_built_from_its_config_and_the_profile_alone(km, profile_dir, monkeypatch):
+    """No disk or environment read in a codec's constructor: the levels layer finds the
+    profile and hands it over; the wrong one is refused."""
+    prof = model_profile(km, if_missing="calibrate")
+    config = level_config("balanced", prof.digest)
+    def no_looking(*args, **kwargs):
+        raise AssertionError("a codec looked for its profile")
+
+    monkeypatch.setenv("KVZIP_PROFILE_DIR", "/nonexistent")
+    for name in ("find_profile", "read_profile_file", "list_profiles"):
+        monkeypatch.setattr(profile_mod, name, no_looking)
+    codec = codec_from_config(config, prof)
+    assert codec.profile is prof and codec.config() == config
+    other = dataclasses.replace(prof, digest="b" * 64)
+    with pytest.raises(ProfileMismatchError, match="not the bbbbbbbbbbbb"):
+        codec_from_config(config, other)
 
 
 def test_cli_calibrate_encode_info_profiles(tiny_model_dir, tmp_path, profile_dir):
@@ -259,7 +280,7 @@ def test_calibrated_levels_beat_uncalibrated_ones_on_kl(km, profile_bytes, profi
     ctx = ChunkContext(0, n, km.num_layers, km.kv_heads, km.head_dim, "float32", km.rope_inv_freq())
     res = {}
     for name, cfg in (("cal", level_config("balanced", prof.digest)), ("uncal", level_config("balanced"))):
-        codec = codec_from_config(cfg)
+        codec = codec_from_config(cfg, prof if "profile" in cfg else None)
         payload = codec.encode(kv.numpy(), ctx)
         test = torch.log_softmax(km.teacher_force(torch.from_numpy(codec.decode(payload, ctx)), cont).double(), -1)
         res[name] = (len(payload), float((ref.exp() * (ref - test)).sum(-1).mean()))

@@ -80,7 +80,7 @@ def test_file_from_another_model_is_refused(real_model, tmp_path):
 def test_lossy_levels_keep_the_model_close(real_model, doc_text, tmp_path):
     """Teacher-forced continuation after a decoded cache stays close to the original."""
     from kvzip.bench import score
-    from kvzip.pipeline import load_kv, write_kvz
+    from kvzip.levels import load_kv, write_kvz
 
     ids = real_model.document_ids(doc_text, None)
     P, C = 400, 150

@@ -1,12 +1,7 @@
-"""Fast encode paths: parallel ``write_kvz`` writes the bytes one process writes,
-cleans up after itself, and reports worker errors as one-line kvzip errors."""
+"""Fast encode paths: ``write_kvz`` on threads writes the bytes one thread writes,
+cleans up after itself, and reports a codec's errors as one-line kvzip errors."""
 
 from __future__ import annotations
-
-import os
-import signal
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +10,8 @@ import torch
 from kvzip.codecs import codec_from_config
 from kvzip.codecs.entropy import RangeCoder
 from kvzip.errors import KvzipError
-from kvzip.formats import open_kvz, parallel
-from kvzip.pipeline import write_kvz
+from kvzip.formats import open_kvz
+from kvzip.levels import open_cache, write_kvz
 
 L, H, T, D = 3, 2, 200, 16
 
@@ -42,67 +37,70 @@ def _kv(seed=0):
     return torch.from_numpy(kv)
 
 
-def _write(path, kv, encoders, levels=LEVELS):
+RANS_LEVELS = [("a", codec_from_config({"id": "kvzip-lossy", "key_step": 0.3, "value_step": 0.3, "entropy": "rans"})),
+               ("b", codec_from_config({"id": "kvzip-lossy", "key_step": 1.0, "value_step": 1.0, "entropy": "rans"}))]
+
+
+def _write(path, kv, encoders, levels=LEVELS, dtype="float32"):
     return write_kvz(kv, list(range(T)), path, FakeModel(), levels=levels, chunk_tokens=32,
-                     dtype="float32", extra_header={"created": "fixed"}, encoders=encoders)
-
-
-@pytest.fixture
-def pool():
-    yield
-    parallel.shutdown_workers()
-    assert parallel.worker_pids() == []
+                     dtype=dtype, extra_header={"created": "fixed"}, encoders=encoders)
 
 
 def _leftovers(tmp_path):
-    """This process's shared buffers and any hidden temporary file beside the outputs."""
-    dirs = {parallel.buffer_dir(1), parallel.buffer_dir(1 << 62), Path(tempfile.gettempdir())}
-    mine = f"{parallel.BUFFER_PREFIX}{os.getpid()}-*"
-    return {str(p) for d in dirs if Path(d).is_dir() for p in Path(d).glob(mine)} | {
-        p.name for p in tmp_path.iterdir() if p.name.startswith(".")}
+    """Any hidden temporary file beside the outputs."""
+    return {p.name for p in tmp_path.iterdir() if p.name.startswith(".")}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_parallel_encode_is_byte_identical(tmp_path, pool, dtype, monkeypatch):
+def test_threaded_encode_is_byte_identical(tmp_path, dtype):
     kv = _kv().to(torch.bfloat16) if dtype == "bfloat16" else _kv()
-    one = write_kvz(kv, list(range(T)), tmp_path / "one.kvz", FakeModel(), levels=LEVELS, chunk_tokens=32,
-                    dtype=dtype, extra_header={"created": "fixed"}, encoders=1)
-    monkeypatch.setattr(parallel, "PARENT_DECODES", False)  # workers encode every chunk
-    two = write_kvz(kv, list(range(T)), tmp_path / "two.kvz", FakeModel(), levels=LEVELS, chunk_tokens=32,
-                    dtype=dtype, extra_header={"created": "fixed"}, encoders=3)
-    assert len(parallel.worker_pids()) == 2
-    assert (tmp_path / "one.kvz").read_bytes() == (tmp_path / "two.kvz").read_bytes()
-    assert one.file_bytes == two.file_bytes
-    with open_kvz(tmp_path / "two.kvz") as r:
+    one = _write(tmp_path / "one.kvz", kv, encoders=1, levels=RANS_LEVELS, dtype=dtype)
+    three = _write(tmp_path / "three.kvz", kv, encoders=3, levels=RANS_LEVELS, dtype=dtype)
+    assert (tmp_path / "one.kvz").read_bytes() == (tmp_path / "three.kvz").read_bytes()
+    assert one.file_bytes == three.file_bytes
+    with open_cache(tmp_path / "three.kvz") as r:
         assert r.decode_level("a").shape == (2, L, H, T, D)
     assert not _leftovers(tmp_path)
 
 
-def test_worker_errors_are_one_line_and_leave_nothing(tmp_path, pool, monkeypatch):
+def test_chunks_encode_side_by_side(tmp_path, monkeypatch):
+    """Two threads code two chunks at once (each first chunk waits for the other)."""
+    import threading
+
+    real, seen = RANS_LEVELS[0][1].encode, set()
+    both = threading.Barrier(2, timeout=30)
+
+    def encode(kv, ctx):
+        if threading.get_ident() not in seen:
+            seen.add(threading.get_ident())
+            both.wait()
+        return real(kv, ctx)
+
+    monkeypatch.setattr(RANS_LEVELS[0][1], "encode", encode)
+    _write(tmp_path / "x.kvz", _kv(), encoders=2, levels=RANS_LEVELS)
+    assert len(seen) == 2
+
+
+def test_encode_errors_are_one_line_and_leave_nothing(tmp_path):
     kv = _kv()
-    kv[0, 0, 0, 100, 0] = float("nan")  # refused by the codec, inside a worker
-    monkeypatch.setattr(parallel, "PARENT_DECODES", False)
+    kv[0, 0, 0, 100, 0] = float("nan")  # refused by the codec, on a thread
     with pytest.raises(KvzipError) as info:
-        _write(tmp_path / "bad.kvz", kv, encoders=2)
+        _write(tmp_path / "bad.kvz", kv, encoders=2, levels=RANS_LEVELS)
     assert "\n" not in str(info.value)
     with pytest.raises(KvzipError) as serial:
-        _write(tmp_path / "bad.kvz", kv, encoders=1)
+        _write(tmp_path / "bad.kvz", kv, encoders=1, levels=RANS_LEVELS)
     assert type(serial.value) is type(info.value) and str(serial.value) == str(info.value)
-    assert not (tmp_path / "bad.kvz").exists()
     assert list(tmp_path.iterdir()) == []
-    assert not _leftovers(tmp_path)
 
 
-def test_dead_encode_worker_is_a_codec_error(tmp_path, pool, monkeypatch):
-    monkeypatch.setattr(parallel, "PARENT_DECODES", False)
-    _write(tmp_path / "ok.kvz", _kv(), encoders=2)
-    for pid in parallel.worker_pids():
-        os.kill(pid, signal.SIGKILL)
-    for w in parallel._POOL.workers:
-        w.proc.wait()
-    # the pool restarts dead workers; a worker dying mid-call is a CodecError
-    _write(tmp_path / "ok2.kvz", _kv(), encoders=2)
-    assert (tmp_path / "ok.kvz").read_bytes() == (tmp_path / "ok2.kvz").read_bytes()
+def test_gil_holding_layouts_encode_on_this_thread(tmp_path, monkeypatch):
+    import threading
+
+    seen = set()
+    real = LEVELS[0][1].encode
+    monkeypatch.setattr(LEVELS[0][1], "encode", lambda kv, ctx: (seen.add(threading.get_ident()), real(kv, ctx))[1])
+    _write(tmp_path / "p2.kvz", _kv(), encoders=3)
+    assert seen == {threading.get_ident()}
 
 
 def _reference_fit(hist, rid, k, n):
@@ -162,15 +160,14 @@ def test_float_division_of_the_fit_is_the_integer_division():
     np.testing.assert_array_equal(got, want)
 
 
-def test_unregistered_codec_objects_encode_in_process(tiny_llama, tmp_path):
-    """A caller's own codec object (as benchmarks pass) cannot be rebuilt in a worker
-    from its config: write_kvz must encode it here instead of failing."""
+def test_a_callers_own_codec_object_encodes(tiny_llama, tmp_path):
+    """A caller's own codec object (as benchmarks pass) is used as it is."""
     import numpy as np
     import torch
 
     from kvzip.codecs import Codec
     from kvzip.formats import open_kvz
-    from kvzip.pipeline import write_kvz
+    from kvzip.levels import write_kvz
 
     from kvzip.codecs import register_codec
 

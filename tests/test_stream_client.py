@@ -227,11 +227,11 @@ def test_chunks_are_decoded_side_by_side_with_the_same_result(served, tiny_llama
     to start), and the answer is the one a single decoder gives."""
     import threading
 
-    from kvzip.formats import PayloadDecoder
+    from kvzip.levels import LevelCodecs
 
     url = served[0] + "/contexts/a.kvz/manifest"
     one = stream_generate(url, "Q", tiny_llama, levels=["balanced"], max_new_tokens=4, decoders=1)
-    real, seen = PayloadDecoder.decode, set()
+    real, seen = LevelCodecs.decode, set()
     both = threading.Barrier(2, timeout=30)
 
     def decode(self, entry, payload):
@@ -240,7 +240,7 @@ def test_chunks_are_decoded_side_by_side_with_the_same_result(served, tiny_llama
             both.wait()
         return real(self, entry, payload)
 
-    monkeypatch.setattr(PayloadDecoder, "decode", decode)
+    monkeypatch.setattr(LevelCodecs, "decode", decode)
     two = stream_generate(url, "Q", tiny_llama, levels=["balanced"], max_new_tokens=4, decoders=2)
     assert len(seen) == 2
     assert two.new_token_ids == one.new_token_ids and two.levels == one.levels == ["balanced"] * 6

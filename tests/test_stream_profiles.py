@@ -20,12 +20,12 @@ from conftest import TEXT
 from test_stream_helpers import get, nginx_serving
 from typer.testing import CliRunner
 
-import kvzip.codecs.profile as profile_mod
+import kvzip.levels.profiles as profile_mod
 from kvzip.cli.app import app
 from kvzip.codecs.profile import PROFILE_SUFFIX, profile_from_bytes, profile_to_bytes
 from kvzip.errors import FetchError, ProfileError, ProfileMismatchError, ProfileNotFoundError
-from kvzip.formats import open_kvz
-from kvzip.pipeline import load_kv, write_kvz
+from kvzip.levels import open_cache
+from kvzip.levels import load_kv, write_kvz
 from kvzip.stream.client import stream_generate
 from kvzip.stream.fetch import fetch
 from kvzip.stream.http import RetryPolicy
@@ -74,14 +74,14 @@ def world(tiny_llama, tmp_path_factory):
     os.symlink(top, root / "dir-out")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KVZIP_PROFILE_DIR", str(server_dir))
-        mp.setattr(profile_mod, "_CACHE", {})
+        mp.setattr(profile_mod, "_LOADED", {})
         ids = tiny_llama.document_ids(DOC, None)
         write_kvz(tiny_llama.prefill(ids), ids, root / "a.kvz", tiny_llama, levels=LEVELS,
                   chunk_tokens=64, dtype="float32", profile=profile_from_bytes(data))
         kv = load_kv(root / "a.kvz", "balanced", decoders=1).kv
         expected = tiny_llama.generate(ids + tiny_llama.prompt_ids("Q", None), kv=kv,
                                        max_new_tokens=4)
-    with open_kvz(root / "a.kvz") as reader:
+    with open_cache(root / "a.kvz") as reader:
         assert reader.header.levels[1].codec["id"] == "kvzip-profile"
     return {"top": top, "root": root, "server_dir": server_dir, "data": data, "digest": digest,
             "other_digest": other_digest, "expected": expected}
@@ -98,8 +98,7 @@ def bare_client(monkeypatch, tmp_path) -> Path:
     """This process as a client machine that has no profile: an empty profile directory."""
     directory = tmp_path / "client-profiles"
     monkeypatch.setenv("KVZIP_PROFILE_DIR", str(directory))
-    monkeypatch.delenv("KVZIP_PROFILE_PATH", raising=False)
-    monkeypatch.setattr(profile_mod, "_CACHE", {})
+    monkeypatch.setattr(profile_mod, "_LOADED", {})
     return directory
 
 
@@ -190,7 +189,7 @@ def test_fetch_command_fetches_the_profile_and_says_so(world, served, bare_clien
     assert "SHA-256 verified" in result.stderr
     assert out.read_bytes() == (world["root"] / "a.kvz").read_bytes()
     assert (bare_client / name_of(world["digest"])).read_bytes() == world["data"]
-    with open_kvz(out) as reader:  # decodable here now
+    with open_cache(out) as reader:  # decodable here now
         assert not reader.verify(decode=True)
     second = CliRunner().invoke(app, ["fetch", served + "/a.kvz", "-o", str(out), "-q", "--json"])
     assert second.exit_code == 0, second.output

@@ -13,7 +13,8 @@ from kvzip import bench
 from kvzip.api import DEFAULT_CHUNK_TOKENS, load_model
 from kvzip.cli.console import err_console, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
-from kvzip.codecs import CALIBRATED_LEVELS, DEFAULT_LEVEL, LEVELS, codec_ids
+from kvzip.codecs import codec_ids
+from kvzip.levels import DEFAULT_LEVEL, LEVELS, is_calibrated
 from kvzip.errors import InputError
 
 
@@ -168,7 +169,7 @@ def bench_command(
             "processes for older layouts; peak: RSS high-water of the process and any decode workers)"))
     if result.profile is not None:
         out_console.print(_profile_line(result.profile))
-    elif any(name in CALIBRATED_LEVELS for name in config.levels):
+    elif any(name in LEVELS and is_calibrated(name) for name in config.levels):
         out_console.print("no calibration profile: the levels ran uncalibrated")
 
 

@@ -16,7 +16,7 @@ from kvzip.cli.console import (
     status,
 )
 from kvzip.cli.errors import handle_errors
-from kvzip.codecs import DEFAULT_LEVEL
+from kvzip.levels import DEFAULT_LEVEL
 from kvzip.errors import ContextTooLongError, InputError
 
 

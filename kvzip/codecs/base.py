@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import zstandard
 
-from kvzip.errors import CodecError, KvzipError
+from kvzip.compression import zstd_decompress_bounded  # noqa: F401  (the codecs decompress through it)
+from kvzip.errors import CodecError
 
 STORAGE_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
@@ -91,27 +91,6 @@ def from_float32(kv: np.ndarray, dtype: str) -> np.ndarray:
     return rounded
 
 
-def zstd_decompress_bounded(
-    payload: bytes, limit: int, what: str, error: type[KvzipError] = CodecError
-) -> bytes:
-    """zstd-decompress a frame that declares a content size of at most ``limit`` bytes.
-
-    ``ZstdDecompressor.decompress`` allocates whatever size the frame header
-    declares (``max_output_size`` does not stop it), so a tiny hostile payload
-    could ask for gigabytes; the declared size is checked first.  kvzip's
-    writers always declare it.
-    """
-    try:
-        declared = zstandard.frame_content_size(payload)
-        if declared < 0:
-            raise error(f"{what}: zstd frame does not declare its size")
-        if declared > limit:
-            raise error(f"{what}: zstd frame declares {declared} bytes, the cap is {limit}")
-        return zstandard.ZstdDecompressor().decompress(payload)
-    except zstandard.ZstdError as exc:
-        raise error(f"{what}: corrupt zstd data ({exc})") from None
-
-
 @functools.cache
 def _blas_controller() -> Any:
     from threadpoolctl import ThreadpoolController
@@ -155,6 +134,9 @@ class Codec(ABC):
 
     codec_id: ClassVar[str]
     lossless: ClassVar[bool] = False
+    # Whether the codec is built with a calibration profile object (its config names it by
+    # digest; kvzip.levels finds it and codec_from_config hands it over).
+    needs_profile: ClassVar[bool] = False
     # Whether decode spends its time outside the GIL (C code, numpy, BLAS), so that
     # threads can decode chunks in parallel; else decoding in parallel needs processes.
     releases_gil: bool = False

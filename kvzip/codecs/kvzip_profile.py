@@ -26,7 +26,7 @@ import numpy as np
 
 from kvzip.codecs.base import ChunkContext, one_blas_thread
 from kvzip.codecs.entropy import entropy_layout
-from kvzip.codecs.profile import Profile, find_profile
+from kvzip.codecs.profile import Profile
 from kvzip.codecs.quantize import UniformStepQuantizer
 from kvzip.codecs.registry import register_codec
 from kvzip.codecs.stages import ArrayTransform, StagedCodec, StagePipeline
@@ -111,8 +111,9 @@ class ProfileBasis(ArrayTransform):
 @register_codec
 class KvzipProfileCodec(StagedCodec):
     codec_id = "kvzip-profile"
+    needs_profile = True
 
-    def __init__(self, profile: str, step: float = 0.3, value_token_exp: float = 0.5,
+    def __init__(self, profile: Profile, step: float = 0.3, value_token_exp: float = 0.5,
                  sink_tokens: int = 4, sink_factor: float = 16.0, entropy: str = "param"):
         for name, v in (("step", step), ("value_token_exp", value_token_exp), ("sink_factor", sink_factor)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
@@ -123,9 +124,11 @@ class KvzipProfileCodec(StagedCodec):
             raise CodecError("kvzip-profile sink_factor must lie in [1, 4096], value_token_exp in [-2, 2]")
         if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or not 0 <= sink_tokens <= 1 << 20:
             raise CodecError("kvzip-profile sink_tokens must be a non-negative integer")
-        self._p = dict(profile=profile, step=step, value_token_exp=value_token_exp,
+        if not isinstance(profile, Profile):
+            raise CodecError("kvzip-profile is built with its calibration profile (kvzip.levels finds it)")
+        self._p = dict(profile=profile.digest, step=step, value_token_exp=value_token_exp,
                        sink_tokens=sink_tokens, sink_factor=sink_factor, entropy=entropy)
-        self.profile = find_profile(profile)
+        self.profile = profile
         self.basis = ProfileBasis(self.profile)
         self.pipeline = StagePipeline([
             UnRoPE(),

@@ -16,50 +16,30 @@ A profile is identified by the SHA-256 of its file bytes: a ``.kvz`` stores that
 digest in its codec config, and decoding refuses a profile whose bytes hash to
 anything else.
 
-Where profiles are found, first match wins:
-
-1. files registered in this process (``register_profile_file``; ``--profile``),
-   which are also put in ``KVZIP_PROFILE_PATH`` so decode workers see them;
-2. ``<dir>/<digest>.kvzprofile`` for each directory in ``KVZIP_PROFILE_DIR``
-   (``os.pathsep``-separated), else the user cache directory
-   (``platformdirs.user_cache_dir("kvzip")/profiles``; ``~/.cache/kvzip/profiles`` on Linux).
+This module is the profile as a value (parse, validate, serialise); where
+profiles are stored and found is :mod:`kvzip.levels.profiles`, which hands the
+codec the profile its config names.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import platformdirs
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from kvzip.atomic import atomic_output
-from kvzip.errors import ProfileError, ProfileMismatchError, ProfileNotFoundError
+from kvzip.errors import ProfileError, ProfileMismatchError
 
 PROFILE_SUFFIX = ".kvzprofile"
 PROFILE_FORMAT = "kvzip-profile/1"
 MAX_PROFILE_BYTES = 1 << 30
-_ENV_DIR = "KVZIP_PROFILE_DIR"
-_ENV_PATH = "KVZIP_PROFILE_PATH"
 _TENSORS = ("key_mean", "value_mean", "key_fwd", "key_inv", "value_fwd", "value_inv", "step_scale")
-
-
-def default_profile_dir() -> Path:
-    return Path(platformdirs.user_cache_dir("kvzip")) / "profiles"
-
-
-def profile_dirs() -> list[Path]:
-    env = os.environ.get(_ENV_DIR)
-    if env:
-        return [Path(p) for p in env.split(os.pathsep) if p]
-    return [default_profile_dir()]
 
 
 @dataclass
@@ -137,19 +117,31 @@ def _validate(tensors: dict[str, np.ndarray], meta: dict[str, Any], where: str) 
         raise ProfileError(f"{where}: step_scale must be positive")
 
 
-def profile_from_bytes(data: bytes, where: str = "profile", path: Path | None = None) -> Profile:
-    if len(data) > MAX_PROFILE_BYTES:
-        raise ProfileError(f"{where}: {len(data)} bytes is larger than any kvzip profile")
+def read_profile_meta(data: bytes, where: str = "profile") -> dict[str, Any]:
+    """The kvzip metadata of a profile from its first bytes (the safetensors length and
+    JSON header; the tensors need not follow): what finding a model's profiles reads."""
     try:
-        tensors = st_load(data)
         n = int.from_bytes(data[:8], "little")
+        if len(data) < 8 + n:
+            raise ValueError("the safetensors header is truncated")
         header = json.loads(data[8 : 8 + n])
         meta_raw = header.get("__metadata__") or {}
         meta = json.loads(meta_raw.get("kvzip", "{}"))
-    except (SafetensorError, ValueError, TypeError, UnicodeDecodeError, AttributeError) as exc:
+    except (ValueError, TypeError, UnicodeDecodeError, AttributeError) as exc:
         raise ProfileError(f"{where}: not a readable profile ({exc})") from None
     if not isinstance(meta, dict):
         raise ProfileError(f"{where}: profile metadata is not an object")
+    return meta
+
+
+def profile_from_bytes(data: bytes, where: str = "profile", path: Path | None = None) -> Profile:
+    if len(data) > MAX_PROFILE_BYTES:
+        raise ProfileError(f"{where}: {len(data)} bytes is larger than any kvzip profile")
+    meta = read_profile_meta(data, where)
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, TypeError) as exc:
+        raise ProfileError(f"{where}: not a readable profile ({exc})") from None
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     _validate(tensors, meta, where)
     return Profile(hashlib.sha256(data).hexdigest(), meta, tensors, path, len(data))
@@ -160,98 +152,3 @@ def profile_to_bytes(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> by
     tensors = {k: np.ascontiguousarray(tensors[k], dtype=np.float32) for k in _TENSORS}
     _validate(tensors, meta, "new profile")
     return st_save(tensors, metadata={"kvzip": json.dumps(meta, sort_keys=True)})
-
-
-def write_profile(data: bytes, directory: str | os.PathLike[str] | None = None,
-                  path: str | os.PathLike[str] | None = None) -> Profile:
-    """Store profile bytes atomically at ``path``, or as ``<directory>/<digest>.kvzprofile``."""
-    prof = profile_from_bytes(data)
-    if path is None:
-        d = Path(directory) if directory is not None else profile_dirs()[0]
-        target = d / f"{prof.digest}{PROFILE_SUFFIX}"
-    else:
-        target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(target) as tmp:
-        tmp.write_bytes(data)
-    prof.path = target
-    _CACHE[prof.digest] = prof
-    return prof
-
-
-def read_profile_file(path: str | os.PathLike[str]) -> Profile:
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-        if size > MAX_PROFILE_BYTES:
-            raise ProfileError(f"{p}: {size} bytes is larger than any kvzip profile")
-        data = p.read_bytes()
-    except OSError as exc:
-        raise ProfileNotFoundError(f"cannot read profile {p}: {exc.strerror or exc}") from None
-    return profile_from_bytes(data, str(p), p)
-
-
-_CACHE: dict[str, Profile] = {}
-
-
-def register_profile_file(path: str | os.PathLike[str]) -> Profile:
-    """Load ``path`` and make it findable by digest here and in child processes."""
-    prof = read_profile_file(path)
-    _CACHE[prof.digest] = prof
-    resolved = str(Path(path).resolve())
-    paths = [p for p in os.environ.get(_ENV_PATH, "").split(os.pathsep) if p]
-    if resolved not in paths:
-        os.environ[_ENV_PATH] = os.pathsep.join([*paths, resolved])
-    return prof
-
-
-def is_digest(spec: object) -> bool:
-    """Whether ``spec`` names a profile by digest: 64 lowercase hex digits."""
-    return isinstance(spec, str) and len(spec) == 64 and all(c in "0123456789abcdef" for c in spec)
-
-
-def find_profile(digest: str) -> Profile:
-    """The profile whose file bytes hash to ``digest``; ProfileNotFoundError if none is reachable."""
-    if not is_digest(digest):
-        raise ProfileError(f"a profile is named by a 64-digit lowercase hex SHA-256, not {digest!r}")
-    hit = _CACHE.get(digest)
-    if hit is not None:
-        return hit
-    candidates = [Path(p) for p in os.environ.get(_ENV_PATH, "").split(os.pathsep) if p]
-    candidates += [d / f"{digest}{PROFILE_SUFFIX}" for d in profile_dirs()]
-    for c in candidates:
-        if not c.is_file():
-            continue
-        prof = read_profile_file(c)
-        if prof.digest == digest:
-            _CACHE[digest] = prof
-            return prof
-        if c.name == f"{digest}{PROFILE_SUFFIX}":
-            raise ProfileMismatchError(f"{c} is named for profile {digest[:12]} but its bytes hash to {prof.digest[:12]}")
-    where = ", ".join(str(d) for d in profile_dirs())
-    raise ProfileNotFoundError(
-        f"profile {digest[:12]}… is not in {where}; copy its .kvzprofile file there, "
-        f"set {_ENV_DIR}, or pass --profile FILE"
-    )
-
-
-def list_profiles(model_fingerprint: str | None = None) -> list[Profile]:
-    """Profiles in the profile directories (newest first), optionally for one model."""
-    found: list[tuple[float, Profile]] = []
-    for d in profile_dirs():
-        if not d.is_dir():
-            continue
-        for f in d.glob(f"*{PROFILE_SUFFIX}"):
-            try:
-                with safe_open(str(f), "np") as st:
-                    meta = json.loads((st.metadata() or {}).get("kvzip", "{}"))
-            except (SafetensorError, OSError, ValueError):
-                continue
-            if model_fingerprint is not None and meta.get("model_fingerprint") != model_fingerprint:
-                continue
-            try:
-                prof = read_profile_file(f)
-            except ProfileError:
-                continue
-            found.append((f.stat().st_mtime, prof))
-    return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]

@@ -1,7 +1,10 @@
-"""Codec registry: codec id -> class, and the named quality levels.
+"""Codec registry: codec id -> class.
 
 Decoding looks a file's codec id up here; an id this build does not know is an
-:class:`~kvzip.errors.UnknownCodecError`, never a guess.
+:class:`~kvzip.errors.UnknownCodecError`, never a guess.  A codec is built from
+its config alone, plus the calibration profile object when its class says it
+needs one (``needs_profile``): no codec reads the disk or the environment.
+The named quality levels are :mod:`kvzip.levels.table`.
 """
 
 from __future__ import annotations
@@ -9,17 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from kvzip.codecs.base import Codec
-from kvzip.errors import CodecError, UnknownCodecError, UnknownLevelError
+from kvzip.codecs.profile import Profile
+from kvzip.errors import CodecError, ProfileMismatchError, UnknownCodecError
 
 _REGISTRY: dict[str, type[Codec]] = {}
-
-# Named levels a user picks with --level.  Each is a full codec config: the one
-# used when no calibration profile is at hand ("uncalibrated").
-LEVELS: dict[str, dict[str, Any]] = {}
-# The calibrated codec behind a level, used with a model's profile (the config
-# lacks only the profile's digest).
-CALIBRATED_LEVELS: dict[str, dict[str, Any]] = {}
-DEFAULT_LEVEL = "balanced"
 
 
 def register_codec(cls: type[Codec]) -> type[Codec]:
@@ -30,30 +26,13 @@ def register_codec(cls: type[Codec]) -> type[Codec]:
     return cls
 
 
-def register_level(name: str, config: dict[str, Any], calibrated: dict[str, Any] | None = None) -> None:
-    LEVELS[name] = config
-    if calibrated is not None:
-        CALIBRATED_LEVELS[name] = calibrated
-
-
-def level_config(name: str, profile: str | None = None) -> dict[str, Any]:
-    """The codec config behind a level: calibrated with ``profile`` (a digest) when the
-    level has a calibrated form, else the level's uncalibrated config."""
-    if name not in LEVELS:
-        raise UnknownLevelError(
-            f"unknown level {name!r} (choose from: {', '.join(LEVELS)})"
-        )
-    if profile is not None and name in CALIBRATED_LEVELS:
-        return {**CALIBRATED_LEVELS[name], "profile": profile}
-    return dict(LEVELS[name])
-
-
 def codec_ids() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def codec_from_config(config: Any) -> Codec:
-    """Rebuild a codec from the config a file stores."""
+def codec_from_config(config: Any, profile: Profile | None = None) -> Codec:
+    """Rebuild a codec from the config a file stores; a codec that needs a calibration
+    profile is handed ``profile``, which must be the one its config names."""
     if not isinstance(config, dict) or not isinstance(config.get("id"), str):
         raise CodecError("codec config must be an object with a string 'id'")
     cls = _REGISTRY.get(config["id"])
@@ -62,9 +41,13 @@ def codec_from_config(config: Any) -> Codec:
             f"unknown codec {config['id']!r} (this kvzip knows: {', '.join(codec_ids())})"
         )
     params = {k: v for k, v in config.items() if k != "id"}
+    if cls.needs_profile:
+        digest = params.get("profile")
+        if profile is None:
+            raise CodecError(f"codec {cls.codec_id!r} needs its calibration profile "
+                             f"{str(digest)[:12]}…, and none was given")
+        if profile.digest != digest:
+            raise ProfileMismatchError(f"codec {cls.codec_id!r} names profile {str(digest)[:12]}…, "
+                                       f"not the {profile.digest[:12]}… it was given")
+        params["profile"] = profile
     return cls.from_params(params)
-
-
-def codec_for_level(name: str, profile: str | None = None) -> Codec:
-    """The codec behind a named quality level (calibrated when ``profile`` is given)."""
-    return codec_from_config(level_config(name, profile))

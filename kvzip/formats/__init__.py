@@ -1,7 +1,8 @@
 """The ``.kvz`` container: spec constants, pure parse/validate, reader and writer.
 
-The byte layout is documented in ``docs/format.md``.  This package imports only
-``kvzip.errors`` and ``kvzip.codecs`` from kvzip.
+The byte layout is documented in ``docs/format.md``.  Bytes only: this package
+knows payloads and checksums, not codecs (``kvzip.levels`` decodes payloads), and
+imports from kvzip only ``kvzip.errors``, ``kvzip.compression`` and ``kvzip.atomic``.
 """
 
 from kvzip.formats.container import (
@@ -24,7 +25,7 @@ from kvzip.formats.container import (
     parse_preamble,
     validate,
 )
-from kvzip.formats.reader import KvzReader, PayloadDecoder, Problem, open_kvz
+from kvzip.formats.reader import KvzReader, Problem, open_kvz
 from kvzip.formats.source import ByteSource, BytesSource, FileSource, checked_range
 from kvzip.formats.spec import MAGIC, VERSION_MAJOR, VERSION_MINOR, EntryKind
 from kvzip.formats.writer import KvzWriter
@@ -47,7 +48,6 @@ __all__ = [
     "KvzHeader",
     "KvzReader",
     "KvzWriter",
-    "PayloadDecoder",
     "Preamble",
     "Problem",
     "QualityLevel",

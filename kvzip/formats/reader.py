@@ -9,24 +9,20 @@ one range each, and checked against their own checksum before they are decoded.
 from __future__ import annotations
 
 import os
-import threading
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from kvzip.codecs import STORAGE_DTYPES, ChunkContext, Codec, codec_from_config
-from kvzip.codecs.base import from_float32, zstd_decompress_bounded
+from kvzip.compression import zstd_decompress_bounded
 from kvzip.errors import (
     ChecksumError,
-    CodecError,
     FormatError,
     KvzipError,
     MemoryLimitError,
     UnknownLevelError,
 )
-from kvzip.formats import parallel
-from kvzip.formats.limits import check_memory, chunk_work_bytes
+from kvzip.formats.limits import check_memory
 from kvzip.formats.container import (
     IndexEntry,
     KvzHeader,
@@ -53,82 +49,6 @@ class Problem:
     message: str
 
 
-class PayloadDecoder:
-    """Decodes KV payloads with the codecs a header names, each codec built once per level.
-
-    The reader uses it on payloads it read itself; a streaming client uses it on
-    payloads it fetched (and checksummed) over the network.
-    """
-
-    def __init__(self, header: KvzHeader):
-        self.header = header
-        self._codecs: dict[int, Codec] = {}
-        self._lock = threading.Lock()
-
-    def context(self, entry: IndexEntry) -> ChunkContext:
-        """What the level's codec needs to know about this chunk."""
-        h = self.header
-        return ChunkContext(
-            token_start=entry.token_start,
-            token_count=entry.token_count,
-            num_layers=h.num_layers,
-            kv_heads=h.kv_heads,
-            head_dim=h.head_dim,
-            dtype=h.dtype,
-            rope_inv_freq=h.rope_inv_freq,
-        )
-
-    def level_codec(self, level: int) -> Codec:
-        """The codec of level ``level``, built (and checked) once, also when decoder
-        threads ask for it at the same moment (building one may load a profile)."""
-        with self._lock:
-            if level not in self._codecs:
-                self._codecs[level] = self.codec(level)
-            return self._codecs[level]
-
-    def codec(self, level: int) -> Codec:
-        """The codec of level ``level``, refusing a calibration profile made for another model."""
-        codec = codec_from_config(self.header.levels[level].codec)
-        profile = getattr(codec, "profile", None)
-        if profile is not None:
-            profile.check_model(self.header.model_fingerprint)
-        return codec
-
-    def check_chunk_memory(self, entry: IndexEntry) -> None:
-        """Refuse a chunk whose decoding would take more than the memory limit."""
-        ctx = self.context(entry)
-        check_memory(chunk_work_bytes(int(np.prod(ctx.shape))),
-                     f"decoding {describe_entry(entry, self.header.level_names)}")
-
-    def decode_into(self, entry: IndexEntry, payload: bytes, out: np.ndarray) -> None:
-        """Decode one KV chunk into ``out`` (its slice of a level's array, storage dtype)."""
-        if entry.kind is not EntryKind.KV:
-            raise ValueError(f"not a KV entry: {entry}")
-        self.check_chunk_memory(entry)
-        ctx = self.context(entry)
-        if out.shape != ctx.shape:
-            raise CodecError(f"{describe_entry(entry, self.header.level_names)} needs an output of shape "
-                             f"{ctx.shape}, got {out.shape}")
-        if ctx.dtype == "float32" and out.dtype == np.float32:
-            self.level_codec(entry.level).decode_into(payload, ctx, out)
-        else:
-            out[...] = self.decode(entry, payload)
-
-    def decode(self, entry: IndexEntry, payload: bytes) -> np.ndarray:
-        """One KV chunk as ``[2, layers, kv_heads, tokens, head_dim]`` in the storage dtype."""
-        if entry.kind is not EntryKind.KV:
-            raise ValueError(f"not a KV entry: {entry}")
-        self.check_chunk_memory(entry)
-        ctx = self.context(entry)
-        kv = self.level_codec(entry.level).decode(payload, ctx)
-        if kv.shape != ctx.shape:
-            raise CodecError(
-                f"{describe_entry(entry, self.header.level_names)} decoded to shape "
-                f"{kv.shape}, expected {ctx.shape}"
-            )
-        return from_float32(kv, ctx.dtype)
-
-
 class KvzReader:
     """A validated ``.kvz``: header and index parsed up front, payloads on demand."""
 
@@ -147,7 +67,6 @@ class KvzReader:
         self.header = parse_header(header_bytes)
         self.entries = tuple(parse_index(index_bytes))
         self._index = validate(self.header, self.entries, size, end)
-        self._decoder = PayloadDecoder(self.header)
 
     @property
     def version(self) -> tuple[int, int]:
@@ -190,9 +109,10 @@ class KvzReader:
         """Each chunk's text, or None when the file stores no texts."""
         if self._index.texts is None:
             return None
-        return [self._read_text(entry) for entry in self._index.texts]
+        return [self.read_text(entry) for entry in self._index.texts]
 
-    def _read_text(self, entry: IndexEntry) -> str:
+    def read_text(self, entry: IndexEntry) -> str:
+        """One chunk's text (a TEXT entry), checked and unpacked."""
         what = f"text of chunk {entry.chunk}"
         limit = entry.token_count * MAX_TEXT_BYTES_PER_TOKEN
         raw = zstd_decompress_bounded(self.read_payload(entry), limit, what, FormatError)
@@ -201,73 +121,19 @@ class KvzReader:
         except UnicodeDecodeError:
             raise FormatError(f"{what} is not UTF-8") from None
 
-    def chunk_context(self, entry: IndexEntry) -> ChunkContext:
-        """What the level's codec needs to know about this chunk."""
-        return self._decoder.context(entry)
-
-    def decode_chunk(self, entry: IndexEntry) -> np.ndarray:
-        """One KV chunk as ``[2, layers, kv_heads, tokens, head_dim]`` in the storage dtype."""
-        if entry.kind is not EntryKind.KV:
-            raise ValueError(f"not a KV entry: {entry}")
-        return self._decoder.decode(entry, self.read_payload(entry))
-
-    def decode_chunk_into(self, entry: IndexEntry, out: np.ndarray) -> None:
-        """:meth:`decode_chunk` straight into ``out`` (e.g. the chunk's slice of a level)."""
-        self._decoder.decode_into(entry, self.read_payload(entry), out)
-
-    def decode_level(self, level_name: str, *, decoders: int | None = None) -> np.ndarray:
-        """A whole level as ``[2, layers, kv_heads, token_count, head_dim]``.
-
-        A large level is decoded in parallel (see :mod:`kvzip.formats.parallel`):
-        on threads when its codec releases the GIL, else, for a local file, on
-        several processes into a shared buffer.  ``decoders`` sets how many
-        (1 = this thread only; default: ``KVZIP_DECODE_WORKERS`` or the CPU count,
-        and one for small levels).  The result is the same either way, bit for bit.
-        """
-        entries = self.kv_entries(level_name)
-        h = self.header
-        shape = (2, h.num_layers, h.kv_heads, h.token_count, h.head_dim)
-        threads = bool(entries) and self._decoder.level_codec(entries[0].level).releases_gil
-        n = parallel.want_parallel(self, int(np.prod(shape)), len(entries), decoders, threads)
-        self.check_level_memory(level_name, max(n, 1))
-        if n > 1 and threads:
-            return parallel.decode_level_threads(self, level_name, n)
-        if n > 1:
-            return parallel.decode_level_parallel(self, level_name, n)
-        kv = np.empty(shape, dtype=STORAGE_DTYPES[h.dtype])
-        parallel.decode_into(self, level_name, list(range(len(entries))), kv)
-        return kv
-
-    def level_bytes(self) -> int:
-        """The size of one decoded level in the storage dtype, as the header declares it."""
-        h = self.header
-        return 2 * h.num_layers * h.kv_heads * h.token_count * h.head_dim * STORAGE_DTYPES[h.dtype].itemsize
-
-    def check_level_memory(self, level_name: str, decoders: int = 1) -> None:
-        """Refuse a level whose array plus ``decoders`` chunks in flight exceed the memory limit."""
-        entries = self.kv_entries(level_name)
-        widest = max((e.token_count for e in entries), default=0)
-        h = self.header
-        work = chunk_work_bytes(2 * h.num_layers * h.kv_heads * widest * h.head_dim)
-        check_memory(self.level_bytes() + min(decoders, len(entries)) * work,
-                     f"decoding level {level_name!r} ({h.token_count} tokens)")
-
-    def verify(self, decode: bool = False) -> list[Problem]:
-        """Check every payload's checksum (and, with ``decode``, that it decodes).
-
-        Reports every defect instead of stopping at the first, for ``kvzip verify``.
-        """
+    def verify(self) -> list[Problem]:
+        """Check every payload's checksum (and that token ids and texts unpack); every
+        defect is reported, not only the first, for ``kvzip verify``.  Decoding the KV
+        payloads is the levels layer's (``kvzip.levels.CacheFile.verify``)."""
         problems = []
         for entry in self.entries:
             try:
-                if not decode:
-                    self.read_payload(entry)
-                elif entry.kind is EntryKind.KV:
-                    self.decode_chunk(entry)
-                elif entry.kind is EntryKind.TOKEN_IDS:
+                if entry.kind is EntryKind.TOKEN_IDS:
                     self.token_ids()
+                elif entry.kind is EntryKind.TEXT:
+                    self.read_text(entry)
                 else:
-                    self._read_text(entry)
+                    self.read_payload(entry)
             except MemoryLimitError:
                 raise  # the file may be fine; this machine's limit is not a defect of it
             except KvzipError as exc:

@@ -16,7 +16,7 @@ from kvzip.store.documents import (
     split_document,
 )
 from kvzip.store.opening import load_opening, opening_ids, save_opening
-from kvzip.store.precache import ENGINES, PrecacheSummary, check_level, default_level, precache
+from kvzip.store.precache import ENGINES, PrecacheSummary, check_level, precache
 from kvzip.store.store import GcReport, PassageStore, StoreVerifyReport
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
     "ask",
     "assemble",
     "check_level",
-    "default_level",
     "fidelity",
     "load_opening",
     "opening_ids",

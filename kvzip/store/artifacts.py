@@ -22,9 +22,9 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from kvzip.codecs import level_config
 from kvzip.errors import InputError
-from kvzip.formats import BytesSource, KvzReader, open_kvz
+from kvzip.formats import BytesSource
+from kvzip.levels import CacheFile, level_config, open_cache
 
 ARTIFACT_SUFFIX = ".kvz"
 
@@ -78,15 +78,15 @@ class ArtifactStore:
             self.fs.put_file(str(local), target)
             return local.stat().st_size
 
-    def open(self, name: str) -> KvzReader:
-        """A validated reader over the artifact (fetched whole when it is remote)."""
+    def open(self, name: str) -> CacheFile:
+        """The artifact opened for decoding (fetched whole when it is remote)."""
         target = self.path(name)
         try:
             if self.is_local:
                 if not os.path.isfile(target):
                     raise FileNotFoundError(target)
-                return open_kvz(target)
-            return KvzReader(BytesSource(self.fs.cat_file(target)))
+                return open_cache(target)
+            return open_cache(BytesSource(self.fs.cat_file(target)))
         except FileNotFoundError:
             raise InputError(
                 f"artifact {name} is missing from {self.url} (run `kvzip store verify`)"

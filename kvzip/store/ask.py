@@ -18,13 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from kvzip.errors import InputError, UnsupportedModelError
-from kvzip.formats.parallel import ENV_WORKERS, default_decoders
+from kvzip.levels import DEFAULT_LEVEL, Progress, default_threads, no_progress, storage_to_kv
+from kvzip.levels.executor import ENV_THREADS
 from kvzip.model import KVModel
-from kvzip.pipeline import Progress, no_progress, storage_to_kv
 from kvzip.store.assemble import CachedPassage, assemble
 from kvzip.store.index import Hit
 from kvzip.store.opening import load_opening, opening_ids
-from kvzip.store.precache import default_level
 from kvzip.store.store import PassageStore
 
 DEFAULT_TOP_K = 3
@@ -50,8 +49,8 @@ def choose_level(store: PassageStore, model: str, level: str | None) -> str:
         if level not in have:
             raise InputError(f"{store.root} has no caches at level {level!r} (it has: {', '.join(have)})")
         return level
-    if default_level() in have:
-        return default_level()
+    if DEFAULT_LEVEL in have:
+        return DEFAULT_LEVEL
     if len(have) == 1:
         return have[0]
     raise InputError(f"{store.root} holds several levels ({', '.join(have)}); pick one with --level")
@@ -91,15 +90,14 @@ def load_passage(
 
 
 def passage_decoders() -> int:
-    """Decoders per passage: 1 (this process) unless ``KVZIP_DECODE_WORKERS`` asks for more.
+    """Decoder threads per passage: 1 unless ``KVZIP_DECODE_WORKERS`` asks for more.
 
-    Entropy decoding holds the GIL, so threads gain nothing; decode processes
-    (:mod:`kvzip.formats.parallel`) can, but a passage is only a few chunks, a cold
-    worker delays the chunk it took by its start-up (~0.3-0.5 s), and on a small,
-    shared machine they were no faster even warm (measured: docs/rag.md).
+    A passage is only a few chunks; passages are decoded one after another, and
+    on a small, shared machine more decoders per passage were no faster
+    (measured with processes: docs/rag.md).
     """
-    env = os.environ.get(ENV_WORKERS, "").strip()
-    return default_decoders() if env else 1
+    env = os.environ.get(ENV_THREADS, "").strip()
+    return default_threads() if env else 1
 
 
 def load_passages(

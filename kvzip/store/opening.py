@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzip.errors import KvzipError
-from kvzip.formats import BytesSource, KvzReader
+from kvzip.formats import BytesSource
+from kvzip.levels import DEFAULT_CHUNK_TOKENS, open_cache, storage_to_kv, write_kvz
 from kvzip.model import KVModel
-from kvzip.pipeline import DEFAULT_CHUNK_TOKENS, storage_to_kv, write_kvz
 from kvzip.store.artifacts import artifact_name
 from kvzip.store.documents import token_sha256
 
@@ -76,23 +76,11 @@ def save_opening(store: PassageStore, km: KVModel) -> bool:
 
 def read_opening(data: bytes, km: KVModel, ids: Sequence[int]) -> torch.Tensor:
     """A stored opening's cache, checked against the model and the ids (KvzipError if not)."""
-    with KvzReader(BytesSource(data)) as reader:
+    with open_cache(BytesSource(data)) as reader:
         km.check_stored_cache(reader.header)
         if reader.token_ids().tolist() != list(ids):
             raise KvzipError("the stored opening holds other token ids")
         return storage_to_kv(reader.decode_level(OPENING_LEVEL, decoders=1), reader.header.dtype)
-
-
-def opening_problems(store: PassageStore) -> list[str]:
-    """What is wrong with the store's opening caches (for ``kvzip store verify``)."""
-    problems = []
-    for name in store.index.opening_names():
-        try:
-            with KvzReader(BytesSource(store.index.opening(name) or b"")) as reader:
-                problems += [f"opening {name}: {p.message}" for p in reader.verify(decode=True)]
-        except KvzipError as exc:
-            problems.append(f"opening {name}: {exc}")
-    return problems
 
 
 def load_opening(

@@ -22,12 +22,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kvzip.calibrate import resolve_profile
-from kvzip.codecs import CALIBRATED_LEVELS, LEVELS, codec_for_level
-from kvzip.codecs.profile import find_profile
 from kvzip.errors import InputError, KvzipError, ModelMismatchError
+from kvzip.levels import (
+    DEFAULT_CHUNK_TOKENS,
+    DEFAULT_LEVEL,
+    Progress,
+    check_if_missing,
+    find_profile,
+    is_calibrated,
+    no_progress,
+    resolve,
+    write_kvz,
+)
+from kvzip.levels import check_level as _check_level
 from kvzip.model import KVModel
-from kvzip.pipeline import DEFAULT_CHUNK_TOKENS, Progress, no_progress, write_kvz
 from kvzip.store.artifacts import ArtifactStore, artifact_name, codec_sha256
 from kvzip.store.documents import (
     DEFAULT_PASSAGE_TOKENS,
@@ -44,16 +52,10 @@ from kvzip.store.store import PassageStore
 ENGINES = ("local", "ray")
 
 
-def default_level() -> str:
-    """``balanced`` where the lossy levels are registered, else ``lossless``."""
-    return "balanced" if "balanced" in LEVELS else "lossless"
-
-
 def check_level(level: str | None) -> str:
-    """The level to use, refusing unknown names before any model is loaded."""
-    name = level or default_level()
-    codec_for_level(name)  # raises UnknownLevelError with the choices
-    return name
+    """The level to use (default: kvzip's default level), refusing unknown names before
+    any model is loaded."""
+    return _check_level(level or DEFAULT_LEVEL)
 
 
 @dataclass(frozen=True)
@@ -190,16 +192,17 @@ def precache(
     """Pre-cache every passage of ``inputs`` into ``store`` that is not cached yet.
 
     A lossy level uses the model's calibration profile, found or built as
-    :func:`kvzip.calibrate.resolve_profile` does (``profile``, ``if_no_profile``).
+    :func:`kvzip.levels.resolve` does (``profile``, ``if_no_profile``).
     """
     if engine not in ENGINES:
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     level = check_level(level)
+    check_if_missing(if_no_profile)
     started = time.perf_counter()
     passages, jobs = plan(inputs, store, km, passage_tokens=passage_tokens, level=level,
                           progress=progress)
-    if level in CALIBRATED_LEVELS:  # found or built once the documents are known to hold text
-        prof = resolve_profile(km, profile, if_missing=if_no_profile, progress=progress)
+    if is_calibrated(level):  # found or built once the documents are known to hold text
+        prof = resolve([level], km, profile, if_no_profile, progress).profile
         if prof is not None:
             jobs = [make_job(job.token_ids, km, level, prof.digest) for job in jobs]
     save_opening(store, km)  # the prompt's fixed opening, so that ask need not prefill it

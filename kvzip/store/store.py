@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from kvzip.errors import InputError, KvzipError
+from kvzip.formats import BytesSource
+from kvzip.levels import open_cache
 from kvzip.store.artifacts import ArtifactStore
 from kvzip.store.documents import token_sha256
 from kvzip.store.index import ArtifactRecord, StoreIndex
-from kvzip.store.opening import opening_problems
 
 INDEX_FILE = "index.sqlite"
 ARTIFACTS_DIR = "artifacts"
@@ -82,11 +83,22 @@ class PassageStore:
             for problem in self._artifact_problems(record):
                 report.problems.append(f"{record.name}: {problem}")
             progress("verify", i + 1, len(records))
-        report.problems += opening_problems(self)
+        report.problems += self._opening_problems()
         stored = {f.name for f in self.artifacts.listing() if not f.temporary}
         report.unindexed = len(stored - {r.name for r in records})
         report.unreferenced = len(self.index.unreferenced_artifacts())
         return report
+
+    def _opening_problems(self) -> list[str]:
+        """What is wrong with the store's prompt-opening caches."""
+        problems = []
+        for name in self.index.opening_names():
+            try:
+                with open_cache(BytesSource(self.index.opening(name) or b"")) as cache:
+                    problems += [f"opening {name}: {p.message}" for p in cache.verify(decode=True)]
+            except KvzipError as exc:
+                problems.append(f"opening {name}: {exc}")
+        return problems
 
     def _artifact_problems(self, record: ArtifactRecord) -> list[str]:
         try:

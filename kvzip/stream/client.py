@@ -30,10 +30,9 @@ import torch
 
 from kvzip.errors import FetchError, InputError, UnknownLevelError
 from kvzip.codecs import one_blas_thread
-from kvzip.formats import IndexEntry, KvzReader, PayloadDecoder
-from kvzip.formats.parallel import default_decoders
+from kvzip.formats import IndexEntry, KvzReader
+from kvzip.levels import LevelCodecs, Progress, default_threads, no_progress, storage_to_kv
 from kvzip.model import TORCH_DTYPES, ChatTemplate, KVModel
-from kvzip.pipeline import Progress, no_progress, storage_to_kv
 from kvzip.stream.controller import (
     DEFAULT_DECODE_PRIOR,
     DecodeMeter,
@@ -314,7 +313,7 @@ def stream_generate(
             client.close()
     ready = time.perf_counter()
     kv = torch.cat(parts, dim=3)
-    chat = ChatTemplate(**header.raw["chat"]) if header.raw.get("chat") else None
+    chat = ChatTemplate.from_info(header.chat)
     doc_ids = manifest.token_ids
     prompt_ids = model.prompt_ids(prompt, chat)
     first: list[float] = []
@@ -372,9 +371,9 @@ def _assemble(
     chunk decoded, its decode speed) is told in chunk order, on this thread, once a
     chunk's decode has finished; a chunk to recompute waits for every chunk before it,
     which it uses as its cache."""
-    decoder = PayloadDecoder(manifest.header)
+    decoder = LevelCodecs(manifest.header)
     dtype = TORCH_DTYPES[manifest.header.dtype]
-    n_threads = max(1, default_decoders() if decoders is None else int(decoders))
+    n_threads = max(1, default_threads() if decoders is None else int(decoders))
     parts: list[torch.Tensor] = []
     reports: list[ChunkReport] = []
     wait = decode_s = recompute_s = 0.0

@@ -24,9 +24,9 @@ from kvzip import atomic
 from kvzip.errors import FetchError, InputError
 from kvzip.formats import KvzReader, open_kvz
 from kvzip.formats.spec import FIRST_READ_BYTES
-from kvzip.pipeline import Progress, no_progress
+from kvzip.levels import Progress, no_progress
 from kvzip.stream.http import DownloadLimits, HttpRangeSource, RetryPolicy, new_client
-from kvzip.stream.profiles import ProfileStatus, ensure_profiles, named_digests, plain_profile_ref
+from kvzip.stream.profiles import ProfileStatus, ensure_profiles, plain_profile_ref
 
 PIECE_BYTES = 4 << 20  # one range request; bounds memory whatever the file size
 
@@ -72,7 +72,7 @@ def fetch(
         header = KvzReader(source).header  # refuse a non-.kvz before downloading it
         # The calibration profiles its codecs name, beside it on the server; fetched (and
         # checked against their digests) unless this machine has them.
-        refs = [plain_profile_ref(url, header.raw, d) for d in named_digests(header.raw)]
+        refs = [plain_profile_ref(url, header, d) for d in header.profile_digests()]
         profiles = ensure_profiles(refs, client, policy, budget)
         size = source.size()
         fd, tmp = atomic.create_temp(target, "part")

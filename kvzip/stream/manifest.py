@@ -32,14 +32,8 @@ import httpx
 
 from kvzip.errors import FetchError, KvzipError
 from kvzip.formats import EntryKind, IndexEntry, KvzHeader, KvzReader, validate
-from kvzip.stream.profiles import (
-    ProfileRef,
-    header_profile_bytes,
-    is_digest,
-    named_digests,
-    plain_profile_ref,
-    profile_url,
-)
+from kvzip.levels import is_digest
+from kvzip.stream.profiles import ProfileRef, plain_profile_ref, profile_url
 
 MANIFEST_VERSION = 1
 
@@ -77,7 +71,7 @@ class ContextManifest:
 
     def profiles_for(self, levels: Sequence[str]) -> list[ProfileRef]:
         """The profiles needed to decode ``levels``."""
-        wanted = named_digests(self.header.raw, levels)
+        wanted = self.header.profile_digests(levels)
         return [ref for ref in self.profiles if ref.digest in wanted]
 
 
@@ -126,8 +120,8 @@ def build_manifest(reader: KvzReader, name: str, etag: str) -> dict[str, Any]:
         "header": header.raw,
         "token_ids_payload": _location(token_entry),
         "profiles": [
-            {"digest": d, "bytes": header_profile_bytes(header.raw, d), "url": profile_url(d)}
-            for d in named_digests(header.raw)
+            {"digest": d, "bytes": header.profile_bytes(d), "url": profile_url(d)}
+            for d in header.profile_digests()
         ],
         "chunks": chunks,
     }
@@ -184,11 +178,11 @@ def _parse_manifest(data: Any, url: str) -> ContextManifest:
         file_size=size,
         etag=etag if isinstance(etag, str) else None,
         chunks=tuple(sorted(chunks, key=lambda c: c.chunk)),
-        profiles=_profile_refs(data.get("profiles"), header.raw, url, file_url),
+        profiles=_profile_refs(data.get("profiles"), header, url, file_url),
     )
 
 
-def _profile_refs(listed: Any, header_raw: Any, url: str, file_url: str) -> tuple[ProfileRef, ...]:
+def _profile_refs(listed: Any, header: KvzHeader, url: str, file_url: str) -> tuple[ProfileRef, ...]:
     """The profiles the header names, each where the manifest says (else beside the file)."""
     given: dict[str, ProfileRef] = {}
     for item in listed or []:
@@ -198,7 +192,7 @@ def _profile_refs(listed: Any, header_raw: Any, url: str, file_url: str) -> tupl
         if size is not None:
             size = _int(size)
         given[digest] = ProfileRef(digest, str(httpx.URL(url).join(str(item["url"]))), size)
-    return tuple(given.get(d) or plain_profile_ref(file_url, header_raw, d) for d in named_digests(header_raw))
+    return tuple(given.get(d) or plain_profile_ref(file_url, header, d) for d in header.profile_digests())
 
 
 def _int(value: Any) -> int:
@@ -232,5 +226,5 @@ def manifest_from_reader(reader: KvzReader, url: str, etag: str | None) -> Conte
         )
         for i, entry in enumerate(first)
     )
-    profiles = tuple(plain_profile_ref(url, header.raw, d) for d in named_digests(header.raw))
+    profiles = tuple(plain_profile_ref(url, header, d) for d in header.profile_digests())
     return ContextManifest(header, url, reader.source.size(), etag, chunks, profiles)

@@ -18,11 +18,11 @@ and only a file whose bytes do hash to the digest (checked once per file
 identity), so a stale or damaged copy is never handed out.
 
 Client (:func:`ensure_profiles`): for each profile a file needs that
-:func:`~kvzip.codecs.profile.find_profile` cannot find here, download it from
+:func:`~kvzip.levels.profiles.find_profile` cannot find here, download it from
 the URL the manifest gives, or for a plain ``.kvz`` URL from
 ``<same directory>/<digest>.kvzprofile``; refuse it unless its SHA-256 is the
 digest (and its size the one the file names); then store it atomically in the
-first profile directory with :func:`~kvzip.codecs.profile.write_profile`.
+first profile directory with :func:`~kvzip.levels.profiles.write_profile`.
 """
 
 from __future__ import annotations
@@ -33,25 +33,17 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from kvzip.codecs.profile import (
-    MAX_PROFILE_BYTES,
-    PROFILE_SUFFIX,
-    ProfileNotFoundError,
-    find_profile,
-    is_digest,
-    profile_dirs,
-    profile_from_bytes,
-    write_profile,
-)
-from kvzip.errors import KvzipError, ProfileError, ProfileMismatchError
-from kvzip.formats import open_kvz
+from kvzip.codecs.profile import MAX_PROFILE_BYTES, PROFILE_SUFFIX, profile_from_bytes
+from kvzip.errors import KvzipError, ProfileError, ProfileMismatchError, ProfileNotFoundError
+from kvzip.formats import KvzHeader, open_kvz
+from kvzip.levels import find_profile, is_digest, profile_dirs, registered_profile_files, write_profile
 from kvzip.stream.http import Budget, RetryPolicy, get_body
 from kvzip.stream.paths import MAX_CONTEXTS, list_contexts
 
@@ -75,46 +67,6 @@ def digest_from_file_name(name: str) -> str | None:
     return stem if stem != name and is_digest(stem) else None
 
 
-# --------------------------------------------------------------- what a file names
-def named_digests(header_raw: Any, levels: Iterable[str] | None = None) -> list[str]:
-    """The profile digests the codecs of ``levels`` (default: every level) name, in order.
-
-    A name that is not a digest is a :class:`ProfileError`: it could only come
-    from a damaged or hostile header, and must not reach a URL.  With every
-    level, the header's own ``profile`` entry counts too.
-    """
-    if not isinstance(header_raw, dict):
-        return []
-    wanted = None if levels is None else set(levels)
-    found: list[str] = []
-    for level in header_raw.get("levels") or []:
-        if not isinstance(level, dict) or (wanted is not None and level.get("name") not in wanted):
-            continue
-        codec = level.get("codec")
-        if isinstance(codec, dict) and "profile" in codec:
-            found.append(_checked(codec["profile"]))
-    entry = header_raw.get("profile")
-    if levels is None and isinstance(entry, dict) and "digest" in entry:
-        found.append(_checked(entry["digest"]))
-    return list(dict.fromkeys(found))
-
-
-def _checked(digest: Any) -> str:
-    if not is_digest(digest):
-        raise ProfileError(f"the file names a profile by {str(digest)[:80]!r}, not a SHA-256 digest")
-    return digest
-
-
-def header_profile_bytes(header_raw: Any, digest: str) -> int | None:
-    """The size the header's ``profile`` entry gives ``digest``, if it gives one."""
-    entry = header_raw.get("profile") if isinstance(header_raw, dict) else None
-    if isinstance(entry, dict) and entry.get("digest") == digest:
-        size = entry.get("bytes")
-        if type(size) is int and 0 < size <= MAX_PROFILE_BYTES:
-            return size
-    return None
-
-
 # -------------------------------------------------------------------------- client
 @dataclass(frozen=True)
 class ProfileRef:
@@ -125,10 +77,10 @@ class ProfileRef:
     size: int | None = None
 
 
-def plain_profile_ref(file_url: str, header_raw: Any, digest: str) -> ProfileRef:
+def plain_profile_ref(file_url: str, header: KvzHeader, digest: str) -> ProfileRef:
     """The profile beside a ``.kvz`` on a plain server: ``<same directory>/<digest>.kvzprofile``."""
     url = str(httpx.URL(file_url).join(profile_file_name(digest)))
-    return ProfileRef(digest, url, header_profile_bytes(header_raw, digest))
+    return ProfileRef(digest, url, header.profile_bytes(digest))
 
 
 @dataclass
@@ -184,7 +136,7 @@ def _kvz_digests(path: Path) -> tuple[str, ...]:
     """The profiles a ``.kvz`` names; none for a file that is not a valid ``.kvz``."""
     try:
         with open_kvz(path) as reader:
-            return tuple(named_digests(reader.header.raw))
+            return tuple(reader.header.profile_digests())
     except (KvzipError, OSError):
         return ()
 
@@ -209,7 +161,7 @@ class ProfileStore:
         self.root = root
         self.dirs = [Path(d) for d in (profile_dirs() if dirs is None else dirs)]
         if registered is None:
-            registered = [p for p in os.environ.get("KVZIP_PROFILE_PATH", "").split(os.pathsep) if p]
+            registered = registered_profile_files()
         self.registered = [Path(p) for p in registered]
         self._lock = threading.Lock()
         self._scan_lock = threading.Lock()

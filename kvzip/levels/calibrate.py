@@ -21,10 +21,9 @@ The result is a :mod:`kvzip.codecs.profile` file bound to the model fingerprint.
 
 from __future__ import annotations
 
-import os
 import sysconfig
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,22 +33,13 @@ import torch
 
 from kvzip import __version__
 from kvzip.codecs import ChunkContext
-from kvzip.codecs.profile import (
-    Profile,
-    find_profile,
-    is_digest,
-    list_profiles,
-    profile_dirs,
-    profile_to_bytes,
-    register_profile_file,
-    write_profile,
-)
+from kvzip.codecs.profile import profile_to_bytes
 from kvzip.codecs.transforms import UnRoPE
-from kvzip.errors import InputError, ProfileNotFoundError
+from kvzip.errors import InputError
+from kvzip.levels.progress import Progress
 from kvzip.model import KVModel
 from kvzip.model.calibration import capture, output_gram
 
-Progress = Callable[[str, int, int], None]
 _UNROPE = UnRoPE()
 
 # Texts kvzip bench scores by default; calibration must not read them.
@@ -283,49 +273,3 @@ def read_texts(paths: Sequence[str | Path]) -> list[tuple[str, str]]:
         except OSError as exc:
             raise InputError(f"cannot read calibration text {path}: {exc.strerror or exc}") from None
     return out
-
-
-# ------------------------------------------------------------ finding a profile
-IF_NO_PROFILE = ("calibrate", "uncalibrated", "error")
-
-
-def resolve_profile(
-    km: KVModel,
-    profile: str | os.PathLike[str] | None = None,
-    *,
-    if_missing: str = "calibrate",
-    progress: Progress | None = None,
-) -> Profile | None:
-    """The profile to encode with for ``km``.
-
-    ``profile`` is a ``.kvzprofile`` file or a digest in the profile directories.
-    Without one, the newest profile for the model in the profile directories is
-    used; when there is none, ``if_missing`` decides: ``"calibrate"`` builds one
-    from :func:`default_calibration_texts` and stores it there, ``"uncalibrated"``
-    returns None (the levels fall back to the uncalibrated codec), ``"error"``
-    raises :class:`ProfileNotFoundError`.
-    """
-    if if_missing not in IF_NO_PROFILE:
-        raise InputError(f"--if-no-profile must be one of {', '.join(IF_NO_PROFILE)}, got {if_missing!r}")
-    fingerprint = km.identity()["fingerprint"]
-    if profile is not None:
-        spec = str(profile)
-        prof = find_profile(spec) if is_digest(spec) else register_profile_file(spec)
-    else:
-        found = list_profiles(fingerprint)
-        if found:
-            prof = found[0]
-        elif if_missing == "uncalibrated":
-            return None
-        elif if_missing == "error":
-            raise ProfileNotFoundError(
-                f"no calibration profile for {km.name} in {', '.join(map(str, profile_dirs()))}; "
-                "run `kvzip calibrate` or pass --profile"
-            )
-        else:
-            texts = read_texts(default_calibration_texts())
-            data, _ = calibrate(km, texts, progress=progress)
-            prof = write_profile(data)
-    prof.check_model(fingerprint)
-    prof.check_geometry(km.num_layers, km.kv_heads, km.head_dim)
-    return prof

@@ -1,0 +1,313 @@
+"""The core both ways: a captured cache tensor <-> a ``.kvz`` file.
+
+:func:`write_kvz` codes a cache's chunks with the levels' codecs and hands the
+payloads to the container's writer; :func:`open_cache` opens a file for
+decoding (:class:`CacheFile`: the container's reader plus the levels' codecs)
+and :func:`load_kv` decodes one level of it into a tensor.  ``kvzip.api``,
+``kvzip.stream``, ``kvzip.store`` and ``kvzip.bench`` all go through here, so
+there is one path between tensors and files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvzip import __version__
+from kvzip.codecs import STORAGE_DTYPES, ChunkContext, Codec
+from kvzip.codecs.profile import Profile
+from kvzip.errors import KvzipError, MemoryLimitError, UnknownLevelError
+from kvzip.formats import (
+    ByteSource,
+    ChatInfo,
+    FileSource,
+    IndexEntry,
+    KvzHeader,
+    KvzReader,
+    KvzWriter,
+    ProfileInfo,
+    Problem,
+    SourceInfo,
+    new_header,
+)
+from kvzip.formats.limits import check_memory, chunk_work_bytes
+from kvzip.formats.spec import EntryKind
+from kvzip.levels.chunks import LevelCodecs, chunk_ranges, encode_chunks
+from kvzip.levels.executor import run_on_threads, threads_for
+from kvzip.levels.progress import Progress, no_progress
+from kvzip.levels.table import codec_for_level
+from kvzip.model import TORCH_DTYPES, KVModel
+
+DEFAULT_CHUNK_TOKENS = 256
+
+
+def kv_to_storage(kv: torch.Tensor, dtype: str) -> np.ndarray:
+    """A [2, L, H, T, D] tensor as the numpy array codecs take (bf16 as uint16 bits)."""
+    kv = kv.detach().to(TORCH_DTYPES[dtype]).contiguous()
+    if dtype == "bfloat16":
+        return kv.view(torch.int16).numpy().view(np.uint16)
+    return kv.numpy()
+
+
+def storage_to_kv(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """The inverse of :func:`kv_to_storage` (float32 arrays from lossy codecs are cast)."""
+    if dtype == "bfloat16" and array.dtype == np.uint16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array)).to(TORCH_DTYPES[dtype])
+
+
+# ---------------------------------------------------------------------- decode
+class CacheFile:
+    """A ``.kvz`` opened for decoding: the container's checked bytes, decoded by its
+    levels' codecs.  Payloads are read lazily, one range each; any byte source works."""
+
+    def __init__(self, reader: KvzReader):
+        self.reader = reader
+        self.header: KvzHeader = reader.header
+        self.entries = reader.entries
+        self.codecs = LevelCodecs(reader.header)
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return self.reader.version
+
+    @property
+    def source(self) -> ByteSource:
+        return self.reader.source
+
+    @property
+    def preamble(self):  # noqa: ANN201 - the container's Preamble
+        return self.reader.preamble
+
+    def kv_entries(self, level_name: str) -> list[IndexEntry]:
+        return self.reader.kv_entries(level_name)
+
+    def token_ids(self) -> np.ndarray:
+        return self.reader.token_ids()
+
+    def chunk_texts(self) -> list[str] | None:
+        return self.reader.chunk_texts()
+
+    def read_payload(self, entry: IndexEntry) -> bytes:
+        return self.reader.read_payload(entry)
+
+    def file_size(self) -> int:
+        return self.reader.source.size()
+
+    def default_level(self) -> str:
+        """The file's best level: the one with the most payload bytes."""
+        names = self.header.level_names
+        sizes = [sum(e.length for e in self.kv_entries(name)) for name in names]
+        return names[sizes.index(max(sizes))]
+
+    def level_name(self, level: str | None) -> str:
+        """``level`` if the file has it (else UnknownLevelError), or the default."""
+        if level is None:
+            return self.default_level()
+        if level not in self.header.level_names:
+            raise UnknownLevelError(
+                f"this file has no level {level!r} (it has: {', '.join(self.header.level_names)})")
+        return level
+
+    def decode_chunk(self, entry: IndexEntry) -> np.ndarray:
+        """One KV chunk as ``[2, layers, kv_heads, tokens, head_dim]`` in the storage dtype."""
+        if entry.kind is not EntryKind.KV:
+            raise ValueError(f"not a KV entry: {entry}")
+        return self.codecs.decode(entry, self.read_payload(entry))
+
+    def decode_chunk_into(self, entry: IndexEntry, out: np.ndarray) -> None:
+        """:meth:`decode_chunk` straight into ``out`` (e.g. the chunk's slice of a level)."""
+        self.codecs.decode_into(entry, self.read_payload(entry), out)
+
+    def level_bytes(self) -> int:
+        """The size of one decoded level in the storage dtype, as the header declares it."""
+        h = self.header
+        return 2 * h.num_layers * h.kv_heads * h.token_count * h.head_dim * STORAGE_DTYPES[h.dtype].itemsize
+
+    def check_level_memory(self, level_name: str, threads: int = 1) -> None:
+        """Refuse a level whose array plus ``threads`` chunks in flight exceed the memory limit."""
+        entries = self.kv_entries(level_name)
+        widest = max((e.token_count for e in entries), default=0)
+        h = self.header
+        work = chunk_work_bytes(2 * h.num_layers * h.kv_heads * widest * h.head_dim)
+        check_memory(self.level_bytes() + min(threads, len(entries)) * work,
+                     f"decoding level {level_name!r} ({h.token_count} tokens)")
+
+    def decode_level(self, level_name: str, *, decoders: int | None = None) -> np.ndarray:
+        """A whole level as ``[2, layers, kv_heads, token_count, head_dim]``, its chunks
+        decoded side by side on ``decoders`` threads when the codec releases the GIL
+        (default: ``KVZIP_DECODE_WORKERS`` or the CPU count, one for small levels).
+        The result is the same either way, bit for bit."""
+        entries = self.kv_entries(level_name)
+        codecs = [self.codecs.codec(entries[0].level)] if entries else []
+        out = self.codecs.level_array()
+        n = threads_for(codecs, out.size, len(entries), decoders)
+        self.check_level_memory(level_name, n)
+
+        def decode(i: int) -> None:
+            start, end = entries[i].token_range
+            self.decode_chunk_into(entries[i], out[:, :, :, start:end])
+
+        run_on_threads(len(entries), n, decode)
+        return out
+
+    def verify(self, decode: bool = False) -> list[Problem]:
+        """Check every payload's checksum (and, with ``decode``, that it decodes);
+        every defect is reported, not only the first, for ``kvzip verify``."""
+        if not decode:
+            return self.reader.verify()
+        problems = []
+        for entry in self.entries:
+            try:
+                if entry.kind is EntryKind.KV:
+                    self.decode_chunk(entry)
+                elif entry.kind is EntryKind.TOKEN_IDS:
+                    self.token_ids()
+                else:
+                    self.reader.read_text(entry)
+            except MemoryLimitError:
+                raise  # the file may be fine; this machine's limit is not a defect of it
+            except KvzipError as exc:
+                problems.append(Problem(entry, str(exc)))
+        return problems
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> CacheFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_cache(path: str | os.PathLike[str] | ByteSource) -> CacheFile:
+    """Open a ``.kvz`` (a path, or any byte source) for decoding; it owns a path's file
+    until closed."""
+    source = FileSource(path) if isinstance(path, (str, os.PathLike)) else path
+    try:
+        return CacheFile(KvzReader(source))
+    except BaseException:
+        source.close() if hasattr(source, "close") else None
+        raise
+
+
+@dataclass
+class LoadedKV:
+    header: KvzHeader
+    token_ids: list[int]
+    kv: torch.Tensor  # [2, L, H, T, D] in the stored dtype
+    level: str
+
+
+def load_kv(
+    path: str | os.PathLike[str], level: str | None = None, progress: Progress = no_progress,
+    *, decoders: int | None = None,
+) -> LoadedKV:
+    """Decode one level (default: the file's best) of a ``.kvz`` into a tensor, with its
+    header and token ids (``decoders``: see :meth:`CacheFile.decode_level`)."""
+    with open_cache(path) as cache:
+        name = cache.level_name(level)
+        kv = storage_to_kv(cache.decode_level(name, decoders=decoders), cache.header.dtype)
+        return LoadedKV(cache.header, cache.token_ids().tolist(), kv, name)
+
+
+# ---------------------------------------------------------------------- encode
+@dataclass
+class EncodeSummary:
+    path: str
+    model: str
+    tokens: int
+    chunks: int
+    levels: list[str]
+    dtype: str
+    raw_bytes: int  # the captured cache in its dtype
+    file_bytes: int
+    prefill_seconds: float
+    encode_seconds: float
+    profile: str | None = None  # digest of the calibration profile the lossy levels use
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / self.file_bytes if self.file_bytes else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": round(self.ratio, 4)}
+
+
+def write_kvz(
+    kv: torch.Tensor,
+    token_ids: Sequence[int],
+    out: str | os.PathLike[str],
+    km: KVModel,
+    *,
+    levels: Sequence[str | tuple[str, Codec]],
+    chunk_tokens: int,
+    dtype: str,
+    chat: ChatInfo | None = None,
+    source: SourceInfo | None = None,
+    extra_header: dict[str, Any] | None = None,
+    chunk_texts: bool = True,
+    profile: Profile | None = None,
+    progress: Progress = no_progress,
+    encoders: int | None = None,
+) -> EncodeSummary:
+    """Encode an already captured cache ([2, L, H, T, D]) into a ``.kvz`` at ``out``.
+
+    ``levels`` are level names, or (name, codec) pairs for codecs that no named
+    level stands for (``kvzip bench`` stores reference codecs that way).
+    ``chunk_texts`` stores each chunk's text too, so a streaming client that
+    cannot fetch a chunk in time can recompute it from its text.
+    ``profile`` (a model's calibration profile) turns named levels into their
+    calibrated codecs; the header then names it, with its size.
+    ``encoders``: how many threads code chunks side by side (default by size); the
+    file's bytes do not depend on it.
+    """
+    started = time.perf_counter()
+    if profile is not None:
+        profile.check_model(km.identity()["fingerprint"])
+    named = [(x, codec_for_level(x, profile)) if isinstance(x, str) else x for x in levels]
+    array = kv_to_storage(kv, dtype)
+    _, n_layers, kv_heads, n_tokens, head_dim = array.shape
+    inv_freq = km.rope_inv_freq()
+    header = new_header(
+        kvzip_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=km.identity(),
+        num_layers=n_layers, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+        token_count=n_tokens, chunk_tokens=chunk_tokens,
+        levels=[(name, codec.config()) for name, codec in named],
+        rope_inv_freq=inv_freq,
+        profile=None if profile is None else ProfileInfo(profile.digest, profile.size),
+        chat=chat, source=source, extra=extra_header,
+    )
+    ranges = chunk_ranges(n_tokens, chunk_tokens)
+    ctx = ChunkContext(0, 0, n_layers, kv_heads, head_dim, dtype,
+                       None if inv_freq is None else tuple(float(f) for f in inv_freq))
+    out = Path(out)
+    with KvzWriter(out, header.raw) as writer:
+        writer.set_token_ids(np.asarray(token_ids, dtype=np.int64))
+        payloads = encode_chunks(array, [codec for _, codec in named], ranges, ctx, encoders,
+                                 done=lambda n: progress("encode", n, len(ranges)))
+        for chunk, ((start, count), levels_out) in enumerate(zip(ranges, payloads)):
+            for level, payload in enumerate(levels_out):
+                writer.add_kv(chunk, level, start, count, payload)
+            if chunk_texts and km.tokenizer is not None:
+                writer.add_text(chunk, start, count, km.tokenizer.decode(list(token_ids[start : start + count])))
+        del payloads
+        writer.commit()
+    return EncodeSummary(
+        path=str(out), model=km.name, tokens=n_tokens, chunks=len(ranges),
+        levels=[name for name, _ in named], dtype=dtype, raw_bytes=array.nbytes,
+        file_bytes=out.stat().st_size, prefill_seconds=0.0,
+        encode_seconds=time.perf_counter() - started,
+        profile=None if profile is None else profile.digest,
+    )

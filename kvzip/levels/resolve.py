@@ -1,0 +1,103 @@
+"""From level names to codecs: the one ``resolve`` every encoder goes through.
+
+The lossy levels want the model's calibration profile.  ``resolve`` finds it
+(``--profile`` as a file or a digest, else the newest one for the model in the
+profile directories) and, when the model has none, does what ``if_missing``
+says: ``"calibrate"`` builds one once and stores it, ``"uncalibrated"`` uses the
+levels' uncalibrated codecs, ``"error"`` refuses.  ``api.encode``, ``kvzip
+bench``, ``kvzip precache`` and the library face all call it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from kvzip.codecs import Codec
+from kvzip.codecs.profile import Profile
+from kvzip.errors import InputError, ProfileNotFoundError
+from kvzip.levels.calibrate import calibrate, default_calibration_texts, read_texts
+from kvzip.levels.profiles import (
+    find_profile,
+    is_digest,
+    list_profiles,
+    profile_dirs,
+    register_profile_file,
+    write_profile,
+)
+from kvzip.levels.progress import Progress
+from kvzip.levels.table import check_levels, codec_for_level, is_calibrated
+from kvzip.model import KVModel
+
+IF_NO_PROFILE = ("calibrate", "uncalibrated", "error")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Levels ready to encode: their names, their codecs, and the profile they use."""
+
+    names: tuple[str, ...]
+    codecs: tuple[Codec, ...]
+    profile: Profile | None
+
+    def pairs(self) -> list[tuple[str, Codec]]:
+        return list(zip(self.names, self.codecs))
+
+
+def check_if_missing(if_missing: str) -> str:
+    if if_missing not in IF_NO_PROFILE:
+        raise InputError(f"--if-no-profile must be one of {', '.join(IF_NO_PROFILE)}, got {if_missing!r}")
+    return if_missing
+
+
+def resolve(
+    levels: list[str] | tuple[str, ...],
+    model: KVModel,
+    profile: str | os.PathLike[str] | Profile | None = None,
+    if_missing: str = "calibrate",
+    progress: Progress | None = None,
+) -> Resolved:
+    """The codecs of ``levels`` for ``model``, calibrated when a level has a calibrated
+    form and a profile is found or made (see the module's docstring)."""
+    names = check_levels(levels)
+    check_if_missing(if_missing)
+    prof = None
+    if any(is_calibrated(name) for name in names):
+        prof = model_profile(model, profile, if_missing=if_missing, progress=progress)
+    return Resolved(tuple(names), tuple(codec_for_level(name, prof) for name in names), prof)
+
+
+def model_profile(
+    km: KVModel,
+    profile: str | os.PathLike[str] | Profile | None = None,
+    *,
+    if_missing: str = "calibrate",
+    progress: Progress | None = None,
+) -> Profile | None:
+    """The calibration profile to encode ``km``'s lossy levels with, or None for the
+    uncalibrated codecs (``if_missing="uncalibrated"`` and no profile found)."""
+    check_if_missing(if_missing)
+    fingerprint = km.identity()["fingerprint"]
+    if isinstance(profile, Profile):
+        prof = profile
+    elif profile is not None:
+        spec = str(profile)
+        prof = find_profile(spec) if is_digest(spec) else register_profile_file(spec)
+    else:
+        found = list_profiles(fingerprint)
+        if found:
+            prof = found[0]
+        elif if_missing == "uncalibrated":
+            return None
+        elif if_missing == "error":
+            raise ProfileNotFoundError(
+                f"no calibration profile for {km.name} in {', '.join(map(str, profile_dirs()))}; "
+                "run `kvzip calibrate` or pass --profile"
+            )
+        else:
+            texts = read_texts(default_calibration_texts())
+            data, _ = calibrate(km, texts, progress=progress)
+            prof = write_profile(data)
+    prof.check_model(fingerprint)
+    prof.check_geometry(km.num_layers, km.kv_heads, km.head_dim)
+    return prof
