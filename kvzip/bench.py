@@ -24,7 +24,7 @@ Two optional sections:
   int2/3/4/8 (group 32);
 * **speed** — at each of ``lengths`` tokens (taken from the texts put end to end):
   encode and decode throughput (file → tensor), peak memory of the decoding process
-  and its decode workers beside the decoded cache in fp32, and time to first token
+  beside the decoded cache in fp32, and time to first token
   from the local ``.kvz`` against a fresh prefill of the same tokens.
 """
 
@@ -139,11 +139,11 @@ class SpeedRow:
     bits_per_element: float
     file_bytes: int
     encode_meps: float  # codec encode, after prefill
-    decode_meps: float  # file -> tensor, cold: empty model caches (and no decode worker processes)
-    decode_warm_meps: float  # the same file again, caches (and any workers) warm
+    decode_meps: float  # file -> tensor, cold: empty model caches
+    decode_warm_meps: float  # the same file again, caches warm
     decoders: int
-    # RSS high-water mark above the start, process + decode workers (DecodeMemory),
-    # and never less than the decoded tensor itself
+    # RSS high-water mark above the start (DecodeMemory), and never less than the
+    # decoded tensor itself
     peak_decode_bytes: int
     cache_fp32_bytes: int
     peak_ratio: float  # peak_decode_bytes / cache_fp32_bytes

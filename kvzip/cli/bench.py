@@ -165,8 +165,8 @@ def bench_command(
     if result.speed:
         out_console.print(_speed_table(
             result.speed, f"{km.name}: speed, level {speed_level}, chunk {chunk_tokens} tokens "
-            "(decode cold: empty model caches, no decode workers; decoders are threads for the calibrated levels, "
-            "processes for older layouts; peak: RSS high-water of the process and any decode workers)"))
+            "(decode cold: empty model caches; decoders are threads of this process; "
+            "peak: RSS high-water of the process)"))
     if result.profile is not None:
         out_console.print(_profile_line(result.profile))
     elif any(name in LEVELS and is_calibrated(name) for name in config.levels):

@@ -31,7 +31,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from kvzip.compression import zstd_decompress_bounded  # noqa: F401  (the codecs decompress through it)
 from kvzip.errors import CodecError
 
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -138,7 +137,7 @@ class Codec(ABC):
     # digest; kvzip.levels finds it and codec_from_config hands it over).
     needs_profile: ClassVar[bool] = False
     # Whether decode spends its time outside the GIL (C code, numpy, BLAS), so that
-    # threads can decode chunks in parallel; else decoding in parallel needs processes.
+    # threads can decode chunks in parallel (kvzip.levels.executor); else chunks run one by one.
     releases_gil: bool = False
 
     @abstractmethod

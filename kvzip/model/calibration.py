@@ -2,7 +2,7 @@
 
 A key error matters only along the directions queries take (the score is
 ``q . k``), a value error only through the output projection.  These helpers
-read both from a running model so :mod:`kvzip.calibrate` can weigh quantisation
+read both from a running model so :mod:`kvzip.levels.calibrate` can weigh quantisation
 error where it changes the model's output.
 
 Queries are captured at ``q_proj`` (after ``q_norm`` where the model has one)

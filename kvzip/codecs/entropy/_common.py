@@ -28,7 +28,7 @@ import numpy as np
 import zstandard
 
 from kvzip.codecs import _rans
-from kvzip.codecs.base import zstd_decompress_bounded
+from kvzip.compression import zstd_decompress_bounded
 from kvzip.codecs.stages import SymbolCoder
 from kvzip.errors import CodecError
 
