@@ -174,7 +174,7 @@ class KVModel:
             weights = hashlib.sha256()
             for name, tensor in sorted(self.model.state_dict().items()):
                 weights.update(name.encode())
-                flat = tensor.detach().contiguous().reshape(-1)
+                flat = tensor.detach().contiguous().reshape(-1).cpu()  # the same bytes from any device
                 weights.update(flat.view(torch.uint8).numpy().tobytes())
             tokenizer_sha = self.tokenizer_fingerprint()
             weights_sha = weights.hexdigest()
