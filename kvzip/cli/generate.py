@@ -10,6 +10,7 @@ import typer
 from kvzip import api
 from kvzip.cli.console import err_console, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
+from kvzip.cli.options import apply_max_memory, max_memory_option
 from kvzip.cli.fetch import (
     download_limits,
     max_download_seconds_option,
@@ -35,12 +36,14 @@ def generate_command(
     min_speed: float = min_speed_option(),
     min_speed_window: float = min_speed_window_option(),
     allow_other_hosts: bool = other_hosts_option(),
+    max_memory: str = max_memory_option(),
 ) -> None:
     """Attach the cached document to the model and generate after PROMPT (greedy).
 
     For a URL, the download options bound the download itself (its total time,
     its slowest acceptable speed, redirects to other hosts); --deadline only
     steers the quality streamed."""
+    apply_max_memory(max_memory)
     if api.is_url(file):
         limits = download_limits(max_download_seconds, min_speed, min_speed_window, allow_other_hosts)
         _generate_url(file, prompt, max_new_tokens, model, level, compare, deadline, limits,
