@@ -1,6 +1,7 @@
 # Two entry points, each sets up the virtual environment it needs:
 #   make demo   - encode a real document with the embedded default model and answer from the .kvz
 #   make test   - run the test suite (unit tests on tiny models, integration tests on the real one)
+#   make fuzz   - a fuzz campaign over every target in fuzz/ (FUZZ_SECONDS or FUZZ_RUNS per target)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,16 @@ DEMO_QUESTION ?= What is the name of this license? Answer briefly.
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv clean bench
+# make fuzz: per target, FUZZ_SECONDS seconds and/or FUZZ_RUNS inputs (60 s if neither);
+# FUZZ_TARGETS: all, or names (fuzz/targets.py; 'payload-*' matches a prefix);
+# FUZZ_NATIVE=asan|ubsan: the C coder built with clang for coverage + sanitizers.
+FUZZ_TARGETS ?= all
+FUZZ_SECONDS ?=
+FUZZ_RUNS ?=
+FUZZ_NATIVE ?=
+FUZZ_LIMITS = $(strip $(if $(FUZZ_RUNS),--runs $(FUZZ_RUNS)) $(if $(FUZZ_SECONDS),--seconds $(FUZZ_SECONDS)))
+
+.PHONY: demo test venv clean bench fuzz
 
 venv: $(STAMP)
 
@@ -43,5 +53,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/kvzip bench
 
+# Targets run one after another; findings go to fuzz/crashes/<target>/ (docs/reliability.md).
+fuzz: $(STAMP)
+	$(BIN)/python -m fuzz.run --target '$(FUZZ_TARGETS)' $(or $(FUZZ_LIMITS),--seconds 60) \
+		$(if $(FUZZ_NATIVE),--native $(FUZZ_NATIVE))
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info kvzip/codecs/_rans*.so
+	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info kvzip/codecs/_rans*.so fuzz/work fuzz/crashes

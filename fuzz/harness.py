@@ -24,10 +24,18 @@ def _package_dir_first() -> None:
         sys.path.insert(0, where)
 
 
+def _say_which_kvzip() -> None:
+    if os.environ.get("KVZIP_FUZZ_PACKAGE_DIR"):
+        from kvzip.codecs import _rans
+
+        print(f"INFO: kvzip's C coder from {_rans.__file__}", file=sys.stderr)
+
+
 def replay(name: str, files: list[str]) -> int:
     from fuzz.targets import TARGETS
 
     one = TARGETS[name].setup()
+    _say_which_kvzip()
     failed = 0
     for path in files:
         with open(path, "rb") as f:
@@ -68,10 +76,7 @@ def fuzz(name: str, libfuzzer_args: list[str]) -> None:
     with atheris.instrument_imports(include=["kvzip"]):
         one = target.setup()
     targets.feedback = _outcome_features(atheris)
-    if os.environ.get("KVZIP_FUZZ_PACKAGE_DIR"):
-        import kvzip
-
-        print(f"INFO: kvzip from {os.path.dirname(kvzip.__file__)}", file=sys.stderr)
+    _say_which_kvzip()
     atheris.Setup([sys.argv[0], *libfuzzer_args], one)
     atheris.Fuzz()
 
