@@ -18,7 +18,6 @@ Prefill KV and the reference log-probs are cached under /tmp/kvzip_bench/.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import os

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,17 +19,16 @@ import torch
 
 from kvzip.atomic import write_atomic
 from kvzip.codecs import STORAGE_DTYPES
-from kvzip.errors import ContextTooLongError, InputError, KvzipError, UnknownLevelError
+from kvzip.errors import ContextTooLongError, InputError, KvzipError
 from kvzip.formats import ChatInfo, SourceInfo, open_kvz
-from kvzip.model import ChatTemplate, KVModel
 from kvzip.levels import (
-    check_if_missing,
-    check_levels,
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_LEVEL,
     EncodeSummary,
     LoadedKV,
     Progress,
+    check_if_missing,
+    check_levels,
     find_profile,
     kv_to_storage,
     load_kv,
@@ -39,6 +38,7 @@ from kvzip.levels import (
     storage_to_kv,
     write_kvz,
 )
+from kvzip.model import ChatTemplate, KVModel
 from kvzip.stream.client import StreamResult
 from kvzip.stream.client import stream_generate as _stream_generate
 from kvzip.stream.fetch import FetchSummary, fetch

@@ -72,8 +72,8 @@ CAL_TEXT = (TEXT + "Numbers 0123456789 and (brackets) [lists] {sets}; punctuatio
 @pytest.fixture(scope="module")
 def bench_env(tiny_model_dir, tmp_path_factory):
     """A profile for the tiny model, calibrated on two named texts, in a fresh profile dir."""
-    from kvzip.levels.calibrate import CalibrationOptions, calibrate
     from kvzip.levels import write_profile
+    from kvzip.levels.calibrate import CalibrationOptions, calibrate
     from kvzip.model import KVModel
 
     root = tmp_path_factory.mktemp("bench-profiles")

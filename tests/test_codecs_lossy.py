@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvzip.levels import LEVELS, codec_for_level
 from kvzip.codecs import ChunkContext, codec_from_config
 from kvzip.codecs.entropy import entropy_layout
 from kvzip.codecs.stages import StagePipeline
 from kvzip.codecs.transforms import UnRoPE, rope_cos_sin, rotate
 from kvzip.errors import CodecError
+from kvzip.levels import LEVELS, codec_for_level
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSY_LEVELS = ["high", "balanced", "small"]

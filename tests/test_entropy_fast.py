@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import zstandard
 
-from kvzip.levels import LEVELS
 from kvzip.codecs import ChunkContext, codec_from_config
 from kvzip.codecs import entropy as E
 from kvzip.codecs.entropy import entropy_layout
 from kvzip.codecs.entropy import param2 as P2
 from kvzip.codecs.transforms import UnRoPE, rope_cos_sin, rotate
 from kvzip.errors import CodecError
+from kvzip.levels import LEVELS
 
 L, H, D = 3, 2, 16
 INV_FREQ = tuple((1.0 / (10000.0 ** (np.arange(0, D, 2) / D))).tolist())

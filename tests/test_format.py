@@ -15,11 +15,8 @@ import pytest
 import kvzip.errors as errors
 from kvzip.codecs import ChunkContext, Codec, codec_from_config, register_codec
 from kvzip.formats import (
-    ChatInfo,
-    ProfileInfo,
-    SourceInfo,
-    new_header,
     BytesSource,
+    ChatInfo,
     EntryKind,
     FileSource,
     IndexEntry,
@@ -27,8 +24,11 @@ from kvzip.formats import (
     KvzReader,
     KvzWriter,
     Preamble,
+    ProfileInfo,
+    SourceInfo,
     checked_range,
     encode_header,
+    new_header,
     open_kvz,
     pack_index,
     pack_preamble,
@@ -37,7 +37,6 @@ from kvzip.formats import (
     parse_preamble,
     validate,
 )
-from kvzip.levels import open_cache
 from kvzip.formats.limits import set_memory_limit
 from kvzip.formats.spec import (
     FIRST_READ_BYTES,
@@ -45,6 +44,7 @@ from kvzip.formats.spec import (
     PREAMBLE_SIZE,
     U64_MAX,
 )
+from kvzip.levels import open_cache
 
 LAYERS, HEADS, HEAD_DIM = 2, 3, 4
 TOKENS, CHUNK = 37, 16  # three chunks, the last one short

@@ -13,8 +13,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kvzip.errors import KvzipError
-from kvzip.formats import BytesSource, KvzReader, parse_preamble
-from kvzip.levels import open_cache
+from kvzip.formats import BytesSource, parse_preamble
 from kvzip.formats.spec import (
     INDEX_ENTRY,
     INDEX_ENTRY_SIZE,
@@ -24,6 +23,7 @@ from kvzip.formats.spec import (
     U32_MAX,
     U64_MAX,
 )
+from kvzip.levels import open_cache
 
 SEED = (Path(__file__).parent / "fixtures" / "v1" / "golden_lossless_f32.kvz").read_bytes()
 SEED_PREAMBLE = parse_preamble(SEED)

@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:  # fuzz/ lives at the repository root
 from fuzz import make_corpus  # noqa: E402
 from fuzz import targets as T  # noqa: E402
 from fuzz.run import REGRESSIONS, run_target  # noqa: E402
+
 SMOKE_RUNS = 300  # per target, seed 1: a few seconds each, mostly the process start
 
 

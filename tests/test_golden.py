@@ -83,8 +83,8 @@ def test_profile_golden_files_exist():
 def test_profile_golden_file_decodes(path: Path, monkeypatch):
     """The calibrated codec and the param2 layout decode as they did, with their profile;
     without it, decoding is a ProfileNotFoundError."""
-    from kvzip.levels import profiles as profile_mod
     from kvzip.errors import ProfileNotFoundError
+    from kvzip.levels import profiles as profile_mod
 
     expected = json.loads((path.parent / "expected_profile.json").read_text())[path.name]
     monkeypatch.setattr(profile_mod, "_LOADED", {})

@@ -13,10 +13,9 @@ from test_cli import assert_one_line_error, run
 
 from kvzip import api
 from kvzip.errors import ContextTooLongError, InputError, MemoryLimitError, ModelMismatchError
-from kvzip.formats import encode_header, parse_header
-from kvzip.levels import open_cache
-from kvzip.formats import limits
+from kvzip.formats import encode_header, limits, parse_header
 from kvzip.formats.limits import memory_limit, parse_size, set_memory_limit
+from kvzip.levels import open_cache
 
 ATTACK = Path(__file__).parent / "fixtures" / "attacks" / "lossless_inflates_1gib.kvz"
 

@@ -24,11 +24,11 @@ from kvzip.levels import (
     find_profile,
     level_config,
     list_profiles,
+    model_profile,
     read_profile_file,
     write_kvz,
     write_profile,
 )
-from kvzip.levels import model_profile
 from kvzip.levels import profiles as profile_mod
 from kvzip.levels.calibrate import CalibrationOptions, calibrate
 from kvzip.model import KVModel

@@ -13,10 +13,10 @@ import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kvzip.codecs._rans import LANES, PREC
 
 from kvzip.codecs import entropy as E
 from kvzip.codecs import kvzip_profile
-from kvzip.codecs._rans import LANES, PREC
 from kvzip.codecs.entropy import _common as C
 from kvzip.codecs.entropy import entropy_layout
 from kvzip.codecs.entropy import rans as R

@@ -165,11 +165,8 @@ def test_a_callers_own_codec_object_encodes(tiny_llama, tmp_path):
     import numpy as np
     import torch
 
-    from kvzip.codecs import Codec
-    from kvzip.formats import open_kvz
+    from kvzip.codecs import Codec, register_codec
     from kvzip.levels import write_kvz
-
-    from kvzip.codecs import register_codec
 
     @register_codec  # registered in this process only, as a benchmark script does
     class Raw(Codec):

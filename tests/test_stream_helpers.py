@@ -15,8 +15,7 @@ import httpx
 import pytest
 import torch
 
-from kvzip.levels import LEVELS
-from kvzip.levels import write_kvz
+from kvzip.levels import LEVELS, write_kvz
 
 # Lossless plus every lossy level registered, best (largest) first as the controller ranks them.
 STREAM_LEVELS = ["lossless"] + [name for name in ("high", "balanced", "small") if name in LEVELS]

@@ -24,8 +24,7 @@ import kvzip.levels.profiles as profile_mod
 from kvzip.cli.app import app
 from kvzip.codecs.profile import PROFILE_SUFFIX, profile_from_bytes, profile_to_bytes
 from kvzip.errors import FetchError, ProfileError, ProfileMismatchError, ProfileNotFoundError
-from kvzip.levels import open_cache
-from kvzip.levels import load_kv, write_kvz
+from kvzip.levels import load_kv, open_cache, write_kvz
 from kvzip.stream.client import stream_generate
 from kvzip.stream.fetch import fetch
 from kvzip.stream.http import RetryPolicy

@@ -19,7 +19,6 @@ from test_stream_helpers import write_random_context
 from typer.testing import CliRunner
 
 from kvzip.cli.app import app as cli
-
 from kvzip.stream.middleware import Throttle
 from kvzip.stream.server import create_app, serve_in_thread
 

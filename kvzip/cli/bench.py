@@ -14,8 +14,8 @@ from kvzip.api import DEFAULT_CHUNK_TOKENS, load_model
 from kvzip.cli.console import err_console, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
 from kvzip.codecs import codec_ids
-from kvzip.levels import DEFAULT_LEVEL, LEVELS, is_calibrated
 from kvzip.errors import InputError
+from kvzip.levels import DEFAULT_LEVEL, LEVELS, is_calibrated
 
 
 def _split(value: str | None) -> list[str] | None:

@@ -7,11 +7,11 @@ from pathlib import Path
 import typer
 
 from kvzip import api
-from kvzip.levels import list_profiles, profile_dirs, write_profile
-from kvzip.levels.calibrate import CalibrationOptions, calibrate, default_calibration_texts, read_texts
 from kvzip.cli.console import err_console, human_bytes, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
 from kvzip.errors import InputError
+from kvzip.levels import list_profiles, profile_dirs, write_profile
+from kvzip.levels.calibrate import CalibrationOptions, calibrate, default_calibration_texts, read_texts
 
 
 @handle_errors

@@ -16,8 +16,8 @@ from kvzip.cli.console import (
     status,
 )
 from kvzip.cli.errors import handle_errors
-from kvzip.levels import DEFAULT_LEVEL
 from kvzip.errors import ContextTooLongError, InputError
+from kvzip.levels import DEFAULT_LEVEL
 
 
 def read_input(source: str, max_bytes: int) -> tuple[str, str]:

@@ -10,7 +10,6 @@ import typer
 from kvzip import api
 from kvzip.cli.console import err_console, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
-from kvzip.cli.options import apply_max_memory, max_memory_option
 from kvzip.cli.fetch import (
     download_limits,
     max_download_seconds_option,
@@ -18,6 +17,7 @@ from kvzip.cli.fetch import (
     min_speed_window_option,
     other_hosts_option,
 )
+from kvzip.cli.options import apply_max_memory, max_memory_option
 from kvzip.errors import InputError
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import zstandard
 
 from kvzip.codecs.base import STORAGE_DTYPES, ChunkContext, Codec
-from kvzip.compression import zstd_decompress_bounded
 from kvzip.codecs.registry import register_codec
+from kvzip.compression import zstd_decompress_bounded
 from kvzip.errors import CodecError
 
 

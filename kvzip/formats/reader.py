@@ -22,16 +22,15 @@ from kvzip.errors import (
     MemoryLimitError,
     UnknownLevelError,
 )
-from kvzip.formats.limits import check_memory
 from kvzip.formats.container import (
     IndexEntry,
-    KvzHeader,
     describe_entry,
     parse_header,
     parse_index,
     parse_preamble,
     validate,
 )
+from kvzip.formats.limits import check_memory
 from kvzip.formats.source import ByteSource, FileSource
 from kvzip.formats.spec import (
     FIRST_READ_BYTES,

@@ -33,8 +33,8 @@ from kvzip.formats import (
     KvzHeader,
     KvzReader,
     KvzWriter,
-    ProfileInfo,
     Problem,
+    ProfileInfo,
     SourceInfo,
     new_header,
 )

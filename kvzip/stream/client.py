@@ -28,15 +28,15 @@ from typing import Any
 import httpx
 import torch
 
-from kvzip.errors import FetchError, InputError, UnknownLevelError
 from kvzip.codecs import one_blas_thread
+from kvzip.errors import FetchError, InputError, UnknownLevelError
 from kvzip.formats import IndexEntry, KvzReader
 from kvzip.levels import LevelCodecs, Progress, default_threads, no_progress, storage_to_kv
 from kvzip.model import TORCH_DTYPES, ChatTemplate, KVModel
 from kvzip.stream.controller import (
     DEFAULT_DECODE_PRIOR,
-    DecodeMeter,
     Decision,
+    DecodeMeter,
     ThroughputMeter,
     choose_level,
     rank_levels,

@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 
 from kvzip.codecs.profile import MAX_PROFILE_BYTES, PROFILE_SUFFIX, profile_from_bytes
-from kvzip.errors import KvzipError, ProfileError, ProfileMismatchError, ProfileNotFoundError
+from kvzip.errors import KvzipError, ProfileMismatchError, ProfileNotFoundError
 from kvzip.formats import KvzHeader, open_kvz
 from kvzip.levels import find_profile, is_digest, profile_dirs, registered_profile_files, write_profile
 from kvzip.stream.http import Budget, RetryPolicy, get_body

@@ -28,8 +28,8 @@ import numpy as np
 import zstandard
 
 from kvzip.codecs import _rans
-from kvzip.compression import zstd_decompress_bounded
 from kvzip.codecs.stages import SymbolCoder
+from kvzip.compression import zstd_decompress_bounded
 from kvzip.errors import CodecError
 
 MAX_SPAN = 1 << 16  # widest alphabet one row may use
