@@ -52,12 +52,19 @@ def _no_feedback(key: str) -> None:
 # coverage feature, so inputs that reach a new refusal (or a new outcome of a C call,
 # whose code atheris cannot see without a clang build) are kept in the corpus.
 feedback: Callable[[str], None] = _no_feedback
-_NUMBERS = re.compile(r"-?\d+")
+# numbers (decimal or hex) and quoted text: what a message repeats from the input
+_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|-?\b(?:0x)?[0-9a-f]*\d[0-9a-f]*\b")
+
+
+def outcome(message: str) -> str:
+    """A message without what it quotes from the input, so that one kind of refusal is one
+    feature (and the corpus does not fill with files that differ in a checksum)."""
+    return _VARIABLE.sub("#", message)[:120]
 
 
 def refused(exc: BaseException, where: str = "") -> None:
-    """An allowed refusal: tell the fuzzer which one (numbers left out)."""
-    feedback(f"{where}{type(exc).__name__}:{_NUMBERS.sub('#', str(exc))[:120]}")
+    """An allowed refusal: tell the fuzzer which one."""
+    feedback(f"{where}{type(exc).__name__}:{outcome(str(exc))}")
 
 
 @dataclass(frozen=True)
@@ -219,7 +226,7 @@ def _setup_container() -> OneInput:
                 refused(exc, "open:")
                 continue
             for problem in reader.verify(decode=True):  # KvzipErrors, reported as problems
-                feedback(f"verify:{_NUMBERS.sub('#', problem.message)[:120]}")
+                feedback(f"verify:{outcome(problem.message)}")
             calls = [reader.token_ids, reader.chunk_texts]
             # decoders=1: on this thread only
             calls += [lambda n=n: reader.decode_level(n, decoders=1) for n in reader.header.level_names]
