@@ -7,10 +7,11 @@ callback ``(stage, done, total)``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,20 +80,28 @@ def load_model(model: ModelLike = None) -> KVModel:
     return model if isinstance(model, KVModel) else KVModel.load(model)
 
 
-def input_size(source: str | os.PathLike[str]) -> int:
-    """The size of a text file about to be read, with :func:`read_text`'s one-line errors."""
-    path = Path(source)
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """One-line errors for the usual failures of reading a user's file."""
     try:
         if path.is_dir():
             raise InputError(f"input is a directory, not a text file: {path}")
-        with open(path, "rb") as handle:
-            return os.fstat(handle.fileno()).st_size
+        yield
     except FileNotFoundError:
         raise InputError(f"input file not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"input is a directory, not a text file: {path}") from None
     except PermissionError:
         raise InputError(f"input file is not readable (permission denied): {path}") from None
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def input_size(source: str | os.PathLike[str]) -> int:
+    """The size of a text file about to be read, with :func:`read_text`'s one-line errors."""
+    path = Path(source)
+    with _reading(path), open(path, "rb") as handle:
+        return os.fstat(handle.fileno()).st_size
 
 
 def read_text(source: str | os.PathLike[str], max_bytes: int | None = None) -> str:
@@ -102,20 +111,11 @@ def read_text(source: str | os.PathLike[str], max_bytes: int | None = None) -> s
     if max_bytes is not None and (size := input_size(path)) > max_bytes:
         raise ContextTooLongError(f"{path} is {size} bytes, more than the {max_bytes} bytes of "
                                   "text the model's context can hold")
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
-        if max_bytes is not None and len(data) > max_bytes:  # it grew while we looked
-            raise ContextTooLongError(f"{path} holds more than the {max_bytes} bytes of text "
-                                      "the model's context can hold")
-    except FileNotFoundError:
-        raise InputError(f"input file not found: {path}") from None
-    except IsADirectoryError:
-        raise InputError(f"input is a directory, not a text file: {path}") from None
-    except PermissionError:
-        raise InputError(f"input file is not readable (permission denied): {path}") from None
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with _reading(path), open(path, "rb") as handle:
+        data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # it grew while we looked
+        raise ContextTooLongError(f"{path} holds more than the {max_bytes} bytes of text "
+                                  "the model's context can hold")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,10 +121,11 @@ class KvzReader:
         except UnicodeDecodeError:
             raise FormatError(f"{what} is not UTF-8") from None
 
-    def verify(self) -> list[Problem]:
+    def verify(self, check_kv: Callable[[IndexEntry], object] | None = None) -> list[Problem]:
         """Check every payload's checksum (and that token ids and texts unpack); every
-        defect is reported, not only the first, for ``kvzip verify``.  Decoding the KV
-        payloads is the levels layer's (``kvzip.levels.CacheFile.verify``)."""
+        defect is reported, not only the first, for ``kvzip verify``.  ``check_kv``
+        (default: the checksum) checks a KV entry further: the levels layer decodes it
+        (``kvzip.levels.CacheFile.verify``)."""
         problems = []
         for entry in self.entries:
             try:
@@ -132,7 +134,7 @@ class KvzReader:
                 elif entry.kind is EntryKind.TEXT:
                     self.read_text(entry)
                 else:
-                    self.read_payload(entry)
+                    (check_kv or self.read_payload)(entry)
             except MemoryLimitError:
                 raise  # the file may be fine; this machine's limit is not a defect of it
             except KvzipError as exc:
