@@ -53,7 +53,7 @@ def _no_feedback(key: str) -> None:
 # whose code atheris cannot see without a clang build) are kept in the corpus.
 feedback: Callable[[str], None] = _no_feedback
 # numbers (decimal or hex) and quoted text: what a message repeats from the input
-_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|-?\b(?:0x)?[0-9a-f]*\d[0-9a-f]*\b")
+_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|-?\b(?:0x[0-9a-f]+|[0-9a-f]*\d[0-9a-f]*|[a-f]{8})\b")
 
 
 def outcome(message: str) -> str:
