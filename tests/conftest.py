@@ -8,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # fuzz/ lives at the repository root
+    sys.path.insert(1, str(ROOT))
 
 # Calibration profiles go to one directory per test session, never ~/.cache:
 # the first lossy encode for a model calibrates it once, later ones reuse it.

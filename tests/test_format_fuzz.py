@@ -6,19 +6,17 @@ from __future__ import annotations
 import contextlib
 import struct
 import tracemalloc
-import zlib
 from pathlib import Path
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from fuzz.targets import reseal_kvz
 from kvzip.errors import KvzipError
 from kvzip.formats import BytesSource, parse_preamble
 from kvzip.formats.spec import (
-    INDEX_ENTRY,
     INDEX_ENTRY_SIZE,
     MAGIC,
-    PREAMBLE,
     PREAMBLE_SIZE,
     U32_MAX,
     U64_MAX,
@@ -73,31 +71,6 @@ def mutate(data: bytes, mutation: tuple) -> bytes:
     return data[:at] + packed + data[at + len(packed) :]
 
 
-def reseal_checksums(data: bytes) -> bytes:
-    """Recompute every checksum the (mutated) file declares, where its bounds allow,
-    so mutations get past the checksums to the rules behind them."""
-    if len(data) < PREAMBLE_SIZE:
-        return data
-    buf = bytearray(data)
-    header_length, index_length = PREAMBLE.unpack_from(buf)[4:6]
-    index_start = PREAMBLE_SIZE + header_length
-    index_end = index_start + index_length
-    if index_end > len(buf) or index_length % INDEX_ENTRY_SIZE:
-        return data
-    for at in range(index_start, index_end, INDEX_ENTRY_SIZE):
-        offset, length = INDEX_ENTRY.unpack_from(buf, at)[6:8]
-        if offset + length <= len(buf):
-            struct.pack_into("<I", buf, at + 32, zlib.crc32(buf[offset : offset + length]))
-    struct.pack_into(
-        "<II",
-        buf,
-        32,
-        zlib.crc32(buf[PREAMBLE_SIZE:index_start]),
-        zlib.crc32(buf[index_start:index_end]),
-    )
-    return bytes(buf)
-
-
 def open_and_decode_everything(data: bytes) -> None:
     """Everything a user can ask of a file; KvzipErrors are the allowed outcome."""
     try:
@@ -134,7 +107,7 @@ def test_mutated_file_fails_cleanly_in_bounded_memory(mutation_list: list, fix_c
     for mutation in mutation_list:
         data = mutate(data, mutation)
     if fix_checksums:
-        data = reseal_checksums(data)
+        data = reseal_kvz(data)
     tracemalloc.start()  # only around the code under test: tracing slows hypothesis too
     try:
         open_and_decode_everything(data)

@@ -11,14 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # fuzz/ lives at the repository root
-    sys.path.insert(0, str(ROOT))
-
-from fuzz import make_corpus  # noqa: E402
-from fuzz import targets as T  # noqa: E402
-from fuzz.run import REGRESSIONS, run_target  # noqa: E402
+from fuzz import make_corpus
+from fuzz import targets as T
+from fuzz.run import REGRESSIONS, run_target
 
 SMOKE_RUNS = 300  # per target, seed 1: a few seconds each, mostly the process start
 
