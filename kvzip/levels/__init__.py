@@ -30,11 +30,9 @@ from kvzip.levels.files import (
 )
 from kvzip.levels.profiles import (
     find_profile,
-    have_profile,
     is_digest,
     list_profiles,
     profile_dirs,
-    profiles_for,
     read_profile_file,
     register_profile_file,
     registered_profile_files,
@@ -51,7 +49,6 @@ from kvzip.levels.table import (
     codec_for_level,
     is_calibrated,
     level_config,
-    quality_order,
     register_level,
 )
 
@@ -75,7 +72,6 @@ __all__ = [
     "default_threads",
     "encode_chunks",
     "find_profile",
-    "have_profile",
     "is_calibrated",
     "is_digest",
     "kv_to_storage",
@@ -87,8 +83,6 @@ __all__ = [
     "on_threads",
     "open_cache",
     "profile_dirs",
-    "profiles_for",
-    "quality_order",
     "read_profile_file",
     "register_level",
     "register_profile_file",

@@ -68,7 +68,9 @@ class LevelCodecs:
         """One KV chunk as ``[2, layers, kv_heads, tokens, head_dim]`` in the storage dtype."""
         _require_kv(entry)
         self.check_chunk_memory(entry)
-        ctx = self.context(entry)
+        return self._decode(entry, payload, self.context(entry))
+
+    def _decode(self, entry: IndexEntry, payload: bytes, ctx: ChunkContext) -> np.ndarray:
         kv = self.codec(entry.level).decode(payload, ctx)
         if kv.shape != ctx.shape:
             raise CodecError(f"{describe_entry(entry, self.header.level_names)} decoded to shape "
@@ -86,13 +88,12 @@ class LevelCodecs:
         if ctx.dtype == "float32" and out.dtype == np.float32:
             self.codec(entry.level).decode_into(payload, ctx, out)
         else:
-            out[...] = self.decode(entry, payload)
+            out[...] = self._decode(entry, payload, ctx)
 
-    def level_array(self, tokens: int | None = None) -> np.ndarray:
+    def level_array(self) -> np.ndarray:
         """An uninitialised ``[2, L, H, T, D]`` array in the storage dtype for a whole level."""
         h = self.header
-        shape = (2, h.num_layers, h.kv_heads, h.token_count if tokens is None else tokens, h.head_dim)
-        return np.empty(shape, STORAGE_DTYPES[h.dtype])
+        return np.empty((2, h.num_layers, h.kv_heads, h.token_count, h.head_dim), STORAGE_DTYPES[h.dtype])
 
 
 def _require_kv(entry: IndexEntry) -> None:

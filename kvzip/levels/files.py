@@ -28,7 +28,6 @@ from kvzip.errors import UnknownLevelError
 from kvzip.formats import (
     ByteSource,
     ChatInfo,
-    FileSource,
     IndexEntry,
     KvzHeader,
     KvzReader,
@@ -37,6 +36,7 @@ from kvzip.formats import (
     ProfileInfo,
     SourceInfo,
     new_header,
+    open_kvz,
 )
 from kvzip.formats.limits import check_memory, chunk_work_bytes
 from kvzip.formats.spec import EntryKind
@@ -176,13 +176,10 @@ class CacheFile:
 
 def open_cache(path: str | os.PathLike[str] | ByteSource) -> CacheFile:
     """Open a ``.kvz`` (a path, or any byte source) for decoding; it owns a path's file
-    until closed."""
-    source = FileSource(path) if isinstance(path, (str, os.PathLike)) else path
-    try:
-        return CacheFile(KvzReader(source))
-    except BaseException:
-        source.close() if hasattr(source, "close") else None
-        raise
+    until closed (a byte source stays its caller's)."""
+    if isinstance(path, (str, os.PathLike)):
+        return CacheFile(open_kvz(path))
+    return CacheFile(KvzReader(path))
 
 
 @dataclass

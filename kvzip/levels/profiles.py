@@ -29,7 +29,6 @@ from kvzip.codecs.profile import (
     read_profile_meta,
 )
 from kvzip.errors import ProfileError, ProfileMismatchError, ProfileNotFoundError
-from kvzip.formats import KvzHeader
 
 ENV_PROFILE_DIR = "KVZIP_PROFILE_DIR"
 _LOADED: dict[str, Profile] = {}  # digest -> profile, for this process
@@ -116,15 +115,6 @@ def find_profile(digest: str) -> Profile:
     )
 
 
-def have_profile(digest: str) -> bool:
-    """Whether :func:`find_profile` would find ``digest`` (without reporting why not)."""
-    try:
-        find_profile(digest)
-    except ProfileError:
-        return False
-    return True
-
-
 def list_profiles(model_fingerprint: str | None = None) -> list[Profile]:
     """Profiles in the profile directories (newest first), optionally for one model.
 
@@ -145,16 +135,3 @@ def list_profiles(model_fingerprint: str | None = None) -> list[Profile]:
                 continue
             found.append((f.stat().st_mtime, prof))
     return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
-
-
-def profiles_for(header: KvzHeader, levels: list[str] | None = None) -> dict[str, Profile]:
-    """The profiles the codecs of ``levels`` (default: all) name, found here and each
-    checked to belong to the file's model: what decoding those levels needs."""
-    wanted = [lv.profile for lv in header.levels
-              if lv.profile is not None and (levels is None or lv.name in levels)]
-    found = {}
-    for digest in dict.fromkeys(wanted):
-        prof = find_profile(digest)
-        prof.check_model(header.model_fingerprint)
-        found[digest] = prof
-    return found

@@ -48,11 +48,6 @@ register_level("small", {**_KVZIP_LOSSY_BASE, "key_step": 0.55, "value_step": 1.
                calibrated={**_PROFILE_BASE, "step": 1.2})
 
 
-def quality_order() -> tuple[str, ...]:
-    """The level names, best first."""
-    return tuple(LEVELS)
-
-
 def check_level(name: str) -> str:
     """``name`` if it is a level, else the one :class:`UnknownLevelError` every caller raises."""
     if name not in LEVELS:

@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -19,11 +19,9 @@ from kvzip.errors import (
     ModelMismatchError,
     UnsupportedModelError,
 )
+from kvzip.formats import ChatInfo, KvzHeader
 from kvzip.formats.spec import MAX_TOKEN_COUNT
 from kvzip.model.loading import ModelSource, load_pretrained, resolve_model
-
-if TYPE_CHECKING:
-    from kvzip.formats import ChatInfo, KvzHeader
 
 Progress = Callable[[int, int], None]  # (done, total)
 
