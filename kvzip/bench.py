@@ -58,7 +58,6 @@ from kvzip.levels import (
     codec_for_level,
     is_calibrated,
     level_config,
-    open_cache,
     resolve,
     threads_for,
 )
@@ -610,8 +609,7 @@ def run_speed(km: KVModel, config: BenchConfig, profile: Profile | None, tmp: Pa
                                 chunk_tokens=config.chunk_tokens, dtype="float32")
         numel = kv.numel()
         del kv
-        with open_cache(out) as cache:
-            decoders = threads_for([codec], numel, len(cache.kv_entries(config.speed_level)), config.decoders)
+        decoders = threads_for([codec], numel, summary.chunks, config.decoders)
         # Cold, as a fresh process finds it: empty entropy-model caches.
         clear_model_caches()
         with DecodeMemory() as mem:
