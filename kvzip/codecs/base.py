@@ -26,7 +26,7 @@ import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -53,10 +53,38 @@ class ChunkContext:
     # RoPE inverse frequencies (head_dim // 2 floats) for transforms that
     # un-rotate keys to pre-RoPE; None when the model has no rotary embedding.
     rope_inv_freq: tuple[float, ...] | None = None
+    # A block of a chunk (a 2.x file's position layout, kvzip.formats.layout): which of
+    # the model's layers and kv heads the array's rows are, and the positions of its
+    # tokens (sorted; None: token_start .. token_start + token_count - 1).  None: all.
+    layer_ids: tuple[int, ...] | None = None
+    head_ids: tuple[int, ...] | None = None
+    positions: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
         return (2, self.num_layers, self.kv_heads, self.token_count, self.head_dim)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The model layers of the array's layer axis, in order."""
+        return tuple(range(self.num_layers)) if self.layer_ids is None else self.layer_ids
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        """The model kv heads of the array's head axis, in order."""
+        return tuple(range(self.kv_heads)) if self.head_ids is None else self.head_ids
+
+    def position_array(self) -> np.ndarray:
+        """Each token's position in the context (int64, sorted)."""
+        if self.positions is None:
+            return np.arange(self.token_start, self.token_start + self.token_count, dtype=np.int64)
+        return self.positions
+
+    def count_below(self, position: int) -> int:
+        """How many of the chunk's tokens sit before ``position`` (they come first)."""
+        if self.positions is None:
+            return max(0, min(self.token_count, position - self.token_start))
+        return int(np.searchsorted(self.positions, position))
 
     @property
     def numel(self) -> int:

@@ -73,6 +73,34 @@ class ProfileBasis(ArrayTransform):
             self.inv_t.reshape(2, layers, g, w, per, dim).transpose(0, 1, 2, 4, 3, 5), dtype=np.float32)
         self.mean_heads = np.ascontiguousarray(mean.reshape(2, layers, heads, 1, dim), dtype=np.float32)
 
+        self.heads = heads
+        self._parts: dict[tuple, ProfileBasis] = {}
+
+    def part(self, ctx: ChunkContext) -> ProfileBasis:
+        """The basis restricted to the chunk's layers and heads (itself for a whole chunk).
+        A per-layer basis (one group across the heads) needs every head of a layer."""
+        if ctx.layer_ids is None and ctx.head_ids is None:
+            return self
+        key = (ctx.layers, ctx.heads)
+        if key not in self._parts:
+            layers, heads = list(ctx.layers), list(ctx.heads)
+            if max(layers) >= self.mean.shape[1] or max(heads) >= self.heads:
+                raise CodecError("the chunk names a layer or head the profile does not have")
+            if len(heads) != self.heads and self.groups != self.heads:
+                raise CodecError("this profile's basis spans a layer's heads; it cannot code some heads alone")
+            sub = object.__new__(ProfileBasis)
+            g = self.groups if len(heads) == self.heads else len(heads)
+            pick = slice(None) if len(heads) == self.heads else heads
+            sub.profile, sub.groups, sub.width, sub.heads = self.profile, g, self.width, len(heads)
+            sub.mean = np.ascontiguousarray(self.mean[:, layers][:, :, pick])
+            sub.fwd_t = np.ascontiguousarray(self.fwd_t[:, layers][:, :, pick])
+            sub.inv_t = np.ascontiguousarray(self.inv_t[:, layers][:, :, pick])
+            sub.inv_heads = np.ascontiguousarray(self.inv_heads[:, layers][:, :, pick])
+            sub.mean_heads = np.ascontiguousarray(self.mean_heads[:, layers][:, :, pick])
+            sub._parts = {}
+            self._parts[key] = sub
+        return self._parts[key]
+
     def _grouped(self, x: np.ndarray) -> np.ndarray:
         """[2, L, H, T, D] -> [2, L, G, T, W] (a view when G = H)."""
         two, layers, heads, tokens, dim = x.shape
@@ -88,7 +116,8 @@ class ProfileBasis(ArrayTransform):
             y.transpose(0, 1, 3, 2, 4).reshape(two, layers, tokens, heads, dim).transpose(0, 1, 3, 2, 4))
 
     def forward(self, x: np.ndarray, ctx: ChunkContext) -> np.ndarray:
-        return self._ungrouped(matmul_one_thread(self._grouped(x) - self.mean, self.fwd_t), x.shape)
+        b = self.part(ctx)
+        return b._ungrouped(matmul_one_thread(b._grouped(x) - b.mean, b.fwd_t), x.shape)
 
     def inverse_rows(self, rows: np.ndarray) -> np.ndarray:
         """Decode from the quantiser's rows, [2, L, H, D, T] (channels by tokens,
@@ -103,9 +132,10 @@ class ProfileBasis(ArrayTransform):
         return out
 
     def inverse(self, x: np.ndarray, ctx: ChunkContext) -> np.ndarray:
-        out = matmul_one_thread(self._grouped(x), self.inv_t)
-        out += self.mean
-        return self._ungrouped(out, x.shape)
+        b = self.part(ctx)
+        out = matmul_one_thread(b._grouped(x), b.inv_t)
+        out += b.mean
+        return b._ungrouped(out, x.shape)
 
 
 @register_codec
@@ -139,7 +169,12 @@ class KvzipProfileCodec(StagedCodec):
         ])
 
     def check_chunk(self, ctx: ChunkContext) -> None:
-        self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)
+        if ctx.layer_ids is None and ctx.head_ids is None:
+            self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)
+        else:  # a block of a 2.x chunk: the file's geometry was checked when the level was built
+            layers, heads, dim = self.profile.geometry
+            if ctx.head_dim != dim or max(ctx.layers) >= layers or max(ctx.heads) >= heads:
+                self.profile.check_geometry(max(ctx.layers) + 1, max(ctx.heads) + 1, ctx.head_dim)
 
     def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
         out = np.empty(ctx.shape, np.float32)
@@ -155,7 +190,7 @@ class KvzipProfileCodec(StagedCodec):
         if out.shape != ctx.shape:
             raise CodecError(f"output has shape {out.shape}, the chunk {ctx.shape}")
         rows = self.pipeline.quantizer.dequantize_rows(self.pipeline.decode_blocks(payload, ctx), ctx)
-        x = self.basis.inverse_rows(rows)
+        x = self.basis.part(ctx).inverse_rows(rows)
         if ctx.rope_inv_freq is None:
             out[0] = x[0]
         else:

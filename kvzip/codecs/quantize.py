@@ -49,9 +49,10 @@ class TokenAbsmaxQuantizer(Quantizer):
             raise CodecError("cachegen bins must be >= 4")
 
     def _levels(self, ctx: ChunkContext) -> np.ndarray:
-        if self.bins.shape[1] != ctx.num_layers:
-            raise AssertionError("bins built for another layer count")
-        return (self.bins // 2 - 1).astype(np.float32)  # C: symbols in [-C, C]
+        layers = list(ctx.layers)
+        if ctx.layer_ids is None and self.bins.shape[1] != ctx.num_layers or max(layers) >= self.bins.shape[1]:
+            raise CodecError(f"cachegen bins are for {self.bins.shape[1]} layers, the chunk has layer {max(layers)}")
+        return (self.bins[:, layers] // 2 - 1).astype(np.float32)  # C: symbols in [-C, C]
 
     def symbol_shapes(self, ctx):
         return [(2 * ctx.num_layers * ctx.kv_heads * ctx.head_dim, ctx.token_count)]
@@ -102,7 +103,7 @@ class UniformStepQuantizer(Quantizer):
         self.early_factor = float(early_factor)
 
     def _sinks(self, ctx) -> int:
-        return max(0, min(ctx.token_count, self.sink_tokens - ctx.token_start))
+        return ctx.count_below(self.sink_tokens)
 
     def symbol_shapes(self, ctx):
         ns = self._sinks(ctx)
@@ -119,11 +120,17 @@ class UniformStepQuantizer(Quantizer):
     def _steps(self, ref, kcode, vcode, ctx) -> np.ndarray:
         """Step per element, broadcastable to [2, L, H, T, D] (float32)."""
         L, H, T, D = ctx.num_layers, ctx.kv_heads, ctx.token_count, ctx.head_dim
-        layer_mult = np.ones(L, np.float32)
-        layer_mult[: self.early_layers] = 1.0 / self.early_factor
-        scale = ref if self.layer_scale is None else self.layer_scale
-        if scale.shape != (2, L):
-            raise CodecError(f"step scales for {scale.shape[-1]} layers, chunk has {L}")
+        ids = np.asarray(ctx.layers)
+        layer_mult = np.where(ids < self.early_layers, np.float32(1.0 / self.early_factor),
+                              np.float32(1.0)).astype(np.float32)
+        if self.layer_scale is None:
+            scale = ref
+        else:
+            if self.layer_scale.ndim != 2 or self.layer_scale.shape[0] != 2 or (
+                    self.layer_scale.shape[1] != L if ctx.layer_ids is None
+                    else int(ids.max()) >= self.layer_scale.shape[1]):
+                raise CodecError(f"step scales for {self.layer_scale.shape[-1]} layers, chunk has {L}")
+            scale = self.layer_scale if ctx.layer_ids is None else self.layer_scale[:, ids]
         base = (scale * self.rel[:, None] * layer_mult[None, :]).astype(np.float32)  # [2, L]
         ks = np.broadcast_to(base[0][:, None, None, None], (L, 1, 1, 1)).astype(np.float32)
         vs = np.broadcast_to(base[1][:, None, None, None], (L, 1, 1, 1)).astype(np.float32)

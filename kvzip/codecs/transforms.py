@@ -23,7 +23,7 @@ def rope_cos_sin(ctx: ChunkContext) -> tuple[np.ndarray, np.ndarray]:
     inv = np.asarray(ctx.rope_inv_freq, dtype=np.float64)
     if inv.shape != (ctx.head_dim // 2,) or ctx.head_dim % 2:
         raise CodecError(f"rope_inv_freq has {inv.size} values; head_dim {ctx.head_dim} needs {ctx.head_dim // 2}")
-    pos = np.arange(ctx.token_start, ctx.token_start + ctx.token_count, dtype=np.float64)
+    pos = ctx.position_array().astype(np.float64)
     ang = pos[:, None] * inv[None, :]
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
