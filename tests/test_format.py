@@ -265,10 +265,16 @@ def test_truncated_file(kvz_bytes: bytes, cut: int | str):
         open_bytes(kvz_bytes[:at])
 
 
-@pytest.mark.parametrize("major", [0, 2, 0xFFFF])
+@pytest.mark.parametrize("major", [0, 3, 0xFFFF])
 def test_unknown_major_version(kvz_bytes: bytes, major: int):
     with pytest.raises(errors.UnsupportedVersionError, match=f"version {major}"):
         open_bytes(reseal(kvz_bytes, major=major))
+
+
+def test_version_2_without_features_is_refused(kvz_bytes: bytes):
+    # A 2.x header must say which 2.x features it needs; a 1.x header relabelled is not one.
+    with pytest.raises(errors.HeaderError, match="features"):
+        open_bytes(reseal(kvz_bytes, major=2))
 
 
 def test_nonzero_flags(kvz_bytes: bytes):

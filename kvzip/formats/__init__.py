@@ -25,12 +25,16 @@ from kvzip.formats.container import (
     parse_preamble,
     validate,
 )
+from kvzip.formats.layout import Block, LayeredKV, PositionLayout
 from kvzip.formats.reader import KvzReader, Problem, open_kvz
 from kvzip.formats.source import ByteSource, BytesSource, FileSource, checked_range
 from kvzip.formats.spec import MAGIC, VERSION_MAJOR, VERSION_MINOR, EntryKind
 from kvzip.formats.writer import KvzWriter
 
 __all__ = [
+    "Block",
+    "LayeredKV",
+    "PositionLayout",
     "ChatInfo",
     "ModelInfo",
     "ProfileInfo",

@@ -23,8 +23,10 @@ from kvzip.errors import (
     TruncatedFileError,
     UnsupportedVersionError,
 )
+from kvzip.formats.layout import PositionLayout
 from kvzip.formats.spec import (
     DTYPES,
+    FEATURES,
     FORMAT_NAME,
     INDEX_ENTRY,
     INDEX_ENTRY_SIZE,
@@ -36,9 +38,8 @@ from kvzip.formats.spec import (
     MAX_TOKEN_COUNT,
     PREAMBLE,
     PREAMBLE_SIZE,
+    READ_MAJORS,
     U64_MAX,
-    VERSION_MAJOR,
-    VERSION_MINOR,
     EntryKind,
 )
 
@@ -54,19 +55,21 @@ class Preamble:
     header_crc: int
     index_crc: int
     data_offset: int
-    major: int = VERSION_MAJOR
-    minor: int = VERSION_MINOR
+    major: int = 1
+    minor: int = 0
     flags: int = 0
 
     @classmethod
-    def for_sections(cls, header: bytes, index: bytes) -> Preamble:
-        """The preamble of a current-version file with these header and index bytes."""
+    def for_sections(cls, header: bytes, index: bytes, major: int = 1) -> Preamble:
+        """The preamble of a file with these header and index bytes (``major``: the
+        header's :attr:`KvzHeader.major`)."""
         return cls(
             header_length=len(header),
             index_length=len(index),
             header_crc=zlib.crc32(header),
             index_crc=zlib.crc32(index),
             data_offset=PREAMBLE_SIZE + len(header) + len(index),
+            major=major,
         )
 
     @property
@@ -102,9 +105,10 @@ def parse_preamble(data: bytes) -> Preamble:
     _, major, minor, flags, header_length, index_length, header_crc, index_crc, data_offset = (
         PREAMBLE.unpack_from(data)
     )
-    if major != VERSION_MAJOR:
+    if major not in READ_MAJORS:
         raise UnsupportedVersionError(
-            f".kvz version {major}.{minor} is not supported (this kvzip reads {VERSION_MAJOR}.x)"
+            f".kvz version {major}.{minor} is not supported "
+            f"(this kvzip reads {' and '.join(f'{m}.x' for m in READ_MAJORS)})"
         )
     if flags:
         raise UnsupportedVersionError(
@@ -195,9 +199,17 @@ class KvzHeader:
     :class:`~kvzip.errors.HeaderError`.  Unknown fields stay in ``raw`` untouched.
     """
 
-    def __init__(self, raw: Any):
+    def __init__(self, raw: Any, major: int | None = None):
         self.levels = _check_header(raw)
         self.raw: dict[str, Any] = raw
+        self.features = _check_features(raw, major)
+        self.major = 2 if self.features else 1
+        self.rope_tables, self.layer_rope = _check_rope(raw["rope"], raw["head_dim"], raw["num_layers"],
+                                                       "rope-tables" in self.features)
+        self._layout: PositionLayout | None = None
+        if "positions" in self.features:
+            self._layout = PositionLayout.from_json(_required(raw, "positions"), raw["num_layers"],
+                                                    raw["kv_heads"], raw["token_count"])
         self.model = _model_info(raw["model"])
         self.chat = _optional(raw, "chat", _chat_info)
         self.profile = _optional(raw, "profile", _profile_info)
@@ -256,8 +268,27 @@ class KvzHeader:
 
     @property
     def rope_inv_freq(self) -> tuple[float, ...] | None:
-        rope = self.raw["rope"]
-        return None if rope is None else tuple(float(f) for f in rope["inv_freq"])
+        """The one RoPE table every layer uses (None: no rotary embedding, or one per layer)."""
+        if self.rope_tables is None or len(self.rope_tables) != 1:
+            return None
+        return self.rope_tables[0]
+
+    def layer_rope_inv_freq(self, layer: int) -> tuple[float, ...] | None:
+        """Layer ``layer``'s RoPE inverse frequencies, or None when it has none recorded."""
+        if self.rope_tables is None:
+            return None
+        return self.rope_tables[self.layer_rope[layer]]
+
+    @property
+    def layout(self) -> PositionLayout:
+        """Which positions each (layer, kv head) holds (every one, in a 1.x file)."""
+        if self._layout is None:
+            self._layout = PositionLayout.dense(self.num_layers, self.kv_heads, self.token_count)
+        return self._layout
+
+    @property
+    def is_dense(self) -> bool:
+        return "positions" not in self.features
 
     @property
     def model_fingerprint(self) -> str:
@@ -280,7 +311,11 @@ def new_header(
     token_count: int,
     chunk_tokens: int,
     levels: Sequence[tuple[str, Mapping[str, Any]]],
-    rope_inv_freq: Sequence[float] | None,
+    rope_inv_freq: Sequence[float] | None = None,
+    rope_tables: Sequence[Sequence[float]] | None = None,
+    layer_rope: Sequence[int] | None = None,
+    layout: PositionLayout | None = None,
+    attention: Mapping[str, Any] | None = None,
     profile: ProfileInfo | None = None,
     chat: ChatInfo | None = None,
     source: SourceInfo | None = None,
@@ -289,7 +324,27 @@ def new_header(
     extra: Mapping[str, Any] | None = None,
 ) -> KvzHeader:
     """The one place a writer's header is put together, validated as a reader will
-    validate it (``extra``: further fields, kept as they are)."""
+    validate it (``extra``: further fields, kept as they are).
+
+    RoPE: one table (``rope_inv_freq``), or ``rope_tables`` with each layer's index into
+    them (``layer_rope``).  ``layout``: the positions each (layer, kv head) holds; a dense
+    one, or none, writes no ``positions``.  The version follows: 2.0 with the features a
+    file needs (several RoPE tables, a layout that is not dense), else 1.0.
+    ``attention``: what the model's layers attend to (informational, for ``info``)."""
+    features = []
+    rope: dict[str, Any] | None = None
+    if rope_tables is not None and len({tuple(t) for t in rope_tables}) > 1:
+        features.append("rope-tables")
+        rope = {"tables": [[float(f) for f in t] for t in rope_tables],
+                "layer_table": [int(i) for i in layer_rope]}
+    elif rope_tables is not None:
+        rope = {"inv_freq": [float(f) for f in rope_tables[0]]}
+    elif rope_inv_freq is not None:
+        rope = {"inv_freq": [float(f) for f in rope_inv_freq]}
+    positions = None
+    if layout is not None and not layout.is_dense():
+        features.insert(0, "positions")
+        positions = layout.to_json()
     raw: dict[str, Any] = {
         "format": FORMAT_NAME,
         **({"kvzip_version": kvzip_version} if kvzip_version is not None else {}),
@@ -302,13 +357,19 @@ def new_header(
         "token_count": token_count,
         "chunk_tokens": chunk_tokens,
         "levels": [{"name": name, "codec": dict(codec)} for name, codec in levels],
-        "rope": None if rope_inv_freq is None else {"inv_freq": [float(f) for f in rope_inv_freq]},
+        **({"features": features} if features else {}),
+        "rope": rope,
+        **({"positions": positions} if positions is not None else {}),
+        **({"attention": dict(attention)} if attention is not None else {}),
         **({"profile": _drop_none(profile.__dict__)} if profile is not None else {}),
         **({"chat": dict(chat.__dict__)} if chat is not None else {}),
         **({"source": dict(source.__dict__)} if source is not None else {}),
         **dict(extra or {}),
     }
-    return KvzHeader(json.loads(encode_header(raw)))  # exactly what a reader will parse
+    header = KvzHeader(json.loads(encode_header(raw)))  # exactly what a reader will parse
+    if layout is not None and positions is not None:
+        header._layout = layout  # the same positions, without decoding them again
+    return header
 
 
 def _drop_none(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -328,8 +389,9 @@ def encode_header(fields: Mapping[str, Any]) -> bytes:
     return data
 
 
-def parse_header(data: bytes) -> KvzHeader:
-    """Parse and fully validate the header's JSON bytes."""
+def parse_header(data: bytes, major: int | None = None) -> KvzHeader:
+    """Parse and fully validate the header's JSON bytes (``major``: the file's version,
+    which must match the features the header lists; None skips that check)."""
     if len(data) > MAX_HEADER_BYTES:
         raise HeaderError(f"header is {len(data)} bytes; the cap is {MAX_HEADER_BYTES}")
     try:
@@ -342,7 +404,7 @@ def parse_header(data: bytes) -> KvzHeader:
         raise HeaderError("header JSON nests too deeply") from None
     except ValueError as exc:  # includes UnicodeDecodeError and JSONDecodeError
         raise HeaderError(f"header is not UTF-8 JSON: {exc}") from None
-    return KvzHeader(raw)
+    return KvzHeader(raw, major)
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -382,8 +444,31 @@ def _check_header(raw: Any) -> tuple[QualityLevel, ...]:
         )
     if _required(raw, "dtype") not in DTYPES:
         raise HeaderError(f"header field 'dtype' must be one of {', '.join(DTYPES)}")
-    _check_rope(_required(raw, "rope"), head_dim)
+    _required(raw, "rope")
     return _check_levels(_required(raw, "levels"))
+
+
+def _check_features(raw: dict[str, Any], major: int | None) -> tuple[str, ...]:
+    """The 2.x features the header lists: none in a 1.x file; known ones, at least one,
+    in a 2.x file.  An unknown feature is refused by name, so a newer file never decodes
+    to a wrong cache here."""
+    features = raw.get("features")
+    if features is None:
+        if major is not None and major >= 2:
+            raise HeaderError(f"a version {major} header must list its 'features'")
+        return ()
+    if major is not None and major < 2:
+        raise HeaderError("header field 'features' belongs to version 2 files; this one is 1.x")
+    if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
+        raise HeaderError("header field 'features' must be a non-empty list of strings")
+    if len(set(features)) != len(features):
+        raise HeaderError("header field 'features' lists a feature twice")
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown:
+        raise UnsupportedVersionError(
+            f"this .kvz needs the feature {unknown[0]!r}, which this kvzip does not read "
+            f"(it reads: {', '.join(FEATURES)})")
+    return tuple(features)
 
 
 def _optional(raw: dict[str, Any], key: str, parse: Any) -> Any:
@@ -425,18 +510,34 @@ def _digest(value: Any, field: str) -> str:
     return value
 
 
-def _check_rope(rope: Any, head_dim: int) -> None:
+def _check_rope(rope: Any, head_dim: int, num_layers: int, tables: bool
+                ) -> tuple[tuple[tuple[float, ...], ...] | None, tuple[int, ...]]:
+    """RoPE tables and each layer's index into them: one ``inv_freq`` for every layer,
+    or (feature ``rope-tables``) ``tables`` with ``layer_table``."""
     if rope is None:
-        return
-    inv_freq = _required(_object(rope, "rope"), "inv_freq", "rope.")
+        return None, (0,) * num_layers
+    rope = _object(rope, "rope")
+    if not tables:
+        return (_inv_freq(_required(rope, "inv_freq", "rope."), head_dim, "rope.inv_freq"),), (0,) * num_layers
+    listed = _required(rope, "tables", "rope.")
+    if not isinstance(listed, list) or not 0 < len(listed) <= num_layers:
+        raise HeaderError(f"header field 'rope.tables' must be a list of 1 to {num_layers} tables")
+    parsed = tuple(_inv_freq(t, head_dim, f"rope.tables[{i}]") for i, t in enumerate(listed))
+    index = _required(rope, "layer_table", "rope.")
+    if (not isinstance(index, list) or len(index) != num_layers
+            or not all(type(i) is int and 0 <= i < len(parsed) for i in index)):
+        raise HeaderError(f"header field 'rope.layer_table' must be {num_layers} indices into 'rope.tables'")
+    return parsed, tuple(index)
+
+
+def _inv_freq(value: Any, head_dim: int, field: str) -> tuple[float, ...]:
     if (
-        not isinstance(inv_freq, list)
-        or len(inv_freq) != head_dim // 2
-        or not all(_is_finite_number(f) for f in inv_freq)
+        not isinstance(value, list)
+        or len(value) != head_dim // 2
+        or not all(_is_finite_number(f) for f in value)
     ):
-        raise HeaderError(
-            f"header field 'rope.inv_freq' must be a list of {head_dim // 2} finite numbers"
-        )
+        raise HeaderError(f"header field '{field}' must be a list of {head_dim // 2} finite numbers")
+    return tuple(float(f) for f in value)
 
 
 def _check_levels(levels: Any) -> tuple[QualityLevel, ...]:

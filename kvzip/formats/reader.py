@@ -64,7 +64,7 @@ class KvzReader:
         header_bytes, index_bytes = head[PREAMBLE_SIZE:header_end], head[header_end:end]
         _check_crc(header_bytes, self.preamble.header_crc, "header")
         _check_crc(index_bytes, self.preamble.index_crc, "chunk index")
-        self.header = parse_header(header_bytes)
+        self.header = parse_header(header_bytes, self.preamble.major)
         self.entries = tuple(parse_index(index_bytes))
         self._index = validate(self.header, self.entries, size, end)
 

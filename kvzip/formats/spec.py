@@ -12,8 +12,18 @@ from enum import IntEnum
 
 MAGIC = b"\x89KVZ\r\n\x1a\n"
 FORMAT_NAME = "kvz"  # the header's "format" field
-VERSION_MAJOR = 1
+# The newest version this kvzip writes and reads; it reads every major in READ_MAJORS.
+# A writer writes the oldest version that can describe the file: a dense cache whose
+# layers share one RoPE table is a 1.0 file, byte for byte what earlier kvzip wrote.
+VERSION_MAJOR = 2
 VERSION_MINOR = 0
+READ_MAJORS = (1, 2)
+# What a 2.x header's "features" may list.  A reader refuses a file that needs a
+# feature it does not know, naming it; 1.x readers refuse every 2.x file by its major.
+FEATURES = (
+    "positions",  # per (layer, kv head) sets of stored positions (header field "positions")
+    "rope-tables",  # several RoPE tables, one per layer (header field "rope.tables")
+)
 
 # magic, major, minor, flags, header_length, index_length, header_crc, index_crc, data_offset
 PREAMBLE = struct.Struct("<8sHHIQQIIQ")

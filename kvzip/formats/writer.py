@@ -134,7 +134,7 @@ class KvzWriter:
             placed.append(replace(entry, offset=position))
             position += entry.length
         index = pack_index(placed)
-        preamble = pack_preamble(Preamble.for_sections(self._header_bytes, index))
+        preamble = pack_preamble(Preamble.for_sections(self._header_bytes, index, self.header.major))
 
         self._spill.flush()
         with atomic.atomic_output(self.path) as out_path, open(out_path, "wb") as out:
