@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvzip.levels import LEVELS  # noqa: E402
 from kvzip.codecs import ChunkContext, codec_from_config  # noqa: E402
+from kvzip.levels import LEVELS  # noqa: E402
 
 CACHE_DIR = Path("/tmp/kvzip_bench")
 

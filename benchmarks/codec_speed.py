@@ -15,8 +15,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from safetensors.numpy import load_file  # noqa: E402
 
-from kvzip.levels import LEVELS  # noqa: E402
 from kvzip.codecs import ChunkContext, codec_from_config  # noqa: E402
+from kvzip.levels import LEVELS  # noqa: E402
 
 path = sys.argv[1] if len(sys.argv) > 1 else "/tmp/kv_gpl3.safetensors"
 kv = load_file(path)["kv"][:, :, :, :2048]

@@ -35,6 +35,12 @@ class _Model:
     def rope_inv_freq(self):
         return tuple((1 / (10000 ** (np.arange(0, D, 2) / D))).tolist())
 
+    def rope_tables(self):
+        return (self.rope_inv_freq(),), (0,) * L
+
+    def attention_info(self):
+        return None
+
 
 def write(path: Path) -> None:
     from kvzip.codecs import codec_from_config

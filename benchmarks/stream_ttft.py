@@ -50,11 +50,10 @@ import numpy as np
 import torch
 
 from kvzip.bench import score
-from kvzip.levels import model_profile
 from kvzip.codecs import ChunkContext, Codec, register_codec
 from kvzip.formats import open_kvz
+from kvzip.levels import model_profile, storage_to_kv, write_kvz
 from kvzip.model import KVModel
-from kvzip.levels import storage_to_kv, write_kvz
 from kvzip.stream.client import RECOMPUTE, stream_generate
 
 # The multi-level file of issue 6 (`kvzip encode --levels small,balanced,high`);

@@ -177,7 +177,8 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What a ``.kvz`` holds: model, geometry, levels with sizes and ratios."""
     with open_kvz(path) as reader:
         h = reader.header
-        elements = 2 * h.num_layers * h.kv_heads * h.token_count * h.head_dim
+        context_elements = 2 * h.num_layers * h.kv_heads * h.token_count * h.head_dim
+        elements = 2 * h.layout.stored() * h.head_dim  # what the file holds (all, when dense)
         raw = elements * STORAGE_DTYPES[h.dtype].itemsize
         file_bytes = reader.source.size()
         levels = []
@@ -189,6 +190,7 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
                     "codec": level.codec,
                     "payload_bytes": payload,
                     "bits_per_element": round(payload * 8 / elements, 4),
+                    "bits_per_context_element": round(payload * 8 / context_elements, 4),
                     "ratio": round(raw / payload, 4) if payload else None,
                 }
             )
@@ -212,9 +214,32 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "file_bytes": file_bytes,
             "ratio": round(raw / file_bytes, 4),
             "bits_per_element": round(file_bytes * 8 / elements, 4),
+            "bits_per_context_element": round(file_bytes * 8 / context_elements, 4),
+            "stored_elements": elements,
+            "context_elements": context_elements,
+            "layout": _layout_info(h),
             "source": None if h.source is None else {"name": h.source.name, "sha256": h.source.sha256},
             "profile": _profile_info(h.levels),
         }
+
+
+def _layout_info(h: Any) -> dict[str, Any]:
+    """Which positions the layers hold, by layer type: every one (dense), or a window."""
+    attention = h.raw.get("attention") if isinstance(h.raw.get("attention"), dict) else {}
+    types = attention.get("layer_types")
+    if not (isinstance(types, list) and len(types) == h.num_layers and all(isinstance(t, str) for t in types)):
+        types = ["full_attention"] * h.num_layers if h.is_dense else ["layer"] * h.num_layers
+    groups: dict[str, dict[str, Any]] = {}
+    for i, kind in enumerate(types):
+        g = groups.setdefault(kind, {"layers": [], "stored_positions": []})
+        g["layers"].append(i)
+        g["stored_positions"].append(sum(int(p.size) for p in h.layout.positions[i]) // h.kv_heads)
+    by_type = []
+    for kind, g in groups.items():
+        stored = sorted(set(g["stored_positions"]))
+        by_type.append({"type": kind, "layers": len(g["layers"]),
+                        "tokens_stored": stored[0] if len(stored) == 1 else stored})
+    return {"dense": h.is_dense, "features": list(h.features), "by_type": by_type}
 
 
 def _profile_info(levels) -> dict[str, Any] | None:
@@ -266,10 +291,15 @@ def decode(
     level: str | None = None,
     progress: Progress = no_progress,
 ) -> DecodeSummary:
-    """Decode a ``.kvz`` into a safetensors file (``layers.{i}.key/value``, ``token_ids``).
+    """Decode a ``.kvz`` into a safetensors file (``layers.{i}.key/value/positions``,
+    ``token_ids``).
 
-    Tensors are [kv_heads, tokens, head_dim] exactly as the model's cache holds
-    them (keys after RoPE at positions 0..T-1): a contract other programs rely on.
+    ``layers.{i}.key`` / ``.value`` are [kv_heads, n, head_dim] exactly as the model's
+    cache holds them (keys after RoPE), and ``layers.{i}.positions`` [kv_heads, n]
+    (int64) says which context position each of the n entries is: 0..T-1 for a layer
+    that keeps everything, the last ``window - 1`` for a sliding-window layer.  A head
+    holding fewer entries than its layer's widest is padded at the end with zeros at
+    position -1.  Other programs rely on this contract (``docs/format.md``).
     """
     from safetensors.torch import save_file
 
@@ -277,9 +307,10 @@ def decode(
     loaded = load_kv(path, level, progress)
     kv, ids, header = loaded.kv, loaded.token_ids, loaded.header
     tensors: dict[str, torch.Tensor] = {"token_ids": torch.tensor(ids, dtype=torch.int64)}
-    for i in range(kv.shape[1]):
-        tensors[f"layers.{i}.key"] = kv[0, i].contiguous()
-        tensors[f"layers.{i}.value"] = kv[1, i].contiguous()
+    for i, layer in enumerate(kv.layers):
+        tensors[f"layers.{i}.key"] = layer[0].contiguous()
+        tensors[f"layers.{i}.value"] = layer[1].contiguous()
+        tensors[f"layers.{i}.positions"] = torch.from_numpy(kv.layout.layer_positions(i))
     metadata = {
         "format": "kvzip-decoded",
         "model_fingerprint": header.model_fingerprint,

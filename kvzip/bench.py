@@ -51,6 +51,7 @@ from kvzip.codecs import Codec, codec_from_config, codec_ids
 from kvzip.codecs.entropy import clear_model_caches
 from kvzip.codecs.profile import Profile
 from kvzip.errors import InputError
+from kvzip.formats import LayeredKV
 from kvzip.levels import (
     DEFAULT_LEVEL,
     LEVELS,
@@ -193,13 +194,21 @@ def score(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor)
     return QualityScore(max(kl, 0.0), dppl, top1)
 
 
-def kivi_roundtrip(kv: torch.Tensor, bits: int, group: int = 32) -> tuple[torch.Tensor, float]:
+def kivi_roundtrip(kv: torch.Tensor | LayeredKV, bits: int, group: int = 32) -> tuple[Any, float]:
     """KIVI-style asymmetric quantization, and the bits per element it would take.
 
     Keys are quantized per channel (groups of ``group`` tokens), values per token
     (groups of ``group`` channels); each group stores an fp16 scale and zero point.
-    KIVI's full-precision window of recent tokens is not modelled.
+    KIVI's full-precision window of recent tokens is not modelled.  A cache with a
+    position layout is quantized layer by layer, over the tokens each layer holds.
     """
+    if isinstance(kv, LayeredKV):
+        if kv.is_dense:
+            out, bpe = kivi_roundtrip(kv.dense, bits, group)
+            return LayeredKV.from_dense(out), bpe
+        parts = [kivi_roundtrip(layer[:, None], bits, group) for layer in kv.layers]
+        total = sum(bpe * layer.numel() for (_, bpe), layer in zip(parts, kv.layers))
+        return LayeredKV([q[:, 0] for q, _ in parts], kv.layout), total / kv.elements()
     keys, values = kv[0].float(), kv[1].float()
     L, H, T, D = keys.shape
     pad = (-T) % group
@@ -416,16 +425,16 @@ def _bench_text(
     follow = ids[P : P + config.cont]
     targets = torch.tensor(ids[P + 1 : P + config.cont + 1])
     ref_logits = km.teacher_force(kv, follow)
-    numel = kv.numel()
+    numel = kv.elements()  # stored elements: a sliding layer counts its window
     name = path.name
     rows = []
 
-    def quality(decoded: torch.Tensor) -> QualityScore:
+    def quality(decoded: LayeredKV) -> QualityScore:
         s = score(ref_logits, km.teacher_force(decoded, follow), targets)
         tick()
         return s
 
-    def row(method: str, decoded: torch.Tensor, bits: float, **extra: Any) -> BenchRow:
+    def row(method: str, decoded: LayeredKV, bits: float, **extra: Any) -> BenchRow:
         s = quality(decoded)
         return BenchRow(
             text=name, method=method, bits_per_element=bits, kl=s.kl, dppl_pct=s.dppl_pct,
@@ -434,7 +443,7 @@ def _bench_text(
                **extra},
         )
 
-    def roundtrip(method: str, codec: Codec, dtype: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    def roundtrip(method: str, codec: Codec, dtype: str) -> tuple[LayeredKV, dict[str, Any]]:
         out = tmp / f"{name}.{method}.kvz"
         summary = api.write_kvz(
             kv, ids[:P], out, km, levels=[(method, codec)], chunk_tokens=config.chunk_tokens,
@@ -457,7 +466,7 @@ def _bench_text(
         return row(method, decoded, extra["file_bytes"] * 8 / numel, **extra)
 
     if config.baselines:
-        rows.append(row("fp16", kv.half().float(), 16.0))
+        rows.append(row("fp16", kv.map(lambda t: t.half().float()), 16.0))
         rows.append(stored("zstd-fp16", codec_for_level("lossless"), "float16"))
         for method, bits in KIVI_BASELINES.items():
             decoded, bpe = kivi_roundtrip(kv, bits)
@@ -607,7 +616,7 @@ def run_speed(km: KVModel, config: BenchConfig, profile: Profile | None, tmp: Pa
         out = tmp / f"speed-{n}.kvz"
         summary = api.write_kvz(kv, ids[:n], out, km, levels=[(config.speed_level, codec)],
                                 chunk_tokens=config.chunk_tokens, dtype="float32")
-        numel = kv.numel()
+        numel = kv.elements()
         del kv
         decoders = threads_for([codec], numel, summary.chunks, config.decoders)
         # Cold, as a fresh process finds it: empty entropy-model caches.
@@ -618,7 +627,7 @@ def run_speed(km: KVModel, config: BenchConfig, profile: Profile | None, tmp: Pa
             decode_s = time.perf_counter() - t0
         # The decoded tensor is held at the end, whatever RSS shows: a small one can
         # fit in heap memory freed earlier, which no RSS mark sees grow.
-        peak = max(mem.peak_bytes, decoded.numel() * decoded.element_size())
+        peak = max(mem.peak_bytes, decoded.elements() * decoded.layers[0].element_size())
         km.teacher_force(decoded, ids[n:])
         ttft_kvz = time.perf_counter() - t0
         del decoded

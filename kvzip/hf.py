@@ -29,7 +29,7 @@ import torch
 
 from kvzip.codecs import STORAGE_DTYPES
 from kvzip.errors import InputError
-from kvzip.formats import ByteSource, KvzHeader
+from kvzip.formats import ByteSource, KvzHeader, PositionLayout
 from kvzip.levels import (
     DEFAULT_CHUNK_TOKENS,
     CacheFile,
@@ -98,8 +98,8 @@ def save(
             "cache was computed from (after generate(), the last token is not cached yet)"
         )
     km.check_length(n_tokens, "the cache")
-    kv = km.cache_to_tensor(cache, n_tokens).detach().cpu()
-    stored = dtype or str(kv.dtype).removeprefix("torch.")
+    kv = km.capture(cache, n_tokens).map(lambda t: t.detach().cpu())
+    stored = dtype or str(kv.layers[0].dtype).removeprefix("torch.")
     if stored not in STORAGE_DTYPES:
         raise InputError(f"the cache is {stored}; pass dtype= one of {', '.join(STORAGE_DTYPES)}")
     levels = resolve(names, km, profile, if_missing=if_no_profile)
@@ -122,15 +122,20 @@ def load(
     layers hold the decoded K/V in the model's dtype on ``device`` (default: the model's),
     ready for ``model.generate(input_ids=ids, cache=cache)`` where ``ids`` starts with the
     stored ids (:attr:`KvzFile.input_ids`) and goes on past them: the model needs at
-    least one uncached token (to continue right after the stored ids, ``cache.crop(-1)``
-    first).  ``generate`` extends the cache in place, so load a fresh one (or
+    least one uncached token.  Each layer's position counter is the stored context's
+    length, also in sliding-window layers that hold only their window.  To continue
+    right after the stored ids, call ``cache.crop(-1)`` first; that works only while
+    no sliding layer's window is full (a full window keeps only what the next new
+    token needs).  ``generate`` extends the cache in place, so load a fresh one (or
     ``copy.deepcopy`` it) for each generation.
     """
     km = as_kv_model(model, tokenizer)
     with open_cache(path) as file:
         km.check_stored_cache(file.header)
-        kv = storage_to_kv(file.decode_level(file.level_name(level)), file.header.dtype)
-    return km.build_cache(kv.to(device if device is not None else _device(km)))
+        dtype = file.header.dtype
+        kv = file.decode_layers(file.level_name(level)).map(lambda a: storage_to_kv(a, dtype))
+    target = device if device is not None else _device(km)
+    return km.build_cache(kv.map(lambda t: t.to(target)))
 
 
 def open(source: str | os.PathLike[str] | ByteSource) -> KvzFile:  # noqa: A001  (kvzip.open)
@@ -229,6 +234,20 @@ class KvzFile:
             raise IndexError(f"chunk {index} out of range: the file has {len(entries)} chunks")
         array = self._file.decode_chunk(entries[index])
         return storage_to_kv(array, self.dtype)
+
+    def decode_chunk_layers(self, index: int, level: str | None = None) -> list[torch.Tensor]:
+        """Chunk ``index`` as each layer's ``[2, kv_heads, n, head_dim]``: the positions the
+        file's layout gives that layer inside the chunk (:attr:`layout`), for any file;
+        :meth:`decode_chunk` is the one-tensor form of a file whose layers hold every position."""
+        entries = self._file.kv_entries(self._file.level_name(level))
+        if not -len(entries) <= index < len(entries):
+            raise IndexError(f"chunk {index} out of range: the file has {len(entries)} chunks")
+        return [storage_to_kv(a, self.dtype) for a in self._file.decode_chunk_layers(entries[index])]
+
+    @property
+    def layout(self) -> PositionLayout:
+        """Which context positions each (layer, kv head) holds."""
+        return self.header.layout
 
     def close(self) -> None:
         self._file.close()

@@ -103,9 +103,11 @@ def test_decode_writes_the_safetensors_contract(kvz, tmp_path, tiny_model_dir):
     n = len(TEXT.encode())
     assert tensors["token_ids"].dtype.name == "int64" and tensors["token_ids"].shape == (n,)
     assert sorted(k for k in tensors if k != "token_ids") == sorted(
-        f"layers.{i}.{kind}" for i in range(3) for kind in ("key", "value")
+        f"layers.{i}.{kind}" for i in range(3) for kind in ("key", "value", "positions")
     )
     assert tensors["layers.0.key"].shape == (2, n, 16)
+    assert tensors["layers.2.positions"].dtype.name == "int64"
+    assert tensors["layers.2.positions"].tolist() == [list(range(n))] * 2
 
 
 def test_generate_matches_generation_from_text(kvz, tiny_model_dir):

@@ -18,7 +18,13 @@ from kvzip.levels import open_cache
 GOLDEN_DIRS = sorted((Path(__file__).parent / "fixtures").glob("v[0-9]*"))
 # Each directory's expected.json names its exact (hash-checked) golden files.
 GOLDEN_FILES = [
-    d / name for d in GOLDEN_DIRS for name in sorted(json.loads((d / "expected.json").read_text()))
+    d / name for d in GOLDEN_DIRS if (d / "expected.json").exists()
+    for name in sorted(json.loads((d / "expected.json").read_text()))
+]
+# 2.x files with a position layout: expected_layout.json (tests/fixtures/make_golden_v2.py).
+LAYOUT_FILES = [
+    d / name for d in GOLDEN_DIRS if (d / "expected_layout.json").exists()
+    for name in sorted(json.loads((d / "expected_layout.json").read_text()))
 ]
 
 
@@ -101,5 +107,34 @@ def test_profile_golden_file_decodes(path: Path, monkeypatch):
             got = reader.decode_level(level)
             assert got.dtype == want.dtype and list(got.shape) == expected["shape"]
             np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-4)
+        ids = reader.token_ids().astype("<i8")
+        assert hashlib.sha256(ids.tobytes()).hexdigest() == expected["token_ids_sha256"]
+
+
+def test_layout_golden_files_exist():
+    assert {p.name for p in LAYOUT_FILES} >= {"golden_windowed_f32.kvz", "golden_irregular_f32.kvz"}
+
+
+@pytest.mark.parametrize("path", LAYOUT_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_layout_golden_file_decodes(path: Path):
+    """A windowed (hybrid model) and an irregular (per-head) layout decode as they did:
+    lossless bit for bit, the lossy level within float rounding of RoPE's cos/sin."""
+    expected = json.loads((path.parent / "expected_layout.json").read_text())[path.name]
+    with open_cache(path) as reader:
+        assert reader.version == (2, 0) and "positions" in reader.header.features
+        assert reader.verify(decode=True) == []
+        layout = reader.header.layout
+        assert [layout.layer_width(i) for i in range(layout.num_layers)] == expected["widths"]
+        for level, want in expected["levels"].items():
+            got = reader.decode_layers(level)
+            if "sha256" in want:
+                h = hashlib.sha256()
+                for layer in got.layers:
+                    h.update(np.ascontiguousarray(layer).tobytes())
+                assert h.hexdigest() == want["sha256"]
+            else:
+                arrays = np.load(path.parent / want["arrays"])
+                for i, layer in enumerate(got.layers):
+                    np.testing.assert_allclose(layer, arrays[f"arr_{i}"], rtol=1e-2, atol=1e-4)
         ids = reader.token_ids().astype("<i8")
         assert hashlib.sha256(ids.tobytes()).hexdigest() == expected["token_ids_sha256"]

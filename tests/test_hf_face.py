@@ -21,7 +21,7 @@ from tiny import FAMILIES, byte_tokenizer, save_tiny_model, tiny_model
 
 import kvzip
 from kvzip import api
-from kvzip.errors import ContextTooLongError, InputError, ModelMismatchError, UnknownLevelError
+from kvzip.errors import InputError, ModelMismatchError, UnknownLevelError
 from kvzip.formats import FileSource
 from kvzip.formats.spec import FIRST_READ_BYTES
 from kvzip.levels import open_cache
@@ -313,14 +313,21 @@ def test_bad_arguments_are_one_line_errors(tiny_llama, tmp_path):
     assert torch.equal(loaded.layers[0].keys, ref)
 
 
-def test_sliding_window_contexts_must_fit_the_window(tmp_path):
-    model = tiny_model("mistral").model  # window 256: its cache keeps 255 tokens
-    ids = torch.randint(0, 256, (1, 300))
-    with pytest.raises(ContextTooLongError, match="sliding"):
-        kvzip.save(prefill(model, ids), tmp_path / "long.kvz", model=model, input_ids=ids)
-    assert not (tmp_path / "long.kvz").exists()
-    fits = ids[:, :255]
-    kvzip.save(prefill(model, fits), tmp_path / "fits.kvz", model=model, input_ids=fits)
+def test_sliding_window_caches_longer_than_the_window_round_trip(tmp_path):
+    from tiny import windowed_model
+
+    model = windowed_model("gemma3", 16).model  # its sliding layers keep 15 tokens
+    ids = torch.randint(0, 256, (1, 100))
+    out = tmp_path / "long.kvz"
+    kvzip.save(prefill(model, ids), out, model=model, input_ids=ids, chunk_tokens=25)
+    with kvzip.open(out) as kvz:
+        assert [kvz.layout.layer_width(i) for i in range(6)] == [15] * 5 + [100]
+        assert [p.shape[2] for p in kvz.decode_chunk_layers(2)] == [0] * 5 + [25]
+        assert [p.shape[2] for p in kvz.decode_chunk_layers(3)] == [15] * 5 + [25]
+    loaded = kvzip.load(out, model=model)
+    assert loaded.get_seq_length() == 100 and loaded.layers[0].keys.shape[2] == 15
+    more = torch.cat([ids, torch.randint(0, 256, (1, 5))], dim=1)
+    assert greedy(model, more, loaded) == greedy(model, more)
 
 
 def test_continuing_right_after_the_stored_ids_needs_one_uncached_token(tiny_llama, tmp_path):

@@ -25,7 +25,7 @@ def family_model(request):
 def test_prefill_captures_every_layer_like_one_forward_pass(family_model):
     km = family_model
     ids = km.document_ids(TEXT, None)
-    kv = km.prefill(ids, step=37)  # odd step: pieces do not align with anything
+    kv = km.prefill(ids, step=37).dense  # odd step: pieces do not align with anything
     assert kv.shape == (2, km.num_layers, km.kv_heads, len(ids), km.head_dim)
     with torch.inference_mode():
         cache = km.model(torch.tensor([ids]), use_cache=True).cache
@@ -38,13 +38,13 @@ def test_generate_from_cache_matches_generate_from_text(family_model):
     chat = km.chat_template()
     doc = km.document_ids(TEXT, chat)
     ids = doc + km.prompt_ids("What jumps?", chat)
-    kv = km.prefill(doc)
+    kv = km.prefill(doc).dense
     assert km.generate(ids, kv=kv, max_new_tokens=12) == km.generate(ids, max_new_tokens=12)
 
 
 def test_cache_covering_every_token_is_cropped_by_one(tiny_llama):
     ids = tiny_llama.document_ids(TEXT, None)
-    kv = tiny_llama.prefill(ids)
+    kv = tiny_llama.prefill(ids).dense
     assert tiny_llama.generate(ids, kv=kv, max_new_tokens=5) == tiny_llama.generate(
         ids, max_new_tokens=5
     )
@@ -69,15 +69,13 @@ def test_rope_frequencies_are_exposed_for_plain_rope():
 
 
 def test_gemma3_per_layer_rope_is_not_claimed_uniform():
-    # Gemma 3 rotates local and global layers with different bases.
-    assert tiny_model("gemma3").rope_inv_freq() is None
-
-
-def test_sliding_window_longer_context_is_refused():
-    km = tiny_model("mistral")  # window 256
-    ids = km.document_ids("x" * 300, None)
-    with pytest.raises(ContextTooLongError, match="sliding"):
-        km.prefill(ids)
+    # Gemma 3 rotates local and global layers with different bases: one table per layer type.
+    km = tiny_model("gemma3")
+    assert km.rope_inv_freq() is None
+    tables, index = km.rope_tables()
+    assert len(tables) == 2 and index == (0, 0, 1)
+    rotary = km.model.model.rotary_emb
+    assert tables[1] == tuple(rotary.full_attention_inv_freq.double().tolist())
 
 
 def test_context_longer_than_model_is_refused(tiny_llama):

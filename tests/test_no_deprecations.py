@@ -82,8 +82,8 @@ def test_model_calls_raise_no_deprecation(family_model):
     doc = km.document_ids(TEXT[:100], chat)  # the prompt and 4 new tokens fit Mistral's window
     ids = doc + km.prompt_ids("What jumps?", chat)
     with no_deprecations():
-        kv = km.prefill(doc, step=50)
-        longer = km.extend(kv, ids[len(doc) :], step=7)
+        kv = km.prefill(doc, step=50).dense
+        longer = km.extend(kv, ids[len(doc) :], step=7).dense
         km.extend_at(kv, ids[len(doc) :], range(len(doc), len(ids)))
         km.teacher_force(kv, ids[len(doc) :])
         km.generate(ids, kv=kv, max_new_tokens=4)
@@ -99,7 +99,7 @@ def test_loading_raises_no_deprecation(tmp_path):
     with no_deprecations():
         km = KVModel.load(str(directory))
         km.identity()
-        kv = km.prefill(km.document_ids(TEXT, None))
+        kv = km.prefill(km.document_ids(TEXT, None)).dense
     assert kv.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -77,7 +77,7 @@ def test_basis_inverts_and_decorrelates(km, basis):
         prod = np.einsum("lhij,lhjk->lhik", t[inv].astype(np.float64), t[fwd].astype(np.float64))
         assert np.allclose(prod, np.eye(width), atol=1e-4)
     # the calibration data is decorrelated in the new basis
-    kv = km.prefill(km.encode_text(CAL_TEXT, special_tokens=True)[:320]).numpy()
+    kv = km.prefill(km.encode_text(CAL_TEXT, special_tokens=True)[:320]).dense.numpy()
     v = kv[1, 0, :, 4:].transpose(1, 0, 2).reshape(-1, groups, width)[:, 0]
     y = (v - t["value_mean"][0].reshape(groups, width)[0]) @ t["value_fwd"][0, 0].T
     c = np.cov(y.T)
@@ -99,7 +99,7 @@ def test_plain_options_give_the_identity_basis(km):
 
 def test_profile_codec_roundtrip_is_close_and_deterministic(km, profile_bytes, profile_dir):
     prof = write_profile(profile_bytes[0])
-    kv = km.prefill(km.encode_text(TEXT, special_tokens=True)).numpy()
+    kv = km.prefill(km.encode_text(TEXT, special_tokens=True)).dense.numpy()
     n = kv.shape[3]
     ctx = ChunkContext(0, n, km.num_layers, km.kv_heads, km.head_dim, "float32", km.rope_inv_freq())
     errs = {}
@@ -149,10 +149,10 @@ def test_if_no_profile_choices(km, tmp_path, profile_dir):
 def test_decoding_without_the_profile_is_a_clear_error(km, tmp_path, profile_dir, monkeypatch):
     out = tmp_path / "p.kvz"
     api.encode(TEXT, out, model=km, levels=["balanced"])
-    ref = api.load_kv(out).kv
+    ref = api.load_kv(out).kv.dense
     # a fresh process with the profile directory: decodes the same numbers
     code = ("import sys, numpy as np; from kvzip.api import load_kv; "
-            "np.save(sys.argv[1], load_kv(sys.argv[2]).kv.numpy())")
+            "np.save(sys.argv[1], load_kv(sys.argv[2]).kv.dense.numpy())")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "k.npy"), str(out)], check=True)
     assert np.array_equal(np.load(tmp_path / "k.npy"), ref.numpy())
     # a fresh process without it: one line, exit code 6
@@ -175,7 +175,7 @@ def test_profile_for_another_model_is_refused(km, profile_bytes, tmp_path, profi
     foreign = write_profile(profile_to_bytes(t, {"model_fingerprint": "f" * 64}))
     with pytest.raises(ProfileMismatchError, match="calibrated for model"):
         model_profile(km, foreign.path)
-    kv = km.prefill(km.encode_text(TEXT, special_tokens=True))
+    kv = km.prefill(km.encode_text(TEXT, special_tokens=True)).dense
     with pytest.raises(ProfileMismatchError):
         write_kvz(kv, list(range(kv.shape[3])), tmp_path / "f.kvz", km, levels=["balanced"],
                   chunk_tokens=64, dtype="float32", profile=foreign)
@@ -274,7 +274,7 @@ def test_calibrated_levels_beat_uncalibrated_ones_on_kl(km, profile_bytes, profi
     prof = write_profile(profile_bytes[0])
     ids = km.encode_text(TEXT * 2, special_tokens=True)
     prefix, cont = ids[:-32], ids[-32:]
-    kv = km.prefill(prefix)
+    kv = km.prefill(prefix).dense
     ref = torch.log_softmax(km.teacher_force(kv, cont).double(), -1)
     n = kv.shape[3]
     ctx = ChunkContext(0, n, km.num_layers, km.kv_heads, km.head_dim, "float32", km.rope_inv_freq())

@@ -89,9 +89,9 @@ def test_rotating_by_delta_is_rope_at_the_new_position(km):
 
 def test_moved_passage_matches_prefill_after_other_text_in_layer_0(km):
     other, passage = ids_of(km, "Some unrelated opening words. "), ids_of(km, TEXT)
-    alone = km.prefill(passage)
-    after = km.prefill(other + passage)[:, :, :, len(other) :]
-    moved = move_kv(alone, len(other), km.rope_inv_freq())
+    alone = km.prefill(passage).dense
+    after = km.prefill(other + passage).dense[:, :, :, len(other) :]
+    moved = move_kv(alone, len(other), [km.rope_inv_freq()] * km.num_layers)
     # Layer 0 sees only each token's own embedding: keys and values match exactly...
     torch.testing.assert_close(moved[:, 0], after[:, 0], atol=1e-5, rtol=1e-5)
     # ...deeper layers legitimately differ: there the passage attended to the opening.
@@ -108,7 +108,7 @@ def test_a_single_passage_at_position_0_is_prefix_reuse(km, tmp_path):
         passage = load_passage(store, hits[0], km, level)
     context, kv = assemble(km, [], [passage])
     question = ids_of(km, "\n\nWho lit the lamp?")
-    full = km.prefill(context)
+    full = km.prefill(context).dense
     torch.testing.assert_close(kv, full, atol=0, rtol=0)
     torch.testing.assert_close(km.teacher_force(kv, question), km.teacher_force(full, question), atol=1e-6, rtol=1e-6)
 
@@ -116,10 +116,10 @@ def test_a_single_passage_at_position_0_is_prefix_reuse(km, tmp_path):
 def test_assembly_places_passages_after_the_prefix(km):
     prefix = ids_of(km, "<|im_start|>user\n")
     parts = [ids_of(km, TEXT), ids_of(km, "A second, shorter passage. ")]
-    cached = [CachedPassage(p, km.prefill(p), km.rope_inv_freq()) for p in parts]
+    cached = [CachedPassage(p, km.prefill(p).dense, [km.rope_inv_freq()] * km.num_layers) for p in parts]
     context, kv = assemble(km, prefix, cached)
     assert context == prefix + parts[0] + parts[1] and kv.shape[3] == len(context)
-    full = km.prefill(context)
+    full = km.prefill(context).dense
     torch.testing.assert_close(kv[:, :, :, : len(prefix)], full[:, :, :, : len(prefix)])
     torch.testing.assert_close(kv[:, 0], full[:, 0], atol=1e-5, rtol=1e-5)  # layer 0: exact
     # Recomputing every passage token with its real context is a full prefill again.
@@ -136,7 +136,7 @@ def test_assembly_places_passages_after_the_prefix(km):
 def test_fidelity_against_full_prefill(km):
     before, after = prompt_ids(km, "Who lit the lamp?")
     parts = [ids_of(km, TEXT), ids_of(km, "Storm logs were kept in leather. ")]
-    cached = [CachedPassage(p, km.prefill(p), km.rope_inv_freq()) for p in parts]
+    cached = [CachedPassage(p, km.prefill(p).dense, [km.rope_inv_freq()] * km.num_layers) for p in parts]
     context, exact = assemble(km, before, cached, blend_fraction=1.0)
     same = fidelity(km, context, exact, after, max_new_tokens=6)
     assert same.kl_nats_per_token < 1e-6 and same.greedy_agreement == 1.0
@@ -149,11 +149,11 @@ def sequential_blend(km, prefix, cached, fraction):
     """The recompute as it was done before the one-pass version: passage by passage."""
     import math
 
-    ids, kv = list(prefix), km.prefill(prefix)
+    ids, kv = list(prefix), km.prefill(prefix).dense
     for p in cached:
         redo = math.ceil(fraction * len(p.token_ids))
-        kv = km.extend(kv, p.token_ids[:redo])
-        kv = torch.cat([kv, move_kv(p.kv[:, :, :, redo:], len(ids), p.inv_freq)], dim=3)
+        kv = km.extend(kv, p.token_ids[:redo]).dense
+        kv = torch.cat([kv, move_kv(p.kv[:, :, :, redo:], len(ids), p.layer_freqs)], dim=3)
         ids += p.token_ids
     return ids, kv
 
@@ -161,7 +161,7 @@ def sequential_blend(km, prefix, cached, fraction):
 def test_one_pass_recompute_equals_recomputing_passage_by_passage(km):
     prefix = ids_of(km, "<|im_start|>user\n")
     parts = [ids_of(km, TEXT), ids_of(km, "A second, shorter passage. "), ids_of(km, "Storms came from the west.")]
-    cached = [CachedPassage(p, km.prefill(p), km.rope_inv_freq()) for p in parts]
+    cached = [CachedPassage(p, km.prefill(p).dense, [km.rope_inv_freq()] * km.num_layers) for p in parts]
     for fraction in (0.3, 1.0):
         ids, one_pass = assemble(km, prefix, cached, blend_fraction=fraction)
         same_ids, step_by_step = sequential_blend(km, prefix, cached, fraction)
@@ -171,9 +171,9 @@ def test_one_pass_recompute_equals_recomputing_passage_by_passage(km):
 
 def test_extend_at_consecutive_positions_is_extend(km):
     context, more = ids_of(km, TEXT), ids_of(km, "Who lit the lamp?")
-    kv = km.prefill(context)
+    kv = km.prefill(context).dense
     at = km.extend_at(kv, more, range(len(context), len(context) + len(more)))
-    torch.testing.assert_close(at, km.extend(kv, more)[:, :, :, len(context) :], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(at, km.extend(kv, more).dense[:, :, :, len(context) :], atol=1e-5, rtol=1e-5)
     with pytest.raises(InputError, match="one position"):
         km.extend_at(kv, more, [0])
 
@@ -195,7 +195,7 @@ def test_the_opening_is_stored_once_and_equals_a_fresh_prefill(km, tmp_path):
         assert store.index.opening_names() == [name]
         # Exactly the cache a prefill of those tokens (at positions 0..n-1) gives.
         stored = read_opening(store.index.opening(name), km, before)
-        torch.testing.assert_close(stored, km.prefill(before), atol=0, rtol=0)
+        torch.testing.assert_close(stored, km.prefill(before).dense, atol=0, rtol=0)
         forget_openings()
         kv, source = load_opening(km, before, store)
         assert source == "store" and torch.equal(kv, stored)
@@ -231,7 +231,7 @@ def test_a_damaged_opening_is_recomputed_and_verify_reports_it(km, tmp_path):
         forget_openings()
         kv, source = load_opening(km, before, store)
         assert source == "prefill"
-        torch.testing.assert_close(kv, km.prefill(before), atol=0, rtol=0)
+        torch.testing.assert_close(kv, km.prefill(before).dense, atol=0, rtol=0)
         report = store.verify()
     assert not report.ok and any(p.startswith(f"opening {name}") for p in report.problems)
 
@@ -319,7 +319,7 @@ def test_a_passage_without_rope_is_refused(km, tmp_path, monkeypatch):
     (tmp_path / "d.txt").write_text(TEXT)
     with PassageStore(tmp_path / "s", create=True) as store:
         with monkeypatch.context() as patch:
-            patch.setattr(KVModel, "rope_inv_freq", lambda self: None)  # files get rope: null
+            patch.setattr(KVModel, "rope_tables", lambda self: (None, None))  # files get rope: null
             precache([tmp_path / "d.txt"], store, km, passage_tokens=512, level="lossless")
         level, hits = retrieve(store, "lamp", km, top_k=1)
         with pytest.raises(UnsupportedModelError, match="rope: null"):

@@ -31,7 +31,7 @@ def test_single_passage_at_position_0_is_prefix_reuse(real_model, filled):
         level, hits = retrieve(store, "patent license grant", real_model, top_k=1)
         passage = load_passage(store, hits[0], real_model, level)
     context, kv = assemble(real_model, [], [passage])
-    full = real_model.prefill(context)
+    full = real_model.prefill(context).dense
     question = real_model.encode_text("\n\nWhat is granted?", special_tokens=False)
     torch.testing.assert_close(
         real_model.teacher_force(kv, question), real_model.teacher_force(full, question), atol=1e-4, rtol=1e-4
@@ -43,8 +43,8 @@ def test_layer_0_of_a_moved_passage_matches_a_prefill_at_its_offset(real_model, 
         level, hits = retrieve(store, "patent license grant", real_model, top_k=1)
         passage = load_passage(store, hits[0], real_model, level)
     other = real_model.encode_text("An unrelated opening sentence, to shift positions.", special_tokens=False)
-    after = real_model.prefill(other + passage.token_ids)[:, :, :, len(other) :]
-    moved = move_kv(passage.kv, len(other), passage.inv_freq)
+    after = real_model.prefill(other + passage.token_ids).dense[:, :, :, len(other) :]
+    moved = move_kv(passage.kv, len(other), passage.layer_freqs)
     torch.testing.assert_close(moved[:, 0], after[:, 0], atol=1e-4, rtol=1e-4)
 
 
@@ -70,7 +70,7 @@ def test_stored_opening_is_a_fresh_prefill_and_leaves_the_answer_unchanged(real_
         forget_openings()
         stored, source = load_opening(real_model, before, store)
         assert source == "store"
-        torch.testing.assert_close(stored, real_model.prefill(before), atol=0, rtol=0)
+        torch.testing.assert_close(stored, real_model.prefill(before).dense, atol=0, rtol=0)
         forget_openings()
         cached = ask(store, question, real_model, top_k=2, max_new_tokens=8, compare=False)
         forget_openings()
@@ -86,12 +86,12 @@ def test_one_pass_recompute_on_the_real_model(real_model, filled):
         level, hits = retrieve(store, "patent license grant", real_model, top_k=3)
         passages = [load_passage(store, h, real_model, level) for h in hits]
     before, after = prompt_ids(real_model, "What is granted?")
-    kv = real_model.prefill(before)
+    kv = real_model.prefill(before).dense
     context = list(before)
     for p in passages:  # passage by passage, as before the one-pass recompute
         redo = -(-len(p.token_ids) // 10)
-        kv = real_model.extend(kv, p.token_ids[:redo])
-        kv = torch.cat([kv, move_kv(p.kv[:, :, :, redo:], len(context), p.inv_freq)], dim=3)
+        kv = real_model.extend(kv, p.token_ids[:redo]).dense
+        kv = torch.cat([kv, move_kv(p.kv[:, :, :, redo:], len(context), p.layer_freqs)], dim=3)
         context += p.token_ids
     same, one_pass = assemble(real_model, before, passages, blend_fraction=0.1)
     assert same == context

@@ -44,7 +44,7 @@ def test_lossless_generate_is_token_identical_to_generating_from_text(
     # And the decoded cache is bit-identical to a fresh capture.
     ids = real_model.document_ids(doc_text, None)
     assert loaded.token_ids == ids
-    assert torch.equal(loaded.kv, real_model.prefill(ids))
+    assert torch.equal(loaded.kv.dense, real_model.prefill(ids).dense)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -53,9 +53,9 @@ def test_lossless_reduced_dtype_is_bit_exact(real_model, doc_text, tmp_path, dty
     api.encode(doc_text[:800], out, model=real_model, levels=["lossless"], dtype=dtype)
     loaded = api.load_kv(out)
     ids = real_model.document_ids(doc_text[:800], None)
-    expected = real_model.prefill(ids).to(getattr(torch, dtype))
-    assert loaded.kv.dtype == expected.dtype
-    assert torch.equal(loaded.kv.view(torch.int16), expected.view(torch.int16))
+    expected = real_model.prefill(ids).dense.to(getattr(torch, dtype))
+    assert loaded.kv.dense.dtype == expected.dtype
+    assert torch.equal(loaded.kv.dense.view(torch.int16), expected.view(torch.int16))
 
 
 def test_chat_file_answers_a_question_about_the_document(real_model, tmp_path):
@@ -85,14 +85,14 @@ def test_lossy_levels_keep_the_model_close(real_model, doc_text, tmp_path):
     ids = real_model.document_ids(doc_text, None)
     P, C = 400, 150
     assert len(ids) > P + C + 1
-    kv = real_model.prefill(ids[:P])
+    kv = real_model.prefill(ids[:P]).dense
     ref = real_model.teacher_force(kv, ids[P : P + C])
     targets = torch.tensor(ids[P + 1 : P + C + 1])
     results = {}
     for level in ("small", "balanced", "high"):
         out = tmp_path / f"{level}.kvz"
         write_kvz(kv, ids[:P], out, real_model, levels=[level], chunk_tokens=256, dtype="float32")
-        got = real_model.teacher_force(load_kv(out).kv, ids[P : P + C])
+        got = real_model.teacher_force(load_kv(out).kv.dense, ids[P : P + C])
         results[level] = (out.stat().st_size * 8 / kv.numel(), score(ref, got, targets).kl)
     # Short contexts pay relatively more for headers; the protocol's numbers are in docs/benchmarks.md.
     assert results["small"][0] < results["balanced"][0] < results["high"][0] < 5.0

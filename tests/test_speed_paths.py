@@ -26,6 +26,12 @@ class FakeModel:
     def rope_inv_freq(self):
         return tuple((1 / (10000 ** (np.arange(0, D, 2) / D))).tolist())
 
+    def rope_tables(self):
+        return (self.rope_inv_freq(),), (0,) * L
+
+    def attention_info(self):
+        return None
+
 
 LEVELS = [("a", codec_from_config({"id": "kvzip-lossy", "key_step": 0.3, "value_step": 0.3, "entropy": "param2"})),
           ("b", codec_from_config({"id": "kvzip-lossy", "key_step": 1.0, "value_step": 1.0, "value_token_exp": 0.5, "entropy": "param2"}))]

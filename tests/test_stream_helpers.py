@@ -24,7 +24,7 @@ STREAM_LEVELS = ["lossless"] + [name for name in ("high", "balanced", "small") i
 def write_context(km, path: Path, text: str, *, chunk_tokens: int = 64, levels=None) -> Path:
     """Prefill ``text`` with the tiny model and store it at ``path`` with every stream level."""
     ids = km.document_ids(text, None)
-    kv = km.prefill(ids)
+    kv = km.prefill(ids).dense
     write_kvz(kv, ids, path, km, levels=levels or STREAM_LEVELS, chunk_tokens=chunk_tokens,
               dtype="float32")
     return path

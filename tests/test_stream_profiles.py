@@ -75,9 +75,9 @@ def world(tiny_llama, tmp_path_factory):
         mp.setenv("KVZIP_PROFILE_DIR", str(server_dir))
         mp.setattr(profile_mod, "_LOADED", {})
         ids = tiny_llama.document_ids(DOC, None)
-        write_kvz(tiny_llama.prefill(ids), ids, root / "a.kvz", tiny_llama, levels=LEVELS,
+        write_kvz(tiny_llama.prefill(ids).dense, ids, root / "a.kvz", tiny_llama, levels=LEVELS,
                   chunk_tokens=64, dtype="float32", profile=profile_from_bytes(data))
-        kv = load_kv(root / "a.kvz", "balanced", decoders=1).kv
+        kv = load_kv(root / "a.kvz", "balanced", decoders=1).kv.dense
         expected = tiny_llama.generate(ids + tiny_llama.prompt_ids("Q", None), kv=kv,
                                        max_new_tokens=4)
     with open_cache(root / "a.kvz") as reader:

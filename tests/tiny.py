@@ -70,6 +70,41 @@ def tiny_config(family: str):
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
+# Models whose sliding-window layers keep less than a test's context: (family, window).
+# Gemma 3: 5 sliding layers then 1 full; Mistral: every layer sliding; Qwen2 with
+# use_sliding_window: full layers below max_window_layers, sliding above; GPT-OSS:
+# sliding and full alternating, with attention sinks (eager attention on CPU).
+WINDOWED = ("gemma3", "mistral", "qwen2", "gpt_oss")
+
+
+def windowed_config(family: str, window: int):
+    import transformers as tf
+
+    common = {**_COMMON, "sliding_window": window}
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(**{**common, "num_hidden_layers": 6}, head_dim=16)
+    if family == "mistral":
+        return tf.MistralConfig(**common)
+    if family == "qwen2":
+        return tf.Qwen2Config(**{**common, "num_hidden_layers": 4}, use_sliding_window=True, max_window_layers=2)
+    if family == "gpt_oss":
+        return tf.GptOssConfig(**{**common, "num_hidden_layers": 4, "intermediate_size": 64},
+                               num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    raise ValueError(family)
+
+
+def windowed_model(family: str, window: int = 16, seed: int = 0):
+    """A KVModel around a tiny ``family`` model whose sliding layers keep ``window - 1``."""
+    from transformers import AutoModelForCausalLM
+
+    from kvzip.model import KVModel
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(windowed_config(family, window))
+    model.eval()
+    return KVModel(model, byte_tokenizer())
+
 
 def tiny_model(family: str = "llama", seed: int = 0):
     """A KVModel around a freshly initialised tiny model of ``family``."""

@@ -16,7 +16,7 @@ from kvzip.store import DEFAULT_PASSAGE_TOKENS, ENGINES, PassageStore, check_lev
 def precache_command(
     docs: list[Path] = typer.Argument(..., help="Text files, directories (read recursively) and .jsonl files ({\"id\", \"text\"} per line)."),
     store: Path = typer.Option(..., "--store", "-s", help="Store directory (created if missing): index.sqlite and, by default, artifacts/."),
-    passage_tokens: int = typer.Option(DEFAULT_PASSAGE_TOKENS, "--passage-tokens", help="Most tokens per passage (cuts prefer paragraph, then sentence ends)."),
+    passage_tokens: int = typer.Option(None, "--passage-tokens", show_default=False, help=f"Most tokens per passage (cuts prefer paragraph, then sentence ends). Default {DEFAULT_PASSAGE_TOKENS}, or what a sliding-window layer keeps when that is less."),
     level: str = typer.Option(None, "--level", "-l", help="Quality level of the stored caches (default: balanced, or lossless where no lossy level exists)."),
     model: str = typer.Option(None, "--model", "-m", help="Model: local dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)."),
     artifacts: str = typer.Option(None, "--artifacts", help="Where artifacts live, as an fsspec URL (s3://bucket/prefix, file:///path); remembered by the store."),

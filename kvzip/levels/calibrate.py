@@ -36,6 +36,7 @@ from kvzip.codecs import ChunkContext
 from kvzip.codecs.profile import profile_to_bytes
 from kvzip.codecs.transforms import UnRoPE
 from kvzip.errors import InputError
+from kvzip.formats import LayeredKV
 from kvzip.levels.progress import Progress
 from kvzip.model import KVModel
 from kvzip.model.calibration import capture, output_gram
@@ -90,20 +91,23 @@ def _psd_sqrt(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (u * np.sqrt(w)) @ u.T, (u / np.sqrt(w)) @ u.T
 
 
-def _whole_context(kv: np.ndarray, inv_freq) -> ChunkContext:
-    """``kv`` [2, L, H, T, D] as one chunk starting at position 0."""
-    _, layers, heads, tokens, dim = kv.shape
-    return ChunkContext(0, tokens, layers, heads, dim, "float32", None if inv_freq is None else tuple(inv_freq))
+def _layer_context(km: KVModel, kv: LayeredKV, layer: int) -> ChunkContext:
+    """Layer ``layer`` of ``kv`` ([2, H, n, D]) as one block at the positions it holds."""
+    tables, index = km.rope_tables()
+    inv_freq = None if tables is None else tables[index[layer]]
+    positions = kv.layout.positions[layer][0]
+    return ChunkContext(int(positions[0]) if positions.size else 0, int(positions.size), 1, kv.kv_heads,
+                        kv.head_dim, "float32", inv_freq, layer_ids=(layer,), positions=positions)
 
 
-def _pre_rope(kv: np.ndarray, inv_freq) -> np.ndarray:
-    """Keys of ``kv`` un-rotated as the codec does (a copy); values untouched."""
-    return _UNROPE.forward(kv, _whole_context(kv, inv_freq))
+def _pre_rope(km: KVModel, kv: LayeredKV) -> list[np.ndarray]:
+    """Each layer's [2, H, n, D] with keys un-rotated as the codec does (copies)."""
+    return [_UNROPE.forward(layer[:, None], _layer_context(km, kv, i))[:, 0] for i, layer in enumerate(kv.layers)]
 
 
-def _re_rope(kv: np.ndarray, inv_freq) -> np.ndarray:
-    """Keys of ``kv`` rotated back, in place."""
-    return _UNROPE.inverse(kv, _whole_context(kv, inv_freq))
+def _re_rope(km: KVModel, kv: LayeredKV, layer: int, x: np.ndarray) -> np.ndarray:
+    """Keys of one layer's pre-RoPE ``x`` ([2, H, n, D]) rotated back (a copy)."""
+    return _UNROPE.inverse(x[:, None].copy(), _layer_context(km, kv, layer))[:, 0]
 
 
 def _kl(ref_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
@@ -135,31 +139,34 @@ def calibrate(
             f"no calibration text has {opt.continuation + 64} tokens or more; give longer texts"
         )
     L, H, D = km.num_layers, km.kv_heads, km.head_dim
-    inv_freq = km.rope_inv_freq()
     ns = opt.sink_tokens
 
-    # 1-2. statistics, over each layer's [H * D] channel vector
+    # 1-2. statistics, over each layer's [H * D] channel vector, from the positions each
+    # layer's cache really holds (a sliding layer: its window), sinks excluded
     HD = H * D
-    n = 0
+    n = np.zeros(L)
     s1 = np.zeros((2, L, HD))
     s2 = np.zeros((2, L, HD, HD))
     qe = np.zeros((L, H, D // 2))
-    caches: list[np.ndarray] = []
+    caches: list[LayeredKV] = []
     total = sum(len(t.prefix) for t in items)
     done = 0
     for t in items:
         st = capture(km, t.prefix)
-        x = _pre_rope(st.kv, inv_freq)
         caches.append(st.kv)
-        body = x[:, :, :, ns:, :].transpose(0, 1, 3, 2, 4).reshape(2, L, -1, HD).astype(np.float64)
-        n += body.shape[2]
-        s1 += body.sum(axis=2)
-        s2 += np.einsum("kltc,klte->klce", body, body)
+        for lay, x in enumerate(_pre_rope(km, st.kv)):
+            keep = st.kv.layout.positions[lay][0] >= ns
+            body = x[:, :, keep, :].transpose(0, 2, 1, 3).reshape(2, -1, HD).astype(np.float64)
+            n[lay] += body.shape[1]
+            s1[:, lay] += body.sum(axis=1)
+            s2[:, lay] += np.einsum("ktc,kte->kce", body, body)
         qe += st.query_pair_energy
         done += len(t.prefix)
         prog("calibrate: statistics", done, total)
-    mean = s1 / n
-    cov = s2 / n - mean[..., :, None] * mean[..., None, :]
+    if (n == 0).any():
+        raise InputError("a layer holds no calibration tokens past the attention sinks; give longer texts")
+    mean = s1 / n[None, :, None]
+    cov = s2 / n[None, :, None, None] - mean[..., :, None] * mean[..., None, :]
 
     # 3-4. weighting (block-diagonal per head) and basis (per head, or across the layer)
     G = 1 if opt.basis == "pca-layer" else H
@@ -237,27 +244,31 @@ def _sensitivity(km, items, caches, mean, fwd, inv, rms, opt, prog) -> np.ndarra
     """KL per unit squared step, for each (K/V, layer), quantising that group alone."""
     L = km.num_layers
     ns = opt.sink_tokens
-    inv_freq = km.rope_inv_freq()
     kl = np.zeros((2, L))
     total = 2 * L * len(items)
     done = 0
     G, W = fwd.shape[2], fwd.shape[3]
     for t, kv in zip(items, caches):
-        ref = km.teacher_force(torch.from_numpy(kv), t.cont)
-        x = _pre_rope(kv, inv_freq)
-        _, _, H, T, D = x.shape
+        as_torch = kv.map(torch.from_numpy)
+        ref = km.teacher_force(as_torch, t.cont)
+        pre = _pre_rope(km, kv)
         for k in range(2):
             for lay in range(L):
+                x = pre[lay]
+                _, H, T, D = x.shape
+                body = kv.layout.positions[lay][0] >= ns
                 m = mean[k, lay].reshape(G, 1, W)
-                xg = x[k, lay].transpose(1, 0, 2).reshape(T, G, W).transpose(1, 0, 2)
+                xg = x[k].transpose(1, 0, 2).reshape(T, G, W).transpose(1, 0, 2)
                 y = np.matmul(xg - m, fwd[k, lay].swapaxes(-1, -2))
                 step = opt.probe_step * rms[k, lay]
                 yq = y.copy()
-                yq[:, ns:] = np.rint(y[:, ns:] / step) * step
+                yq[:, body] = np.rint(y[:, body] / step) * step
                 xq = x.copy()
                 back = np.matmul(yq, inv[k, lay].swapaxes(-1, -2)) + m
-                xq[k, lay] = back.transpose(1, 0, 2).reshape(T, H, D).transpose(1, 0, 2)
-                test = km.teacher_force(torch.from_numpy(_re_rope(xq.astype(np.float32), inv_freq)), t.cont)
+                xq[k] = back.transpose(1, 0, 2).reshape(T, H, D).transpose(1, 0, 2)
+                layers = list(as_torch.layers)
+                layers[lay] = torch.from_numpy(_re_rope(km, kv, lay, xq.astype(np.float32)))
+                test = km.teacher_force(LayeredKV(layers, kv.layout), t.cont)
                 kl[k, lay] += _kl(ref, test) / (step**2)
                 done += 1
                 prog("calibrate: sensitivity", done, total)

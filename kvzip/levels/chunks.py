@@ -10,6 +10,7 @@ which fetched its payloads over the network, both decode through it.
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Callable, Sequence
 
@@ -18,7 +19,7 @@ import numpy as np
 from kvzip.codecs import STORAGE_DTYPES, ChunkContext, Codec, codec_from_config
 from kvzip.codecs.base import from_float32
 from kvzip.errors import CodecError
-from kvzip.formats import IndexEntry, KvzHeader, describe_entry
+from kvzip.formats import Block, IndexEntry, KvzHeader, LayeredKV, PositionLayout, describe_entry
 from kvzip.formats.limits import check_memory, chunk_work_bytes
 from kvzip.formats.spec import EntryKind
 from kvzip.levels.executor import run_on_threads, threads_for
@@ -51,7 +52,7 @@ class LevelCodecs:
             return self._codecs[level]
 
     def context(self, entry: IndexEntry) -> ChunkContext:
-        """What the level's codec needs to know about this chunk."""
+        """What the level's codec needs to know about this chunk (of a dense file)."""
         h = self.header
         return ChunkContext(
             token_start=entry.token_start, token_count=entry.token_count,
@@ -59,16 +60,53 @@ class LevelCodecs:
             dtype=h.dtype, rope_inv_freq=h.rope_inv_freq,
         )
 
+    def blocks(self, entry: IndexEntry) -> list[tuple[Block, ChunkContext]]:
+        """The blocks a 2.x chunk is coded in, each with its codec context."""
+        return chunk_blocks(self.header, *entry.token_range)
+
+    def chunk_elements(self, entry: IndexEntry) -> int:
+        """K and V elements the chunk decodes to."""
+        h = self.header
+        if h.is_dense:
+            return 2 * h.num_layers * h.kv_heads * entry.token_count * h.head_dim
+        return 2 * h.layout.chunk_stored(*entry.token_range) * h.head_dim
+
     def check_chunk_memory(self, entry: IndexEntry) -> None:
         """Refuse a chunk whose decoding would take more than the memory limit."""
-        check_memory(chunk_work_bytes(int(np.prod(self.context(entry).shape))),
+        check_memory(chunk_work_bytes(self.chunk_elements(entry)),
                      f"decoding {describe_entry(entry, self.header.level_names)}")
 
     def decode(self, entry: IndexEntry, payload: bytes) -> np.ndarray:
-        """One KV chunk as ``[2, layers, kv_heads, tokens, head_dim]`` in the storage dtype."""
+        """One KV chunk of a dense file as ``[2, layers, kv_heads, tokens, head_dim]`` in the
+        storage dtype (:meth:`decode_layers` decodes any file's)."""
         _require_kv(entry)
+        if not self.header.is_dense:
+            raise ValueError("a 2.x chunk with a position layout decodes per layer (decode_layers)")
         self.check_chunk_memory(entry)
         return self._decode(entry, payload, self.context(entry))
+
+    def decode_layers(self, entry: IndexEntry, payload: bytes) -> list[np.ndarray]:
+        """One KV chunk as each layer's ``[2, kv_heads, n, head_dim]`` (storage dtype): the
+        positions the layout gives that layer inside the chunk, in order (n may be 0)."""
+        _require_kv(entry)
+        if self.header.is_dense:
+            kv = self.decode(entry, payload)
+            return [kv[:, i] for i in range(kv.shape[1])]
+        self.check_chunk_memory(entry)
+        h = self.header
+        start, end = entry.token_range
+        layout = h.layout
+        out = [np.zeros((2, h.kv_heads, layout_width(layout, i, start, end), h.head_dim),
+                        STORAGE_DTYPES[h.dtype]) for i in range(h.num_layers)]
+        blocks = self.blocks(entry)
+        parts = unframe_blocks(payload, len(blocks), describe_entry(entry, h.level_names))
+        for (block, ctx), part in zip(blocks, parts):
+            kv = self._decode(entry, part, ctx)
+            for j, layer in enumerate(block.layers):
+                first = layout.in_range(layer, block.heads[0], start, end)
+                at = int(np.searchsorted(first, block.positions[0]))
+                out[layer][:, list(block.heads), at : at + block.count] = kv[:, j]
+        return out
 
     def _decode(self, entry: IndexEntry, payload: bytes, ctx: ChunkContext) -> np.ndarray:
         kv = self.codec(entry.level).decode(payload, ctx)
@@ -91,9 +129,69 @@ class LevelCodecs:
             out[...] = self._decode(entry, payload, ctx)
 
     def level_array(self) -> np.ndarray:
-        """An uninitialised ``[2, L, H, T, D]`` array in the storage dtype for a whole level."""
+        """An uninitialised ``[2, L, H, T, D]`` array in the storage dtype for a whole level
+        of a dense file."""
         h = self.header
         return np.empty((2, h.num_layers, h.kv_heads, h.token_count, h.head_dim), STORAGE_DTYPES[h.dtype])
+
+    def level_layers(self) -> LayeredKV:
+        """Zeroed arrays, one per layer, for a whole level of any file (dense: views of
+        :meth:`level_array`)."""
+        h = self.header
+        if h.is_dense:
+            return LayeredKV.from_dense(self.level_array())
+        dtype = STORAGE_DTYPES[h.dtype]
+        return LayeredKV([np.zeros((2, h.kv_heads, h.layout.layer_width(i), h.head_dim), dtype)
+                          for i in range(h.num_layers)], h.layout)
+
+
+def layout_width(layout: PositionLayout, layer: int, start: int, end: int) -> int:
+    """Slots of layer ``layer`` inside ``[start, end)``: its widest head's count there."""
+    return max(int(layout.in_range(layer, h, start, end).size) for h in range(layout.kv_heads))
+
+
+def chunk_blocks(header: KvzHeader, start: int, end: int) -> list[tuple[Block, ChunkContext]]:
+    """The codec blocks of the chunk ``[start, end)`` of a 2.x file, with their contexts."""
+    tables = None if header.rope_tables is None else header.layer_rope
+    out = []
+    for block in header.layout.blocks(start, end, tables):
+        rope = None if block.rope_table is None else header.rope_tables[block.rope_table]
+        out.append((block, ChunkContext(
+            token_start=int(block.positions[0]), token_count=block.count,
+            num_layers=len(block.layers), kv_heads=len(block.heads), head_dim=header.head_dim,
+            dtype=header.dtype, rope_inv_freq=rope,
+            layer_ids=block.layers, head_ids=block.heads, positions=block.positions)))
+    return out
+
+
+_FRAME = struct.Struct("<I")
+_LENGTH = struct.Struct("<Q")
+
+
+def frame_blocks(parts: Sequence[bytes]) -> bytes:
+    """A 2.x chunk payload: ``u32`` block count, a ``u64`` length per block, the blocks."""
+    return b"".join([_FRAME.pack(len(parts)), *(_LENGTH.pack(len(p)) for p in parts), *parts])
+
+
+def unframe_blocks(payload: bytes, expected: int, what: str) -> list[bytes]:
+    if len(payload) < _FRAME.size:
+        raise CodecError(f"{what}: payload too short for its block count")
+    (count,) = _FRAME.unpack_from(payload)
+    if count != expected:
+        raise CodecError(f"{what}: payload holds {count} blocks, the position layout {expected}")
+    at = _FRAME.size + count * _LENGTH.size
+    if len(payload) < at:
+        raise CodecError(f"{what}: payload too short for its block lengths")
+    parts = []
+    for i in range(count):
+        (n,) = _LENGTH.unpack_from(payload, _FRAME.size + i * _LENGTH.size)
+        if n > len(payload) - at:
+            raise CodecError(f"{what}: block {i} runs past the payload")
+        parts.append(payload[at : at + n])
+        at += n
+    if at != len(payload):
+        raise CodecError(f"{what}: payload has bytes after its last block")
+    return parts
 
 
 def _require_kv(entry: IndexEntry) -> None:
@@ -107,18 +205,30 @@ def chunk_ranges(n_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:
 
 
 def encode_chunks(
-    array: np.ndarray,
+    array: np.ndarray | LayeredKV,
     codecs: Sequence[Codec],
     ranges: Sequence[tuple[int, int]],
-    ctx: ChunkContext,
+    ctx: ChunkContext | KvzHeader,
     threads: int | None = None,
     done: Callable[[int], None] | None = None,
 ) -> list[list[bytes]]:
-    """Every chunk (``ranges`` of ``array``'s tokens, [2, L, H, T, D]) coded with every
-    codec: ``payloads[chunk][level]``.  Chunks are coded side by side on threads when
-    every codec releases the GIL (``threads``: how many; default by size).  A codec's
-    output depends only on its config and the chunk, so the bytes do not depend on
-    the number of threads.  ``done(n)`` is called on this thread with the chunks done."""
+    """Every chunk (``ranges`` of the context's tokens) coded with every codec:
+    ``payloads[chunk][level]``.  ``array`` is a dense ``[2, L, H, T, D]`` array with
+    ``ctx`` a template context, or a :class:`LayeredKV` (storage dtype) with ``ctx`` the
+    file's header: a dense one codes exactly as the array would, one with a position
+    layout codes each chunk's blocks (:func:`chunk_blocks`) into one framed payload.
+    Chunks are coded side by side on threads when every codec releases the GIL
+    (``threads``: how many; default by size).  A codec's output depends only on its
+    config and the chunk, so the bytes do not depend on the number of threads.
+    ``done(n)`` is called on this thread with the chunks done."""
+    if isinstance(array, LayeredKV):
+        if array.is_dense:
+            header = ctx
+            ctx = ChunkContext(0, 0, header.num_layers, header.kv_heads, header.head_dim, header.dtype,
+                               header.rope_inv_freq)
+            array = array.dense
+        else:
+            return _encode_layered(array, codecs, ranges, ctx, threads, done)
     results: list[list[bytes] | None] = [None] * len(ranges)
     finished = [0]
     lock = threading.Lock()
@@ -134,6 +244,42 @@ def encode_chunks(
             finished[0] += 1
 
     n = threads_for(codecs, array.size, len(ranges), threads)
+    run_on_threads(len(ranges), n, encode, None if done is None else lambda: done(finished[0]))
+    if done is not None:
+        done(finished[0])
+    return results  # type: ignore[return-value]
+
+
+def block_array(kv: LayeredKV, block: Block) -> np.ndarray:
+    """A block's ``[2, layers, heads, n, head_dim]`` gathered from a cache's layers."""
+    pieces = []
+    for layer in block.layers:
+        first = kv.layout.positions[layer][block.heads[0]]
+        at = int(np.searchsorted(first, block.positions[0]))
+        pieces.append(kv.layers[layer][:, list(block.heads), at : at + block.count])
+    return np.ascontiguousarray(np.stack(pieces, axis=1))
+
+
+def _encode_layered(kv: LayeredKV, codecs: Sequence[Codec], ranges: Sequence[tuple[int, int]],
+                    header: KvzHeader, threads: int | None,
+                    done: Callable[[int], None] | None) -> list[list[bytes]]:
+    results: list[list[bytes] | None] = [None] * len(ranges)
+    finished = [0]
+    lock = threading.Lock()
+
+    def encode(i: int) -> None:
+        start, count = ranges[i]
+        parts: list[list[bytes]] = [[] for _ in codecs]
+        for block, ctx in chunk_blocks(header, start, start + count):
+            piece = block_array(kv, block)
+            for level, codec in enumerate(codecs):
+                parts[level].append(codec.encode(piece, ctx))
+        payloads = [frame_blocks(p) for p in parts]
+        with lock:
+            results[i] = payloads
+            finished[0] += 1
+
+    n = threads_for(codecs, kv.elements(), len(ranges), threads)
     run_on_threads(len(ranges), n, encode, None if done is None else lambda: done(finished[0]))
     if done is not None:
         done(finished[0])

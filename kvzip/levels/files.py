@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kvzip import __version__
-from kvzip.codecs import STORAGE_DTYPES, ChunkContext, Codec
+from kvzip.codecs import STORAGE_DTYPES, Codec
 from kvzip.codecs.profile import Profile
 from kvzip.errors import UnknownLevelError
 from kvzip.formats import (
@@ -32,6 +32,7 @@ from kvzip.formats import (
     KvzHeader,
     KvzReader,
     KvzWriter,
+    LayeredKV,
     Problem,
     ProfileInfo,
     SourceInfo,
@@ -118,34 +119,55 @@ class CacheFile:
         return level
 
     def decode_chunk(self, entry: IndexEntry) -> np.ndarray:
-        """One KV chunk as ``[2, layers, kv_heads, tokens, head_dim]`` in the storage dtype."""
+        """One KV chunk of a dense file as ``[2, layers, kv_heads, tokens, head_dim]`` in the
+        storage dtype."""
         if entry.kind is not EntryKind.KV:
             raise ValueError(f"not a KV entry: {entry}")
         return self.codecs.decode(entry, self.read_payload(entry))
+
+    def decode_chunk_layers(self, entry: IndexEntry) -> list[np.ndarray]:
+        """One KV chunk of any file as each layer's ``[2, kv_heads, n, head_dim]``."""
+        if entry.kind is not EntryKind.KV:
+            raise ValueError(f"not a KV entry: {entry}")
+        return self.codecs.decode_layers(entry, self.read_payload(entry))
 
     def decode_chunk_into(self, entry: IndexEntry, out: np.ndarray) -> None:
         """:meth:`decode_chunk` straight into ``out`` (e.g. the chunk's slice of a level)."""
         self.codecs.decode_into(entry, self.read_payload(entry), out)
 
+    def level_elements(self) -> int:
+        """K and V elements of one decoded level, as the header declares it."""
+        h = self.header
+        if h.is_dense:
+            return 2 * h.num_layers * h.kv_heads * h.token_count * h.head_dim
+        return 2 * h.kv_heads * h.head_dim * sum(h.layout.layer_width(i) for i in range(h.num_layers))
+
     def level_bytes(self) -> int:
         """The size of one decoded level in the storage dtype, as the header declares it."""
-        h = self.header
-        return 2 * h.num_layers * h.kv_heads * h.token_count * h.head_dim * STORAGE_DTYPES[h.dtype].itemsize
+        return self.level_elements() * STORAGE_DTYPES[self.header.dtype].itemsize
 
     def check_level_memory(self, level_name: str, threads: int = 1) -> None:
         """Refuse a level whose array plus ``threads`` chunks in flight exceed the memory limit."""
         entries = self.kv_entries(level_name)
-        widest = max((e.token_count for e in entries), default=0)
         h = self.header
-        work = chunk_work_bytes(2 * h.num_layers * h.kv_heads * widest * h.head_dim)
+        work = chunk_work_bytes(max((self.codecs.chunk_elements(e) for e in entries), default=0))
         check_memory(self.level_bytes() + min(threads, len(entries)) * work,
                      f"decoding level {level_name!r} ({h.token_count} tokens)")
 
     def decode_level(self, level_name: str, *, decoders: int | None = None) -> np.ndarray:
-        """A whole level as ``[2, layers, kv_heads, token_count, head_dim]``, its chunks
-        decoded side by side on ``decoders`` threads when the codec releases the GIL
-        (default: ``KVZIP_DECODE_WORKERS`` or the CPU count, one for small levels).
+        """A whole level of a dense file as ``[2, layers, kv_heads, token_count, head_dim]``
+        (:meth:`decode_layers` decodes any file)."""
+        if not self.header.is_dense:
+            raise ValueError("a file with a position layout decodes per layer (decode_layers)")
+        return self.decode_layers(level_name, decoders=decoders).dense
+
+    def decode_layers(self, level_name: str, *, decoders: int | None = None) -> LayeredKV:
+        """A whole level as its layers (storage dtype; dense files as views of one array),
+        its chunks decoded side by side on ``decoders`` threads when the codec releases
+        the GIL (default: ``KVZIP_DECODE_WORKERS`` or the CPU count, one for small levels).
         The result is the same either way, bit for bit."""
+        if not self.header.is_dense:
+            return self._decode_layered(level_name, decoders)
         entries = self.kv_entries(level_name)
         codecs = [self.codecs.codec(entries[0].level)] if entries else []
         out = self.codecs.level_array()
@@ -157,12 +179,37 @@ class CacheFile:
             self.decode_chunk_into(entries[i], out[:, :, :, start:end])
 
         run_on_threads(len(entries), n, decode)
+        return LayeredKV.from_dense(out)
+
+    def _decode_layered(self, level_name: str, decoders: int | None) -> LayeredKV:
+        entries = self.kv_entries(level_name)
+        codecs = [self.codecs.codec(entries[0].level)] if entries else []
+        out = self.codecs.level_layers()
+        layout = out.layout
+        n = threads_for(codecs, out.elements(), len(entries), decoders)
+        self.check_level_memory(level_name, n)
+
+        def decode(i: int) -> None:
+            start, end = entries[i].token_range
+            for layer, part in enumerate(self.decode_chunk_layers(entries[i])):
+                if not part.shape[2]:
+                    continue
+                if layout.heads_share(layer):
+                    at = int(np.searchsorted(layout.positions[layer][0], start))
+                    out.layers[layer][:, :, at : at + part.shape[2]] = part
+                    continue
+                for h in range(layout.kv_heads):  # ragged heads: each at its own slots
+                    p = layout.positions[layer][h]
+                    lo, hi = np.searchsorted(p, [start, end])
+                    out.layers[layer][:, h, lo:hi] = part[:, h, : hi - lo]
+
+        run_on_threads(len(entries), n, decode)
         return out
 
     def verify(self, decode: bool = False) -> list[Problem]:
         """Check every payload's checksum (and, with ``decode``, that it decodes);
         every defect is reported, not only the first, for ``kvzip verify``."""
-        return self.reader.verify(self.decode_chunk if decode else None)
+        return self.reader.verify(self.decode_chunk_layers if decode else None)
 
     def close(self) -> None:
         self.reader.close()
@@ -186,7 +233,7 @@ def open_cache(path: str | os.PathLike[str] | ByteSource) -> CacheFile:
 class LoadedKV:
     header: KvzHeader
     token_ids: list[int]
-    kv: torch.Tensor  # [2, L, H, T, D] in the stored dtype
+    kv: LayeredKV  # torch tensors in the stored dtype (dense files: one [2, L, H, T, D])
     level: str
 
 
@@ -198,7 +245,8 @@ def load_kv(
     header and token ids (``decoders``: see :meth:`CacheFile.decode_level`)."""
     with open_cache(path) as cache:
         name = cache.level_name(level)
-        kv = storage_to_kv(cache.decode_level(name, decoders=decoders), cache.header.dtype)
+        dtype = cache.header.dtype
+        kv = cache.decode_layers(name, decoders=decoders).map(lambda a: storage_to_kv(a, dtype))
         return LoadedKV(cache.header, cache.token_ids().tolist(), kv, name)
 
 
@@ -226,7 +274,7 @@ class EncodeSummary:
 
 
 def write_kvz(
-    kv: torch.Tensor,
+    kv: torch.Tensor | LayeredKV,
     token_ids: Sequence[int],
     out: str | os.PathLike[str],
     km: KVModel,
@@ -242,7 +290,10 @@ def write_kvz(
     progress: Progress = no_progress,
     encoders: int | None = None,
 ) -> EncodeSummary:
-    """Encode an already captured cache ([2, L, H, T, D]) into a ``.kvz`` at ``out``.
+    """Encode an already captured cache (a :class:`LayeredKV`, or one [2, L, H, T, D]
+    tensor) into a ``.kvz`` at ``out``.  A cache whose every layer holds every position
+    and whose layers share one RoPE table is a 1.0 file; any other is a 2.0 file that
+    records its position layout and RoPE tables.
 
     ``levels`` are level names, or (name, codec) pairs for codecs that no named
     level stands for (``kvzip bench`` stores reference codecs that way).
@@ -257,9 +308,11 @@ def write_kvz(
     if profile is not None:
         profile.check_model(km.identity()["fingerprint"])
     named = [(x, codec_for_level(x, profile)) if isinstance(x, str) else x for x in levels]
-    array = kv_to_storage(kv, dtype)
-    _, n_layers, kv_heads, n_tokens, head_dim = array.shape
-    inv_freq = km.rope_inv_freq()
+    if not isinstance(kv, LayeredKV):
+        kv = LayeredKV.from_dense(kv)
+    array = kv.map(lambda t: kv_to_storage(t, dtype))
+    n_layers, kv_heads, n_tokens, head_dim = array.num_layers, array.kv_heads, array.token_count, array.head_dim
+    tables, layer_rope = km.rope_tables()
     header = new_header(
         kvzip_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -267,17 +320,16 @@ def write_kvz(
         num_layers=n_layers, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
         token_count=n_tokens, chunk_tokens=chunk_tokens,
         levels=[(name, codec.config()) for name, codec in named],
-        rope_inv_freq=inv_freq,
+        rope_tables=tables, layer_rope=layer_rope, layout=array.layout,
+        attention=km.attention_info(),
         profile=None if profile is None else ProfileInfo(profile.digest, profile.size),
         chat=chat, source=source, extra=extra_header,
     )
     ranges = chunk_ranges(n_tokens, chunk_tokens)
-    ctx = ChunkContext(0, 0, n_layers, kv_heads, head_dim, dtype,
-                       None if inv_freq is None else tuple(float(f) for f in inv_freq))
     out = Path(out)
     with KvzWriter(out, header.raw) as writer:
         writer.set_token_ids(np.asarray(token_ids, dtype=np.int64))
-        payloads = encode_chunks(array, [codec for _, codec in named], ranges, ctx, encoders,
+        payloads = encode_chunks(array, [codec for _, codec in named], ranges, header, encoders,
                                  done=lambda n: progress("encode", n, len(ranges)))
         for chunk, ((start, count), levels_out) in enumerate(zip(ranges, payloads)):
             for level, payload in enumerate(levels_out):
@@ -288,7 +340,8 @@ def write_kvz(
         writer.commit()
     return EncodeSummary(
         path=str(out), model=km.name, tokens=n_tokens, chunks=len(ranges),
-        levels=[name for name, _ in named], dtype=dtype, raw_bytes=array.nbytes,
+        levels=[name for name, _ in named], dtype=dtype,
+        raw_bytes=array.elements() * STORAGE_DTYPES[dtype].itemsize,
         file_bytes=out.stat().st_size, prefill_seconds=0.0,
         encode_seconds=time.perf_counter() - started,
         profile=None if profile is None else profile.digest,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from kvzip.errors import UnsupportedModelError
+from kvzip.formats import LayeredKV
 from kvzip.model.session import KVModel
 
 
@@ -27,7 +28,7 @@ from kvzip.model.session import KVModel
 class AttentionStats:
     """One text's cache and the query statistics gathered while computing it."""
 
-    kv: np.ndarray  # [2, L, H, T, D] float32, keys after RoPE (as cached)
+    kv: LayeredKV  # float32 numpy per layer [2, H, n, D], keys after RoPE (as cached)
     query_pair_energy: np.ndarray  # [L, H, D/2] float64: sum over tokens and the head's query group
     tokens: int
 
@@ -79,7 +80,7 @@ def capture(km: KVModel, ids: Sequence[int]) -> AttentionStats:
     finally:
         for h in handles:
             h.remove()
-    return AttentionStats(kv.float().numpy(), energy, len(ids))
+    return AttentionStats(kv.map(lambda t: t.float().numpy()), energy, len(ids))
 
 
 @torch.inference_mode()

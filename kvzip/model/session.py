@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvzip.errors import (
@@ -19,7 +20,7 @@ from kvzip.errors import (
     ModelMismatchError,
     UnsupportedModelError,
 )
-from kvzip.formats import ChatInfo, KvzHeader
+from kvzip.formats import ChatInfo, KvzHeader, LayeredKV, PositionLayout
 from kvzip.formats.spec import MAX_TOKEN_COUNT
 from kvzip.model.loading import ModelSource, load_pretrained, resolve_model
 
@@ -128,14 +129,35 @@ class KVModel:
     @property
     def sliding_window(self) -> int | None:
         """The smallest attention window of any layer, or None if every layer sees everything."""
-        cfg = self.text_config
-        window = getattr(cfg, "sliding_window", None)
-        layer_types = getattr(cfg, "layer_types", None)
-        if not window:
+        windows = [w for w in self.layer_windows() if w is not None]
+        return min(windows) if windows else None
+
+    @functools.cached_property
+    def _layer_windows(self) -> tuple[int | None, ...]:
+        windows = []
+        for layer in self.new_cache().layers:
+            window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+            windows.append(None if window is None else int(window))
+        return tuple(windows)
+
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's attention window (a token sees itself and ``window - 1`` before it),
+        None for a layer that sees the whole context; as the model's own cache classes say."""
+        return self._layer_windows
+
+    def layer_types(self) -> list[str]:
+        return ["full_attention" if w is None else "sliding_attention" for w in self.layer_windows()]
+
+    def kept_positions(self, n_tokens: int) -> list[int]:
+        """How many of the last positions of an ``n_tokens`` context each layer's cache keeps."""
+        return [n_tokens if w is None else min(n_tokens, w - 1) for w in self.layer_windows()]
+
+    def attention_info(self) -> dict[str, Any] | None:
+        """What the layers attend to, for a file's header (None when every layer is full)."""
+        windows = self.layer_windows()
+        if all(w is None for w in windows):
             return None
-        if layer_types is not None and "sliding_attention" not in layer_types:
-            return None
-        return int(window)
+        return {"layer_types": self.layer_types(), "windows": [w for w in windows]}
 
     @property
     def name(self) -> str:
@@ -144,12 +166,45 @@ class KVModel:
         return str(getattr(self.model.config, "_name_or_path", "") or self.text_config.model_type)
 
     def rope_inv_freq(self) -> tuple[float, ...] | None:
-        """RoPE inverse frequencies if every layer shares one plain rotation, else None.
+        """RoPE inverse frequencies if every layer shares one plain rotation, else None."""
+        tables, _ = self.rope_tables()
+        return tables[0] if tables is not None and len(tables) == 1 else None
 
-        Codecs use this to un-rotate keys to pre-RoPE; a model with per-layer RoPE
-        (Gemma 3's local/global) or attention scaling (YaRN) gets None and codecs
-        fall back to coding post-RoPE keys.
+    def rope_tables(self) -> tuple[tuple[tuple[float, ...], ...] | None, tuple[int, ...] | None]:
+        """Each layer's RoPE inverse frequencies: ``(tables, layer_table)``, the distinct
+        tables and each layer's index into them; ``(None, None)`` when the model has no
+        plain rotation (none, partial, or with attention scaling such as YaRN's).
+
+        Codecs use them to un-rotate keys to pre-RoPE, RAG to re-rotate keys to new
+        positions.  One module-wide ``inv_freq`` serves every layer (Llama, Qwen,
+        Mistral); a rotary module with one ``<layer_type>_inv_freq`` per layer type
+        (Gemma 3's local and global bases) serves each layer its type's.
         """
+        return self._rope_tables
+
+    @functools.cached_property
+    def _rope_tables(self) -> tuple[tuple[tuple[float, ...], ...] | None, tuple[int, ...] | None]:
+        single = self._single_rope()
+        if single is not None:
+            return (single,), (0,) * self.num_layers
+        types = self.layer_types()
+        for module in self.model.modules():
+            found = {}
+            for kind in set(types):
+                inv = getattr(module, f"{kind}_inv_freq", None)
+                if not isinstance(inv, torch.Tensor) or inv.ndim != 1:
+                    break
+                if float(getattr(module, f"{kind}_attention_scaling", 1.0)) != 1.0:
+                    return None, None
+                if inv.numel() * 2 != self.head_dim:
+                    return None, None
+                found[kind] = tuple(float(x) for x in inv.detach().to(torch.float64))
+            else:
+                tables = list(dict.fromkeys(found[t] for t in types))
+                return tuple(tables), tuple(tables.index(found[t]) for t in types)
+        return None, None
+
+    def _single_rope(self) -> tuple[float, ...] | None:
         freqs = []
         for module in self.model.modules():
             inv = getattr(module, "inv_freq", None)
@@ -222,8 +277,8 @@ class KVModel:
 
     def check_stored_cache(self, header: KvzHeader) -> None:
         """Refuse a file that is not this model's, or whose declared geometry is not this
-        model's cache (a copied fingerprint on forged dimensions), before anything of it
-        is decoded or allocated."""
+        model's cache (a copied fingerprint on forged dimensions, a position layout this
+        model's cache cannot hold), before anything of it is decoded or allocated."""
         self.check_identity(header.model.to_json())
         mine = (self.num_layers, self.kv_heads, self.head_dim)
         stored = (header.num_layers, header.kv_heads, header.head_dim)
@@ -237,6 +292,28 @@ class KVModel:
                 f"this .kvz declares {header.token_count} tokens, more than {self.name}'s "
                 f"context of {self.max_context}"
             )
+        if not header.is_dense:
+            self.check_layout(header.layout)
+
+    def check_layout(self, layout: PositionLayout) -> None:
+        """Refuse positions this model's cache cannot hold: a full-attention layer holds
+        every position, a sliding layer its last ``window - 1`` (or every one; attaching
+        keeps the window); each layer's heads the same."""
+        t = layout.token_count
+        for i, (window, heads) in enumerate(zip(self.layer_windows(), layout.positions)):
+            if not layout.heads_share(i):
+                raise UnsupportedModelError(
+                    f"layer {i} of this cache keeps different positions per head; kvzip attaches "
+                    "only caches whose heads share their positions")
+            p = heads[0]
+            want = t if window is None else min(t, window - 1)
+            contiguous = p.size == 0 or int(p[-1]) - int(p[0]) + 1 == p.size
+            if not contiguous or (p.size and int(p[-1]) != t - 1) or not (
+                    p.size == want or (window is not None and p.size >= want)):
+                kind = "full-attention" if window is None else f"sliding (window {window})"
+                raise ModelMismatchError(
+                    f"layer {i} of this cache holds {p.size} positions of {t}; this model's "
+                    f"{kind} layer keeps the last {want}")
 
     # -------------------------------------------------------------- tokenizing
     def chat_template(self) -> ChatTemplate | None:
@@ -284,45 +361,41 @@ class KVModel:
             prompt = chat.separator + prompt + chat.suffix
         return self.encode_text(prompt, special_tokens=False)
 
-    def check_length(self, n_tokens: int, what: str = "the text", *, cached: bool = True) -> None:
-        """Refuse more tokens than the model takes; ``cached`` tokens must also fit every
-        layer's attention window (a sliding layer's cache keeps only ``window - 1``)."""
+    def check_length(self, n_tokens: int, what: str = "the text") -> None:
+        """Refuse more tokens than the model takes."""
         if n_tokens > self.max_context:
             raise ContextTooLongError(
                 f"{what} has {n_tokens} tokens, more than the model's context of "
                 f"{self.max_context}"
             )
-        window = self.sliding_window
-        if cached and window is not None and n_tokens > window - 1:
-            raise ContextTooLongError(
-                f"{what} has {n_tokens} tokens; the model's sliding-window layers keep only "
-                f"{window - 1}, and kvzip v1 stores only contexts that fit the window"
-            )
 
     # ----------------------------------------------------------------- capture
     def prefill(
         self, ids: Sequence[int], *, step: int = 512, progress: Progress | None = None
-    ) -> torch.Tensor:
-        """Run the model over ``ids`` and return its cache as [2, layers, kv_heads, T, head_dim]."""
+    ) -> LayeredKV:
+        """Run the model over ``ids`` and return its cache: every layer's K/V as the model
+        keeps them (a sliding layer its last ``window - 1`` positions); for a model whose
+        layers all see everything, one [2, layers, kv_heads, T, head_dim] tensor."""
         return self.extend(None, ids, step=step, progress=progress)
 
     @torch.inference_mode()
     def extend(
         self,
-        kv: torch.Tensor | None,
+        kv: torch.Tensor | LayeredKV | None,
         ids: Sequence[int],
         *,
         step: int = 512,
         progress: Progress | None = None,
-    ) -> torch.Tensor:
-        """The cache of ``kv``'s context followed by ``ids``: [2, L, H, T + len(ids), D].
+    ) -> LayeredKV:
+        """The cache of ``kv``'s context followed by ``ids`` (T + len(ids) tokens).
 
         The model reads ``ids`` in ``step``-token pieces so progress can be reported
         and the attention's working memory stays bounded; the cache is the same one
         a single forward pass would build (up to float rounding).  Streaming
         recomputes a chunk this way, and RAG recomputes passage boundaries.
         """
-        cached = 0 if kv is None else kv.shape[3]
+        kv = as_layered(kv)
+        cached = 0 if kv is None else kv.token_count
         self.check_length(cached + len(ids))
         cache = self.new_cache() if kv is None else self.build_cache(kv)
         input_ids = torch.tensor([list(ids)], dtype=torch.long)
@@ -332,12 +405,12 @@ class KVModel:
             self.model(input_ids=piece, cache=cache, use_cache=True)
             if progress is not None:
                 progress(min(start + step, total), total)
-        return self.cache_to_tensor(cache, cached + total)
+        return self.capture(cache, cached + total)
 
     @torch.inference_mode()
     def extend_at(
         self,
-        kv: torch.Tensor,
+        kv: torch.Tensor | LayeredKV,
         ids: Sequence[int],
         positions: Sequence[int],
         *,
@@ -346,39 +419,65 @@ class KVModel:
         """The caches of ``ids`` read at ``positions`` after the context cached in ``kv``,
         in one forward pass: [2, L, H, len(ids), D].
 
-        ``kv`` ([2, L, H, T, D]) holds the token at position t in slot t.  Token i sees
-        the cached tokens before its position whose ``visible`` flag ([T] bool, default
-        all) is set, and the tokens of ``ids`` at or before its position; so tokens
-        spread over the context can be recomputed together, each with what precedes it
-        (the slots they will replace being hidden).  With ``ids`` at positions
-        T, T+1, ... and nothing hidden this is :meth:`extend` in one piece.
+        Token i sees the cached positions before its own whose ``visible`` flag ([T] bool
+        indexed by position, default all) is set, and the tokens of ``ids`` at or before
+        its position; in a sliding layer, only those inside its window.  So tokens spread
+        over the context can be recomputed together, each with what precedes it (the
+        positions they will replace being hidden), and a layer that keeps only a window
+        is read with just that window.  With ``ids`` at positions T, T+1, ... and nothing
+        hidden this is :meth:`extend` in one piece.
         """
-        n, cached = len(ids), kv.shape[3]
+        kv = as_layered(kv)
+        n, cached = len(ids), kv.token_count
         if n == 0:
-            return kv[:, :, :, :0]
+            return torch.zeros((2, self.num_layers, self.kv_heads, 0, self.head_dim))
         self.check_length(cached + n)
         pos = torch.tensor(list(positions), dtype=torch.long)
         if pos.shape != (n,) or int(pos.min()) < 0:
             raise InputError(f"extend_at needs one position >= 0 per token, got {len(positions)} for {n}")
-        slots = torch.arange(cached)
-        sees_cached = slots[None, :] < pos[:, None]
-        if visible is not None:
-            sees_cached &= visible.to(torch.bool)[None, :]
-        allowed = torch.cat([sees_cached, pos[None, :] <= pos[:, None]], dim=1)
+        if kv.head_dim != self.head_dim or kv.num_layers != self.num_layers or kv.kv_heads != self.kv_heads:
+            raise UnsupportedModelError("the cache does not fit this model")
         dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        cache = self.build_cache(kv)
+        windows = self.layer_windows()
+        masks: dict[str, torch.Tensor] = {}
+        slot_positions: dict[str, np.ndarray] = {}
+        for i, window in enumerate(windows):
+            kind = "full_attention" if window is None else "sliding_attention"
+            if not kv.layout.heads_share(i):
+                raise UnsupportedModelError(f"layer {i} keeps different positions per head")
+            slots = kv.layout.positions[i][0]
+            if kind in slot_positions:
+                if not np.array_equal(slot_positions[kind], slots):
+                    raise UnsupportedModelError(f"the {kind} layers of this cache hold different positions")
+                continue
+            slot_positions[kind] = slots
+            held = torch.from_numpy(slots)
+            sees = held[None, :] < pos[:, None]
+            if visible is not None:
+                sees &= visible.to(torch.bool)[held][None, :]
+            new = pos[None, :] <= pos[:, None]
+            if window is not None:
+                sees &= held[None, :] > pos[:, None] - window
+                new &= pos[None, :] > pos[:, None] - window
+            allowed = torch.cat([sees, new], dim=1)
+            masks[kind] = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(
+                ~allowed, torch.finfo(dtype).min)[None, None]
+        from transformers import DynamicCache
+
+        cache = DynamicCache()  # plain layers: each holds exactly the positions it is given
+        for i, layer in enumerate(kv.layers):
+            cache.update(layer[0].unsqueeze(0).to(dtype), layer[1].unsqueeze(0).to(dtype), i)
+        mask = next(iter(masks.values())) if len(masks) == 1 else masks
         self.model(
             input_ids=torch.tensor([list(ids)], dtype=torch.long),
             position_ids=pos[None, :],
-            attention_mask=mask[None, None],
+            attention_mask=mask,
             cache=cache,
             use_cache=True,
         )
-        layers = cache.layers
         return torch.stack([
-            torch.stack([layer.keys[0, :, cached:] for layer in layers]),
-            torch.stack([layer.values[0, :, cached:] for layer in layers]),
+            torch.stack([layer.keys[0, :, -n:] for layer in cache.layers]),
+            torch.stack([layer.values[0, :, -n:] for layer in cache.layers]),
         ])
 
     def new_cache(self) -> Any:
@@ -386,8 +485,47 @@ class KVModel:
 
         return DynamicCache(config=self.model.config)
 
+    def capture(self, cache: Any, n_tokens: int) -> LayeredKV:
+        """A DynamicCache of ``n_tokens`` as kvzip's :class:`LayeredKV`, refusing caches that
+        are not plain K/V: each layer as its cache keeps it (a full-attention layer every
+        position, a sliding one its last ``window - 1``), one dense tensor when every layer
+        holds every position."""
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) != self.num_layers:
+            raise UnsupportedModelError(
+                f"{self.text_config.model_type}: its cache is not one K/V pair per layer"
+            )
+        kept = self.kept_positions(n_tokens)
+        if all(n == n_tokens for n in kept):
+            return LayeredKV.from_dense(self.cache_to_tensor(cache, n_tokens))
+        out = []
+        for i, layer in enumerate(layers):
+            k, v = self._layer_kv(layer, i, kept[i])
+            seen = getattr(layer, "cumulative_length", n_tokens)
+            if int(seen) != n_tokens:
+                raise UnsupportedModelError(
+                    f"layer {i} has seen {int(seen)} tokens, the context has {n_tokens}")
+            out.append(torch.stack([k[0], v[0]]))
+        return LayeredKV(out, PositionLayout.from_counts(kept, self.kv_heads, n_tokens))
+
+    def _layer_kv(self, layer: Any, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise UnsupportedModelError(
+                f"{self.text_config.model_type}: layer {i} keeps no key/value tensors "
+                "(recurrent or hybrid state); kvzip cannot store this cache"
+            )
+        expected = (1, self.kv_heads, n, self.head_dim)
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise UnsupportedModelError(
+                f"{self.text_config.model_type}: layer {i} caches keys {tuple(k.shape)} "
+                f"and values {tuple(v.shape)}, not {expected}; kvzip stores plain "
+                "per-layer K/V only"
+            )
+        return k, v
+
     def cache_to_tensor(self, cache: Any, n_tokens: int) -> torch.Tensor:
-        """Stack a DynamicCache into one tensor, refusing caches that are not plain K/V."""
+        """Stack a DynamicCache whose layers all hold ``n_tokens`` into one tensor."""
         layers = getattr(cache, "layers", None)
         if layers is None or len(layers) != self.num_layers:
             raise UnsupportedModelError(
@@ -412,24 +550,47 @@ class KVModel:
             values.append(v[0])
         return torch.stack([torch.stack(keys), torch.stack(values)])
 
-    def build_cache(self, kv: torch.Tensor) -> Any:
-        """A fresh DynamicCache holding ``kv`` ([2, L, H, T, D]) in the model's dtype."""
-        if kv.shape[:3] != (2, self.num_layers, self.kv_heads) or kv.shape[4] != self.head_dim:
+    def build_cache(self, kv: torch.Tensor | LayeredKV) -> Any:
+        """A fresh DynamicCache holding ``kv`` in the model's dtype, each layer's position
+        counter at the context's true length (a sliding layer given every position keeps
+        its last ``window - 1``, as after a prefill)."""
+        kv = as_layered(kv)
+        if (kv.num_layers, kv.kv_heads, kv.head_dim) != (self.num_layers, self.kv_heads, self.head_dim):
             raise UnsupportedModelError(
-                f"cache of shape {tuple(kv.shape)} does not fit this model "
-                f"({self.num_layers} layers, {self.kv_heads} kv heads, head_dim {self.head_dim})"
+                f"a cache of {kv.num_layers} layers x {kv.kv_heads} kv heads x head_dim {kv.head_dim} "
+                f"does not fit this model ({self.num_layers} layers, {self.kv_heads} kv heads, "
+                f"head_dim {self.head_dim})"
             )
-        self.check_length(kv.shape[3], "the cached context")
+        self.check_length(kv.token_count, "the cached context")
+        if not kv.is_dense:
+            self.check_layout(kv.layout)
         cache = self.new_cache()
         model_dtype = self.model.dtype
-        for i in range(self.num_layers):
-            cache.update(
-                kv[0, i].unsqueeze(0).to(model_dtype), kv[1, i].unsqueeze(0).to(model_dtype), i
-            )
+        for i, layer in enumerate(kv.layers):
+            cache.update(layer[0].unsqueeze(0).to(model_dtype), layer[1].unsqueeze(0).to(model_dtype), i)
+            if hasattr(cache.layers[i], "cumulative_length"):
+                cache.layers[i].cumulative_length = kv.token_count
         return cache
 
+    def crop_last(self, kv: LayeredKV) -> LayeredKV:
+        """The cache of the context without its last token, so that token can be read again
+        to produce the next one's logits.  A sliding layer that keeps only its window lacks
+        the position before it, so such a cache cannot be cropped (``InputError``)."""
+        t = kv.token_count
+        if kv.is_dense:
+            return LayeredKV.from_dense(kv.dense[:, :, :, : t - 1])
+        layers = []
+        for i, (layer, window) in enumerate(zip(kv.layers, self.layer_windows())):
+            want = t - 1 if window is None else min(t - 1, window - 1)
+            if layer.shape[2] - 1 < want:
+                raise InputError(
+                    f"the cached context fills layer {i}'s attention window of {window} tokens, which "
+                    "keeps only what the next new token needs: give a prompt to continue after it")
+            layers.append(layer[:, :, :-1])
+        return LayeredKV(layers, PositionLayout.from_counts([x.shape[2] for x in layers], kv.kv_heads, t - 1))
+
     @torch.inference_mode()
-    def teacher_force(self, kv: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    def teacher_force(self, kv: torch.Tensor | LayeredKV, ids: Sequence[int]) -> torch.Tensor:
         """Logits [len(ids), vocab] (float32) for ``ids`` read after the cached context ``kv``."""
         cache = self.build_cache(kv)
         out = self.model(
@@ -445,7 +606,7 @@ class KVModel:
         self,
         ids: Sequence[int],
         *,
-        kv: torch.Tensor | None = None,
+        kv: torch.Tensor | LayeredKV | None = None,
         max_new_tokens: int = 64,
         on_token: Callable[[], None] | None = None,
     ) -> list[int]:
@@ -456,12 +617,17 @@ class KVModel:
         covers everything is cropped by one token.
         """
         ids = list(ids)
-        self.check_length(len(ids) + max_new_tokens, "the prompt plus new tokens", cached=False)
+        self.check_length(len(ids) + max_new_tokens, "the prompt plus new tokens")
         input_ids = torch.tensor([ids], dtype=torch.long)
         kwargs: dict[str, Any] = {}
         if kv is not None:
-            if kv.shape[3] >= len(ids):
-                kv = kv[:, :, :, : len(ids) - 1]
+            kv = as_layered(kv)
+            if kv.token_count > len(ids) and kv.is_dense:
+                kv = LayeredKV.from_dense(kv.dense[:, :, :, : len(ids)])
+            if kv.token_count > len(ids):
+                raise InputError(f"the cache holds {kv.token_count} tokens, the prompt only {len(ids)}")
+            if kv.token_count == len(ids):
+                kv = self.crop_last(kv)
             kwargs["cache"] = self.build_cache(kv)
         out = self.model.generate(
             input_ids=input_ids,
@@ -475,7 +641,7 @@ class KVModel:
         return out[0, len(ids) :].tolist()
 
     def generate_timed(
-        self, ids: Sequence[int], *, kv: torch.Tensor | None = None, max_new_tokens: int = 64
+        self, ids: Sequence[int], *, kv: torch.Tensor | LayeredKV | None = None, max_new_tokens: int = 64
     ) -> TimedGeneration:
         """:meth:`generate`, timing the first new token and the whole run from this call."""
         started = time.perf_counter()
@@ -498,6 +664,13 @@ class KVModel:
 
     def decode_ids(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def as_layered(kv: torch.Tensor | LayeredKV | None) -> LayeredKV | None:
+    """A cache as :class:`LayeredKV` (a [2, L, H, T, D] tensor is a dense one)."""
+    if kv is None or isinstance(kv, LayeredKV):
+        return kv
+    return LayeredKV.from_dense(kv)
 
 
 @dataclass(frozen=True)

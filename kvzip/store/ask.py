@@ -79,14 +79,19 @@ def load_passage(
     """Fetch and decode a retrieved passage's cache, refusing one that cannot be moved."""
     with store.artifacts.open(hit.artifact) as reader:
         km.check_stored_cache(reader.header)
-        inv_freq = reader.header.rope_inv_freq
-        if inv_freq is None:
+        h = reader.header
+        if h.rope_tables is None:
             raise UnsupportedModelError(
                 f"artifact {hit.artifact} has rope: null (the model's positions are not a plain "
                 "RoPE), so its keys cannot be moved to a new position"
             )
-        kv = storage_to_kv(reader.decode_level(level, decoders=decoders), reader.header.dtype)
-        return CachedPassage(reader.token_ids().tolist(), kv, list(inv_freq))
+        if not h.is_dense:
+            raise UnsupportedModelError(
+                f"artifact {hit.artifact} is longer than the model's attention window; "
+                "passages must fit it to be moved")
+        kv = storage_to_kv(reader.decode_level(level, decoders=decoders), h.dtype)
+        return CachedPassage(reader.token_ids().tolist(), kv,
+                             [h.layer_rope_inv_freq(i) for i in range(h.num_layers)])
 
 
 def passage_decoders() -> int:

@@ -43,18 +43,30 @@ def rotate_keys(keys: torch.Tensor, delta: int, inv_freq: Sequence[float]) -> to
     return torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1).to(keys.dtype)
 
 
-def move_kv(kv: torch.Tensor, delta: int, inv_freq: Sequence[float]) -> torch.Tensor:
+def rotate_layers(keys: torch.Tensor, delta: int, layer_freqs: Sequence[Sequence[float]]) -> torch.Tensor:
+    """Keys ``[L, H, T, D]`` moved ``delta`` positions later, layer ``i`` with its own
+    RoPE frequencies ``layer_freqs[i]`` (Gemma 3's local and global bases differ)."""
+    if delta == 0:
+        return keys
+    tables = list(dict.fromkeys(tuple(f) for f in layer_freqs))
+    if len(tables) == 1:
+        return rotate_keys(keys, delta, tables[0])
+    return torch.stack([rotate_keys(keys[i], delta, f) for i, f in enumerate(layer_freqs)])
+
+
+def move_kv(kv: torch.Tensor, delta: int, layer_freqs: Sequence[Sequence[float]]) -> torch.Tensor:
     """A cache ``[2, L, H, T, D]`` moved ``delta`` positions later (keys rotated, values kept)."""
-    return torch.stack([rotate_keys(kv[0], delta, inv_freq), kv[1]])
+    return torch.stack([rotate_layers(kv[0], delta, layer_freqs), kv[1]])
 
 
 @dataclass
 class CachedPassage:
-    """A passage's token ids and its cache at positions 0..n-1, with its RoPE frequencies."""
+    """A passage's token ids and its cache at positions 0..n-1 (every layer holds every
+    position: a passage fits every attention window), with each layer's RoPE frequencies."""
 
     token_ids: list[int]
     kv: torch.Tensor  # [2, L, H, n, D]
-    inv_freq: Sequence[float]
+    layer_freqs: Sequence[Sequence[float]]
 
 
 def assemble(
@@ -66,6 +78,11 @@ def assemble(
     prefix_kv: torch.Tensor | None = None,
 ) -> tuple[list[int], torch.Tensor]:
     """(context ids, their cache): ``prefix_ids`` followed by each passage moved to its offset.
+
+    The assembled cache holds every position in every layer; attaching it to a model
+    with sliding-window layers keeps their last ``window - 1`` positions, which are the
+    passages' own keys moved there (``docs/benchmarks.md`` measures this against
+    recomputing that window).
 
     ``prefix_kv`` is the prefix's cache when the caller has it (ask keeps the chat
     opening's; see :mod:`kvzip.store.opening`), else the prefix is prefilled here.
@@ -82,7 +99,7 @@ def assemble(
         raise InputError("no passages to assemble")
     ids = list(prefix_ids)
     if ids and prefix_kv is None:
-        prefix_kv = km.prefill(ids)
+        prefix_kv = km.prefill(ids).dense_array("a RAG prefix")
     if prefix_kv is not None and prefix_kv.shape[3] != len(ids):
         raise InputError(f"a prefix cache of {prefix_kv.shape[3]} tokens for {len(ids)} prefix ids")
     total = len(ids) + sum(len(p.token_ids) for p in passages)
@@ -100,7 +117,7 @@ def assemble(
             redo_positions += range(offset, offset + redo)
         if redo < n:
             part = passage.kv[:, :, :, redo:]
-            kv[0, :, :, offset + redo : offset + n] = rotate_keys(part[0], offset, passage.inv_freq)
+            kv[0, :, :, offset + redo : offset + n] = rotate_layers(part[0], offset, passage.layer_freqs)
             kv[1, :, :, offset + redo : offset + n] = part[1]
         ids.extend(passage.token_ids)
     if redo_ids:

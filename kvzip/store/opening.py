@@ -62,7 +62,7 @@ def save_opening(store: PassageStore, km: KVModel) -> bool:
     name = opening_name(km, ids)
     if store.index.opening(name) is not None:
         return False
-    kv = km.prefill(ids)
+    kv = km.prefill(ids).dense_array("a chat opening")
     with tempfile.TemporaryDirectory(prefix="kvzip-opening-") as tmp:
         path = Path(tmp) / "opening.kvz"
         write_kvz(kv, ids, path, km, levels=[OPENING_LEVEL], chunk_tokens=DEFAULT_CHUNK_TOKENS,
@@ -101,7 +101,7 @@ def load_opening(
         except KvzipError:
             kv = None  # damaged: `store verify` reports it; recompute here
     if kv is None:
-        kv = km.prefill(ids)
+        kv = km.prefill(ids).dense_array("a chat opening")
     with _LOCK:
         _MEMORY[name] = kv
     return kv, source

@@ -149,15 +149,22 @@ def plan(
     store: PassageStore,
     km: KVModel,
     *,
-    passage_tokens: int,
+    passage_tokens: int | None,
     level: str,
     profile: str | None = None,
     progress: Progress = no_progress,
 ) -> tuple[list[Passage], list[PassageJob]]:
     """Split every document, record its passages, and list the passages' jobs (deduplicated)."""
+    window = km.sliding_window
+    if passage_tokens is None:
+        passage_tokens = DEFAULT_PASSAGE_TOKENS if window is None else min(DEFAULT_PASSAGE_TOKENS, window - 1)
     if passage_tokens < 1:
         raise InputError(f"--passage-tokens must be positive, got {passage_tokens}")
     km.check_length(passage_tokens, f"a passage of --passage-tokens {passage_tokens}")
+    if window is not None and passage_tokens > window - 1:
+        raise InputError(
+            f"--passage-tokens {passage_tokens} is more than {km.name}'s sliding layers keep "
+            f"({window - 1} tokens); a passage must fit the window to be moved to a new position")
     docs = read_documents(inputs)
     identity = km.identity()
     store.index.add_model(identity)
@@ -182,7 +189,7 @@ def precache(
     store: PassageStore,
     km: KVModel,
     *,
-    passage_tokens: int = DEFAULT_PASSAGE_TOKENS,
+    passage_tokens: int | None = None,
     level: str | None = None,
     engine: str = "local",
     profile: str | os.PathLike[str] | None = None,

@@ -30,7 +30,7 @@ import torch
 
 from kvzip.codecs import one_blas_thread
 from kvzip.errors import FetchError, InputError, UnknownLevelError
-from kvzip.formats import IndexEntry, KvzReader
+from kvzip.formats import IndexEntry, KvzReader, LayeredKV, PositionLayout
 from kvzip.levels import LevelCodecs, Progress, default_threads, no_progress, storage_to_kv
 from kvzip.model import TORCH_DTYPES, ChatTemplate, KVModel
 from kvzip.stream.controller import (
@@ -131,13 +131,42 @@ def recompute_chunk(km: KVModel, previous: Sequence[torch.Tensor], ids: Sequence
     """The KV of ``ids`` read after the cached chunks ``previous``, as [2, L, H, len(ids), D]."""
     past = torch.cat(list(previous), dim=3) if previous else None
     cached = 0 if past is None else past.shape[3]
-    return km.extend(past, ids)[:, :, :, cached:]
+    return km.extend(past, ids).dense_array("recomputing a chunk")[:, :, :, cached:]
 
 
-def _elements_per_token(manifest: ContextManifest) -> int:
-    """K/V elements per token (keys and values, all layers and heads): what decoding scales with."""
+@torch.inference_mode()
+def recompute_layers(km: KVModel, layout: PositionLayout, previous: Sequence[list[torch.Tensor]],
+                     token_ids: Sequence[int], start: int, end: int) -> list[torch.Tensor]:
+    """A chunk ``[start, end)`` of a file with a position layout, recomputed from its text:
+    each layer's K/V at the positions the layout gives it there.  The tokens read again
+    begin one attention window before the chunk (a sliding layer's keys there need the
+    window before them), every layer seeing what is cached before that; the rest of
+    what was recomputed is dropped."""
+    window = km.sliding_window or 1
+    first = max(0, start - (window - 1))
+    layers = [torch.cat([p[i] for p in previous], dim=2) if previous else None for i in range(layout.num_layers)]
+    past_positions = [[layout.in_range(i, h, 0, start) for h in range(layout.kv_heads)]
+                      for i in range(layout.num_layers)]
+    past = LayeredKV(
+        [x if x is not None else torch.zeros((2, layout.kv_heads, 0, km.head_dim)) for x in layers],
+        PositionLayout(past_positions, start))
+    visible = torch.ones(start, dtype=torch.bool)
+    visible[first:] = False  # read again below
+    fresh = km.extend_at(past, token_ids[first:end], range(first, end), visible=visible)
+    out = []
+    for i in range(layout.num_layers):
+        held = layout.in_range(i, 0, start, end)
+        out.append(fresh[:, i, :, torch.from_numpy(held - first)])
+    return out
+
+
+def _chunk_elements(manifest: ContextManifest, chunk: ChunkInfo) -> int:
+    """K/V elements the chunk holds (keys and values, every layer and head it carries):
+    what decoding it scales with."""
     h = manifest.header
-    return 2 * h.num_layers * h.kv_heads * h.head_dim
+    if h.is_dense:
+        return 2 * h.num_layers * h.kv_heads * h.head_dim * chunk.token_count
+    return 2 * h.head_dim * h.layout.chunk_stored(chunk.token_start, chunk.token_start + chunk.token_count)
 
 
 # ------------------------------------------------------------------- the download thread
@@ -185,7 +214,7 @@ class _Downloader(threading.Thread):
     def run(self) -> None:
         try:
             chunks = self.manifest.chunks
-            elements = [c.token_count * _elements_per_token(self.manifest) for c in chunks]
+            elements = [_chunk_elements(self.manifest, c) for c in chunks]
             for i, chunk in enumerate(chunks):
                 now = time.perf_counter()
                 left = None if self.deadline is None else self.deadline - (now - self.started)
@@ -312,7 +341,11 @@ def stream_generate(
         if own_client:
             client.close()
     ready = time.perf_counter()
-    kv = torch.cat(parts, dim=3)
+    if header.is_dense:
+        kv = torch.cat(parts, dim=3)
+    else:
+        kv = LayeredKV([torch.cat([p[i] for p in parts], dim=2) for i in range(header.num_layers)],
+                       header.layout)
     chat = ChatTemplate.from_info(header.chat)
     doc_ids = manifest.token_ids
     prompt_ids = model.prompt_ids(prompt, chat)
@@ -372,20 +405,23 @@ def _assemble(
     chunk's decode has finished; a chunk to recompute waits for every chunk before it,
     which it uses as its cache."""
     decoder = LevelCodecs(manifest.header)
-    dtype = TORCH_DTYPES[manifest.header.dtype]
+    header = manifest.header
+    dtype = TORCH_DTYPES[header.dtype]
     n_threads = max(1, default_threads() if decoders is None else int(decoders))
     parts: list[torch.Tensor] = []
     reports: list[ChunkReport] = []
     wait = decode_s = recompute_s = 0.0
     total = len(manifest.chunks)
-    elements_per_token = _elements_per_token(manifest)
     # (chunk, what was fetched, when its decode was handed out, the decode)
     in_flight: collections.deque[tuple[ChunkInfo, _Fetched, float, Future[tuple[torch.Tensor, float]]]] = (
         collections.deque())
 
-    def decode(item: _Fetched) -> tuple[torch.Tensor, float]:
+    def decode(item: _Fetched) -> tuple[torch.Tensor | list[torch.Tensor], float]:
         t = time.perf_counter()
-        kv = storage_to_kv(decoder.decode(item.entry, item.payload), manifest.header.dtype)
+        if header.is_dense:
+            kv = storage_to_kv(decoder.decode(item.entry, item.payload), header.dtype)
+        else:
+            kv = [storage_to_kv(a, header.dtype) for a in decoder.decode_layers(item.entry, item.payload)]
         return kv, time.perf_counter() - t
 
     def finish(report: ChunkReport) -> None:
@@ -403,7 +439,7 @@ def _assemble(
         parts.append(kv)
         item.report.work_seconds = seconds
         decode_s += seconds
-        downloader.decode_meter.add(item.report.level, chunk.token_count * elements_per_token, seconds)
+        downloader.decode_meter.add(item.report.level, _chunk_elements(manifest, chunk), seconds)
         finish(item.report)
 
     with one_blas_thread(), ThreadPoolExecutor(n_threads, thread_name_prefix="kvzip-decode") as pool:
@@ -419,7 +455,12 @@ def _assemble(
                     while in_flight:
                         finish_oldest()
                     t1 = downloader.decoding_since = time.perf_counter()
-                    parts.append(recompute_chunk(model, parts, chunk.token_ids).to(dtype))
+                    if header.is_dense:
+                        parts.append(recompute_chunk(model, parts, chunk.token_ids).to(dtype))
+                    else:
+                        end = chunk.token_start + chunk.token_count
+                        parts.append([x.to(dtype) for x in recompute_layers(
+                            model, header.layout, parts, manifest.token_ids, chunk.token_start, end)])
                     item.report.work_seconds = time.perf_counter() - t1
                     recompute_s += item.report.work_seconds
                     downloader.recompute_seconds_per_token = item.report.work_seconds / chunk.token_count

@@ -101,6 +101,9 @@ def build_manifest(reader: KvzReader, name: str, etag: str) -> dict[str, Any]:
                 "token_count": first.token_count,
                 "token_ids": ids[start:end],
                 "text": None if texts is None else texts[number],
+                # which layers hold positions in this chunk (a sliding layer only its window)
+                "layers": header.layout.chunk_layers(start, end) if not header.is_dense
+                else list(range(header.num_layers)),
                 "levels": {
                     level: {**_location(entries[number]), "url": chunk_url(name, number, level)}
                     for level, entries in zip(header.level_names, per_level, strict=True)

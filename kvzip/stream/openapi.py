@@ -79,6 +79,8 @@ _MANIFEST = {
                     "token_count": {"type": "integer"},
                     "token_ids": {"type": "array", "items": {"type": "integer"}},
                     "text": {"type": ["string", "null"]},
+                    "layers": {"type": "array", "items": {"type": "integer"},
+                               "description": "the layers holding positions in this chunk"},
                     "levels": {"type": "object", "additionalProperties": _PAYLOAD},
                 },
             },

@@ -1,0 +1,234 @@
+"""Sliding-window and hybrid models at contexts longer than their window.
+
+A sliding layer's cache keeps its last ``window - 1`` positions; kvzip stores exactly
+those (a 2.x file with a position layout), attaches them with each layer's true
+position counter, and generation continues as if the whole text had been read.  The
+models are tiny random ones of each family that mixes window and full layers.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import WINDOWED, windowed_model
+
+from kvzip import api, errors
+from kvzip.formats import BytesSource, KvzReader, PositionLayout, encode_header
+from kvzip.levels import load_kv, open_cache, write_kvz
+
+TEXT = (
+    "The licenses for most software and other practical works are designed to take away "
+    "your freedom to share and change the works. By contrast, the GNU General Public "
+    "License is intended to guarantee your freedom to share and change all versions of a "
+    "program--to make sure it remains free software for all its users. We, the Free "
+    "Software Foundation, use the GNU General Public License for most of our software."
+)
+PROMPT = " In short, the license"
+
+
+@pytest.fixture(scope="module", params=WINDOWED)
+def windowed(request):
+    return windowed_model(request.param, 16)
+
+
+def first_forward_tokens(km, run):
+    """(result of ``run()``, how many tokens the model's first forward pass was given)."""
+    seen = []
+    hook = km.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        return run(), seen[0]
+    finally:
+        hook.remove()
+
+
+def test_capture_keeps_what_the_model_keeps(windowed):
+    km = windowed
+    ids = km.document_ids(TEXT, None)[:200]
+    kv = km.prefill(ids, step=37)
+    assert not kv.is_dense and kv.token_count == 200
+    for i, window in enumerate(km.layer_windows()):
+        held = kv.layout.positions[i][0]
+        want = 200 if window is None else window - 1
+        assert held.tolist() == list(range(200 - want, 200))
+        assert kv.layers[i].shape == (2, km.kv_heads, want, km.head_dim)
+    # the same keys as one pass with every layer keeping everything (then windowed)
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    km.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True)
+    for i, layer in enumerate(kv.layers):
+        n = layer.shape[2]
+        torch.testing.assert_close(layer[0], cache.layers[i].keys[0, :, -n:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_tokens", [32, 7])
+def test_lossless_file_generates_exactly_like_the_text(windowed, tmp_path, chunk_tokens):
+    km = windowed
+    ids = km.document_ids(TEXT, None)[:150]
+    prompt = km.prompt_ids(PROMPT, None)
+    out = tmp_path / "c.kvz"
+    summary = write_kvz(km.prefill(ids), ids, out, km, levels=["lossless"], chunk_tokens=chunk_tokens,
+                        dtype="float32")
+    assert summary.raw_bytes == 4 * 2 * km.head_dim * km.kv_heads * sum(km.kept_positions(150))
+    with open_cache(out) as f:
+        assert f.version == (2, 0) and "positions" in f.header.features
+    loaded = load_kv(out)
+    base = km.generate(ids + prompt, max_new_tokens=16)
+    got, first = first_forward_tokens(km, lambda: km.generate(ids + prompt, kv=loaded.kv, max_new_tokens=16))
+    assert got == base
+    assert first == len(prompt)  # the cache was used: only the new tokens were read
+    # a direct forward (no positions, no mask, as teacher forcing calls it) matches too
+    ref = km.teacher_force(km.prefill(ids[:1]), ids[1:] + prompt)[-len(prompt):]
+    torch.testing.assert_close(km.teacher_force(loaded.kv, prompt), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_window_of_a_hundred_and_more(tmp_path):
+    km = windowed_model("gemma3", 128)
+    ids = (km.document_ids(TEXT, None) * 2)[:300]
+    prompt = km.prompt_ids(PROMPT, None)
+    out = tmp_path / "w.kvz"
+    write_kvz(km.prefill(ids), ids, out, km, levels=["lossless"], chunk_tokens=64, dtype="float32")
+    got, first = first_forward_tokens(km, lambda: km.generate(ids + prompt, kv=load_kv(out).kv, max_new_tokens=12))
+    assert got == km.generate(ids + prompt, max_new_tokens=12) and first == len(prompt)
+
+
+def test_api_paths_on_a_windowed_file(windowed, tmp_path):
+    km = windowed
+    text = TEXT[:170]
+    out = tmp_path / "a.kvz"
+    api.encode(text, out, model=km, levels=["lossless", "balanced"], chunk_tokens=32,
+               if_no_profile="uncalibrated")
+    info = api.info(out)
+    t = info["tokens"]
+    assert info["format_version"] == "2.0" and not info["layout"]["dense"]
+    by_type = {g["type"]: g for g in info["layout"]["by_type"]}
+    assert by_type["sliding_attention"]["tokens_stored"] == 15
+    if "full_attention" in by_type:
+        assert by_type["full_attention"]["tokens_stored"] == t
+    assert info["stored_elements"] == 2 * km.kv_heads * km.head_dim * sum(km.kept_positions(t))
+    assert info["bits_per_context_element"] < info["bits_per_element"]
+    assert api.verify(out).ok
+    # decode: keys and values as the model's cache holds them, with their positions
+    dec = tmp_path / "a.safetensors"
+    api.decode(out, dec, level="lossless")
+    tensors = load_file(dec)
+    cache = km.build_cache(km.prefill(km.document_ids(text, None)))
+    for i, layer in enumerate(cache.layers):
+        torch.testing.assert_close(tensors[f"layers.{i}.key"], layer.keys[0])
+        torch.testing.assert_close(tensors[f"layers.{i}.value"], layer.values[0])
+        pos = tensors[f"layers.{i}.positions"]
+        assert pos.dtype == torch.int64 and pos.shape == layer.keys.shape[1:3]
+        n = pos.shape[1]
+        assert pos[0].tolist() == list(range(t - n, t))
+    # generate from the lossy level runs and attaches the same layout
+    res = api.generate(out, PROMPT, model=km, max_new_tokens=4, level="balanced")
+    assert len(res.new_token_ids) == 4
+
+
+def test_continuing_right_after_a_full_window_needs_a_new_token(tmp_path):
+    km = windowed_model("mistral", 16)
+    ids = km.document_ids(TEXT, None)[:60]
+    with pytest.raises(errors.InputError, match="give a prompt"):
+        km.generate(ids, kv=km.prefill(ids), max_new_tokens=2)
+    # within the window the cache is dense and crops as before
+    short = ids[:10]
+    assert km.generate(short, kv=km.prefill(short), max_new_tokens=4) == km.generate(short, max_new_tokens=4)
+
+
+def test_a_layout_the_model_cannot_hold_is_refused_before_decoding(tmp_path):
+    km = windowed_model("gemma3", 16)
+    other = windowed_model("gemma3", 32)  # same weights, another window: a different config
+    ids = km.document_ids(TEXT, None)[:80]
+    out = tmp_path / "x.kvz"
+    write_kvz(km.prefill(ids), ids, out, km, levels=["lossless"], chunk_tokens=32, dtype="float32")
+    with open_cache(out) as f:
+        with pytest.raises(errors.ModelMismatchError):
+            other.check_stored_cache(f.header)
+    with pytest.raises(errors.ModelMismatchError, match="keeps the last"):
+        km.check_layout(PositionLayout.from_counts([15] * 6, km.kv_heads, 80))  # the full layer too short
+
+
+# ------------------------------------------------------------------- the format
+def test_position_layout_round_trips_compactly():
+    rng = np.random.default_rng(0)
+    t = 1000
+    pruned = [np.sort(rng.choice(t, 300, replace=False)).astype(np.int64) for _ in range(3)]
+    window = np.arange(t - 15, t, dtype=np.int64)
+    every = np.arange(t, dtype=np.int64)
+    layout = PositionLayout([[every] * 3, [window] * 3, pruned, [np.zeros(0, np.int64)] * 3], t)
+    again = PositionLayout.from_json(layout.to_json(), 4, 3, t)
+    for a, b in zip(layout.positions, again.positions):
+        for x, y in zip(a, b):
+            assert np.array_equal(x, y)
+    raw = layout.to_bytes()
+    assert len(raw) < 12 + 4 * 3 + 3 * (t // 8 + 1) + 40  # runs for the ranges, bitmaps for the rest
+    assert not layout.is_dense() and PositionLayout.dense(2, 2, 9).is_dense()
+    blocks = layout.blocks(0, t)
+    assert [b.layers for b in blocks][:2] == [(0,), (1,)] and len(blocks) == 2 + 3
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: raw[:-1], "truncated"),
+    (lambda raw: raw + b"\0", "after its last record"),
+    (lambda raw: raw[:12] + b"\x07" + raw[13:], "unknown kind"),
+    (lambda raw: raw[:12] + b"\x00" + raw[13:], "before the first"),
+])
+def test_broken_layouts_are_header_errors(damage, message):
+    layout = PositionLayout.from_counts([10, 4], 2, 10)
+    with pytest.raises(errors.HeaderError, match=message):
+        PositionLayout.from_bytes(damage(layout.to_bytes()), 2, 2, 10)
+    with pytest.raises(errors.HeaderError, match="describes"):
+        PositionLayout.from_bytes(layout.to_bytes(), 3, 2, 10)
+
+
+def _reseal_header(data: bytes, edit) -> bytes:
+    """The file with its header edited and every checksum and offset made consistent."""
+    from kvzip.formats import pack_index, pack_preamble, parse_index
+    from kvzip.formats.container import Preamble, parse_preamble
+    from kvzip.formats.spec import PREAMBLE_SIZE
+
+    pre = parse_preamble(data)
+    header = json.loads(data[PREAMBLE_SIZE : PREAMBLE_SIZE + pre.header_length])
+    edit(header)
+    new_header = encode_header(header)
+    index_at = PREAMBLE_SIZE + pre.header_length
+    entries = parse_index(data[index_at : index_at + pre.index_length])
+    shift = len(new_header) - pre.header_length
+    from dataclasses import replace
+
+    entries = [replace(e, offset=e.offset + shift) for e in entries]
+    index = pack_index(entries)
+    preamble = Preamble(len(new_header), len(index), zlib.crc32(new_header), zlib.crc32(index),
+                        PREAMBLE_SIZE + len(new_header) + len(index), pre.major, pre.minor, 0)
+    return pack_preamble(preamble) + new_header + index + data[pre.data_offset :]
+
+
+def test_unknown_feature_is_refused_by_name(tmp_path):
+    km = windowed_model("gemma3", 16)
+    ids = km.document_ids(TEXT, None)[:40]
+    out = tmp_path / "f.kvz"
+    write_kvz(km.prefill(ids), ids, out, km, levels=["lossless"], chunk_tokens=16, dtype="float32")
+    data = out.read_bytes()
+    assert KvzReader(BytesSource(data)).header.features == ("positions", "rope-tables")
+    future = _reseal_header(data, lambda h: h["features"].append("ragged-heads-v9"))
+    with pytest.raises(errors.UnsupportedVersionError, match="'ragged-heads-v9'"):
+        KvzReader(BytesSource(future))
+    as_v1 = bytearray(data)
+    as_v1[8:10] = (1).to_bytes(2, "little")  # a 1.x reader would not know the layout: refused
+    with pytest.raises(errors.FormatError):
+        KvzReader(BytesSource(bytes(as_v1)))
+
+
+def test_dense_files_stay_version_1(tiny_llama, tmp_path):
+    ids = tiny_llama.document_ids(TEXT, None)[:50]
+    out = tmp_path / "d.kvz"
+    write_kvz(tiny_llama.prefill(ids), ids, out, tiny_llama, levels=["lossless"], chunk_tokens=16,
+              dtype="float32")
+    with open_cache(out) as f:
+        assert f.version == (1, 0) and f.header.features == () and "positions" not in f.header.raw
