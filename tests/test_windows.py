@@ -232,3 +232,77 @@ def test_dense_files_stay_version_1(tiny_llama, tmp_path):
               dtype="float32")
     with open_cache(out) as f:
         assert f.version == (1, 0) and f.header.features == () and "positions" not in f.header.raw
+
+
+# -------------------------------------------------------------------- streaming
+def test_streaming_a_windowed_file(tmp_path):
+    from kvzip.stream.client import RECOMPUTE, _chunk_elements, stream_generate
+    from kvzip.stream.manifest import parse_manifest
+    from kvzip.stream.server import create_app, serve_in_thread
+
+    km = windowed_model("gemma3", 16)
+    ids = km.document_ids(TEXT, None)[:120]
+    root = tmp_path / "ctx"
+    root.mkdir()
+    write_kvz(km.prefill(ids), ids, root / "w.kvz", km, levels=["lossless", "balanced"],
+              chunk_tokens=32, dtype="float32")
+    prompt = km.prompt_ids(PROMPT, None)
+    local = km.generate(ids + prompt, max_new_tokens=8)
+    import httpx
+
+    with serve_in_thread(create_app(root)) as url:
+        manifest_url = url + "/contexts/w.kvz/manifest"
+        data = httpx.get(manifest_url).json()
+        # chunks before the window carry only the full layer; the last one every layer
+        assert [c["layers"] for c in data["chunks"]] == [[5], [5], [5], [0, 1, 2, 3, 4, 5]]
+        manifest = parse_manifest(data, manifest_url)
+        elements = [_chunk_elements(manifest, c) for c in manifest.chunks]
+        per = 2 * km.kv_heads * km.head_dim
+        assert elements == [32 * per, 32 * per, 32 * per, (24 + 5 * 15) * per]
+        streamed = stream_generate(manifest_url, PROMPT, km, levels=["lossless"], max_new_tokens=8)
+        assert streamed.new_token_ids == local and streamed.levels == ["lossless"] * 4
+        direct = stream_generate(url + "/w.kvz", PROMPT, km, levels=["lossless"], max_new_tokens=8)
+        assert direct.new_token_ids == local
+        # text fallback: every chunk recomputed from its token ids with the window before it
+        redone = stream_generate(manifest_url, PROMPT, km, levels=[], max_new_tokens=8)
+        assert redone.levels == [RECOMPUTE] * 4 and redone.bytes_fetched == 0
+        assert redone.new_token_ids == local
+
+
+# -------------------------------------------------------------------------- RAG
+def test_rag_assembly_on_a_hybrid_model(tmp_path):
+    from kvzip.store import CachedPassage, PassageStore, assemble, ask, precache
+
+    km = windowed_model("gemma3", 64)  # passages must fit the 63 positions a sliding layer keeps
+    tables, index = km.rope_tables()
+    freqs = [tables[i] for i in index]
+    parts = [km.encode_text(t, special_tokens=False) for t in (TEXT[:50], TEXT[50:105], TEXT[105:160])]
+    cached = [CachedPassage(p, km.prefill(p).dense_array(), freqs) for p in parts]
+    context, kv = assemble(km, [], cached)
+    assert kv.shape[3] == sum(map(len, parts)) > 64
+    question = km.prompt_ids(PROMPT, None)
+    full = km.prefill(context)
+    # everything recomputed with its real context: the full prefill's cache, windows included
+    _, blended = assemble(km, [], cached, blend_fraction=1.0)
+    torch.testing.assert_close(km.teacher_force(blended, question), km.teacher_force(full, question),
+                               atol=1e-4, rtol=1e-4)
+    # the recomputed window changes exactly the sliding layers' last 63 positions
+    _, windowed = assemble(km, [], cached, recompute_window=True)
+    t = kv.shape[3]
+    sliding = [i for i, w in enumerate(km.layer_windows()) if w is not None]
+    assert torch.equal(windowed[:, :, :, : t - 63], kv[:, :, :, : t - 63])
+    assert torch.equal(windowed[:, 5], kv[:, 5])  # the full layer
+    assert not torch.equal(windowed[:, sliding, :, t - 63 :], kv[:, sliding, :, t - 63 :])
+    full_window = torch.stack([full.layers[i] for i in sliding], dim=1)
+    err = lambda x: float((x[:, sliding, :, t - 63 :] - full_window).abs().mean())  # noqa: E731
+    assert err(windowed) < err(kv)  # nearer the true window than the moved passages' keys
+    # the store end to end: passages default to the window, ask attaches the assembled cache
+    doc = tmp_path / "doc.txt"
+    doc.write_text(TEXT * 2)
+    with PassageStore(tmp_path / "s", create=True) as store:
+        precache([doc], store, km, level="lossless")
+        for recompute in (False, True):
+            result = ask(store, "freedom software", km, top_k=3, max_new_tokens=4, recompute_window=recompute)
+            assert len(result.new_token_ids) == 4 and result.context_tokens > 64
+    with PassageStore(tmp_path / "t", create=True) as store, pytest.raises(errors.InputError, match="window"):
+        precache([doc], store, km, passage_tokens=100, level="lossless")

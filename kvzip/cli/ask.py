@@ -21,6 +21,7 @@ def ask_command(
     top_k: int = typer.Option(3, "--top-k", "-k", help="Passages to retrieve (BM25)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate."),
     blend_recompute: float = typer.Option(0.0, "--blend-recompute", help="Share of each passage's first tokens to recompute with the real preceding context (0-1; CacheBlend-style)."),
+    recompute_window: bool = typer.Option(False, "--recompute-window", help="Sliding-window models: recompute the sliding layers' last window from the text instead of moving the passages' keys there."),
     level: str = typer.Option(None, "--level", "-l", help="Level of the caches to use (default: the store's)."),
     model: str = typer.Option(None, "--model", "-m", help="The model the store was filled with (default: embedded SmolLM2-135M-Instruct)."),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Also time a full prefill of the same prompt."),
@@ -36,7 +37,8 @@ def ask_command(
         with progress_bars(not quiet) as progress:
             result = ask(
                 passage_store, question, km, top_k=top_k, max_new_tokens=max_new_tokens,
-                level=level, blend_recompute=blend_recompute, compare=compare, progress=progress,
+                level=level, blend_recompute=blend_recompute, recompute_window=recompute_window,
+                compare=compare, progress=progress,
             )
     if json_out:
         out_console.print_json(data={**asdict(result), "speedup": result.speedup})

@@ -166,10 +166,15 @@ def ask(
     max_new_tokens: int = 64,
     level: str | None = None,
     blend_recompute: float = 0.0,
+    recompute_window: bool = False,
     compare: bool = True,
     progress: Progress = no_progress,
 ) -> AskResult:
-    """Answer ``question`` from the store's passages (greedy), timing it against a full prefill."""
+    """Answer ``question`` from the store's passages (greedy), timing it against a full prefill.
+
+    ``recompute_window``: on a model with sliding-window layers, recompute their last
+    window from the text instead of using the passages' moved keys there
+    (:func:`~kvzip.store.assemble.assemble`)."""
     if max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
     if not 0.0 <= blend_recompute <= 1.0:
@@ -182,7 +187,8 @@ def ask(
     before, after = prompt_ids(km, question)
     opening_kv, opening_source = load_opening(km, before, store) if before else (None, "")
     opened = time.perf_counter()
-    context_ids, kv = assemble(km, before, passages, blend_fraction=blend_recompute, prefix_kv=opening_kv)
+    context_ids, kv = assemble(km, before, passages, blend_fraction=blend_recompute, prefix_kv=opening_kv,
+                               recompute_window=recompute_window)
     assembled = time.perf_counter()
     ids = context_ids + after
     run = km.generate_timed(ids, kv=kv, max_new_tokens=max_new_tokens)

@@ -76,13 +76,15 @@ def assemble(
     *,
     blend_fraction: float = 0.0,
     prefix_kv: torch.Tensor | None = None,
+    recompute_window: bool = False,
 ) -> tuple[list[int], torch.Tensor]:
     """(context ids, their cache): ``prefix_ids`` followed by each passage moved to its offset.
 
     The assembled cache holds every position in every layer; attaching it to a model
-    with sliding-window layers keeps their last ``window - 1`` positions, which are the
-    passages' own keys moved there (``docs/benchmarks.md`` measures this against
-    recomputing that window).
+    with sliding-window layers keeps their last ``window - 1`` positions.  Those are
+    the passages' own keys moved there, or, with ``recompute_window``, the sliding
+    layers' keys and values of that window recomputed in one pass from the text with
+    the assembled context before it (``docs/benchmarks.md`` measures both).
 
     ``prefix_kv`` is the prefix's cache when the caller has it (ask keeps the chat
     opening's; see :mod:`kvzip.store.opening`), else the prefix is prefilled here.
@@ -128,4 +130,14 @@ def assemble(
         visible[slots] = False
         fresh = km.extend_at(kv, redo_ids, redo_positions, visible=visible)
         kv[:, :, :, slots] = fresh.to(kv.dtype)
+    window = km.sliding_window
+    if recompute_window and window is not None:
+        start = max(len(prefix_ids), total - (window - 1))  # the prefix is its own prefill already
+        if start < total:
+            visible = torch.ones(total, dtype=torch.bool)
+            visible[start:] = False
+            fresh = km.extend_at(kv, ids[start:], range(start, total), visible=visible)
+            for i, w in enumerate(km.layer_windows()):
+                if w is not None:
+                    kv[:, i, :, start:] = fresh[:, i].to(kv.dtype)
     return ids, kv
