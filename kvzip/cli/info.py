@@ -37,6 +37,14 @@ def info_command(
         ("raw cache", human_bytes(data["raw_bytes"])),
         ("file", f"{human_bytes(data['file_bytes'])}  ratio {data['ratio']:.2f}x, {data['bits_per_element']:.3f} bits/element"),
     ]
+    layout = data["layout"]
+    if not layout["dense"]:
+        kept = ", ".join(f"{g['layers']} {g['type'].replace('_attention', '')} "
+                         f"{'layers keep' if g['layers'] != 1 else 'layer keeps'} {g['tokens_stored']}"
+                         for g in layout["by_type"])
+        rows.insert(6, ("stored", f"{kept} (of {data['tokens']}); "
+                                  f"{data['bits_per_context_element']:.3f} bits per context element, "
+                                  f"{data['file_bytes'] / data['tokens']:.0f} bytes per token"))
     if data.get("source"):
         rows.append(("source", data["source"]["name"]))
     prof = data.get("profile")
@@ -48,13 +56,16 @@ def info_command(
         table.add_row(key, value)
     out_console.print(table)
     levels = Table(title="levels", title_justify="left")
-    for col in ("level", "codec", "payload", "bits/element", "ratio"):
+    cols = ["level", "codec", "payload", "bits/element"]
+    if not layout["dense"]:
+        cols.append("bits/context element")
+    for col in (*cols, "ratio"):
         levels.add_column(col, justify="right" if col != "level" else "left")
     for lvl in data["levels"]:
-        levels.add_row(
-            lvl["name"], lvl["codec"]["id"], human_bytes(lvl["payload_bytes"]),
-            f"{lvl['bits_per_element']:.3f}", f"{lvl['ratio']:.2f}x" if lvl["ratio"] else "-",
-        )
+        cells = [lvl["name"], lvl["codec"]["id"], human_bytes(lvl["payload_bytes"]), f"{lvl['bits_per_element']:.3f}"]
+        if not layout["dense"]:
+            cells.append(f"{lvl['bits_per_context_element']:.3f}")
+        levels.add_row(*cells, f"{lvl['ratio']:.2f}x" if lvl["ratio"] else "-")
     out_console.print(levels)
 
 
