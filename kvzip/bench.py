@@ -225,7 +225,9 @@ def kivi_roundtrip(kv: torch.Tensor | LayeredKV, bits: int, group: int = 32) -> 
 def _fake_quant(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     lo = x.amin(dim, keepdim=True)
     hi = x.amax(dim, keepdim=True)
-    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8).half().float()
+    # fp16 scales as KIVI stores them; a constant group's zero range stays a (tiny) positive
+    # scale after the cast (1e-8 itself would round to 0 in fp16, and 0/0 to NaN)
+    scale = ((hi - lo) / (2**bits - 1)).half().float().clamp_min(1e-8)
     lo = lo.half().float()
     q = ((x - lo) / scale).round().clamp(0, 2**bits - 1)
     return q * scale + lo
