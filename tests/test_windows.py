@@ -306,3 +306,21 @@ def test_rag_assembly_on_a_hybrid_model(tmp_path):
             assert len(result.new_token_ids) == 4 and result.context_tokens > 64
     with PassageStore(tmp_path / "t", create=True) as store, pytest.raises(errors.InputError, match="window"):
         precache([doc], store, km, passage_tokens=100, level="lossless")
+
+
+def test_every_codec_codes_a_windowed_file(tmp_path):
+    # cachegen's bins and kvzip-lossy's early layers follow the model's layers in every block
+    from kvzip.codecs import codec_from_config
+
+    km = windowed_model("gemma3", 16)
+    ids = km.document_ids(TEXT, None)[:90]
+    kv = km.prefill(ids)
+    levels = [("cachegen", codec_from_config({"id": "cachegen", "key_early_layers": 5})),
+              ("early", codec_from_config({"id": "kvzip-lossy", "early_layers": 5, "early_factor": 4.0}))]
+    out = tmp_path / "c.kvz"
+    write_kvz(kv, ids, out, km, levels=levels, chunk_tokens=32, dtype="float32")
+    for name, _ in levels:
+        got = load_kv(out, name).kv
+        for a, b in zip(got.layers, kv.layers):
+            assert a.shape == b.shape
+            assert float((a - b).abs().mean()) < 0.2 * float(b.abs().mean())

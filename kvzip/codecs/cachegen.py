@@ -50,9 +50,10 @@ class CacheGenCodec(StagedCodec):
 
     def pipeline_for(self, ctx: ChunkContext) -> StagePipeline:
         """One pipeline per model depth (the bins depend on the layer count)."""
-        pipe = self._pipes.get(ctx.num_layers)
+        L = ctx.num_layers if ctx.layer_ids is None else max(ctx.layer_ids) + 1  # bins by model layer
+        pipe = self._pipes.get(L)
         if pipe is None:
-            p, L = self._p, ctx.num_layers
+            p = self._p
             kb = [p["key_bins_early"] if i < p["key_early_layers"] else p["key_bins"] for i in range(L)]
             vb = [p["value_bins_early"] if i < p["value_early_layers"] else p["value_bins"] for i in range(L)]
             pipe = StagePipeline([TokenAbsmaxQuantizer(kb, vb), entropy_layout("hist")])
