@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kvzip import importance as scoring
 from kvzip.atomic import write_atomic
 from kvzip.codecs import STORAGE_DTYPES
 from kvzip.errors import ContextTooLongError, InputError, KvzipError
@@ -135,9 +136,14 @@ def encode(
     source_name: str | None = None,
     profile: str | os.PathLike[str] | None = None,
     if_no_profile: str = "calibrate",
+    importance: str | None = None,
     progress: Progress = no_progress,
 ) -> EncodeSummary:
     """Prefill ``text`` with the model and write its KV cache to ``out`` as a ``.kvz``.
+
+    ``importance`` names a scorer (``kvzip.importance``: ``reconstruct``, ``prefill``,
+    ``keynorm``): every entry is scored and the lossy levels code the most important ones
+    at a finer step and the least at a coarser one, at about the level's size.
 
     Lossy levels use the model's calibration profile (``profile``: a file or a
     digest; by default the newest one for the model in the profile directories).
@@ -146,6 +152,8 @@ def encode(
     """
     check_levels(levels)
     check_if_missing(if_no_profile)
+    if importance is not None:
+        scoring.scorer(importance)  # an unknown scorer is refused before the model loads
     if chunk_tokens <= 0:
         raise InputError(f"--chunk-tokens must be positive, got {chunk_tokens}")
     if dtype is not None and dtype not in STORAGE_DTYPES:
@@ -159,14 +167,25 @@ def encode(
     km.check_length(len(ids))
     resolved = resolve(levels, km, profile, if_missing=if_no_profile, progress=progress)
     started = time.perf_counter()
-    kv = km.prefill(ids, progress=lambda d, t: progress("prefill", d, t))
+    classes = extra = None
+    pairs = resolved.pairs()
+    if importance is None:
+        kv = km.prefill(ids, progress=lambda d, t: progress("prefill", d, t))
+    else:
+        progress("score", 0, 1)
+        scored = scoring.score(km, ids, importance)
+        progress("score", 1, 1)
+        kv, classes = scored.kv, scoring.classes(scored.scores)
+        pairs = [(name, scoring.weighted(codec, resolved.profile)) for name, codec in pairs]
+        extra = {"importance": {"scorer": importance, "shares": list(scoring.DEFAULT_SHARES),
+                                "factors": list(scoring.DEFAULT_FACTORS)}}
     prefill_seconds = time.perf_counter() - started
     chat_info = None if template is None else ChatInfo(template.prefix, template.separator, template.suffix)
     source = None if not source_name else SourceInfo(source_name, hashlib.sha256(text.encode()).hexdigest())
     summary = write_kvz(
-        kv, ids, out, km, levels=resolved.pairs(), chunk_tokens=chunk_tokens,
+        kv, ids, out, km, levels=pairs, chunk_tokens=chunk_tokens,
         dtype=dtype or km.dtype, chat=chat_info, source=source, profile=resolved.profile,
-        progress=progress,
+        progress=progress, importance=classes, extra_header=extra,
     )
     summary.prefill_seconds = prefill_seconds
     return summary

@@ -45,6 +45,7 @@ def encode_command(
     chat: bool = typer.Option(False, "--chat", help="Cache the text as the opening of a user turn in the model's chat template."),
     profile: str = typer.Option(None, "--profile", help="Calibration profile (.kvzprofile file or digest) for the lossy levels (default: the newest one for the model in the profile directory)."),
     if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="When the model has no profile yet: calibrate (build one now, once), uncalibrated (use the uncalibrated codec) or error."),
+    importance: str = typer.Option(None, "--importance", help="Score every entry (reconstruct | prefill | keynorm) and spend the lossy levels' bits by importance, at about the same size."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -59,6 +60,7 @@ def encode_command(
         summary = api.encode(
             text, output, model=km, levels=levels, chunk_tokens=chunk_tokens, dtype=dtype,
             chat=chat, source_name=name, profile=profile, if_no_profile=if_no_profile,
+            importance=importance,
             progress=progress,
         )
     if json_out:

@@ -59,6 +59,9 @@ class ChunkContext:
     layer_ids: tuple[int, ...] | None = None
     head_ids: tuple[int, ...] | None = None
     positions: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # Encoding only: each (layer, head, token)'s importance class [L, H, T] uint8, for a
+    # codec built with importance factors (kvzip.importance); it travels in the payload.
+    importance: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvzip.codecs.entropy import entropy_layout
-from kvzip.codecs.quantize import UniformStepQuantizer
+from kvzip.codecs.quantize import UniformStepQuantizer, check_importance_factors
 from kvzip.codecs.registry import register_codec
 from kvzip.codecs.stages import StagedCodec, StagePipeline
 from kvzip.codecs.transforms import UnRoPE
@@ -54,7 +54,7 @@ class KvzipLossyCodec(StagedCodec):
     def __init__(self, key_step: float = 0.1, value_step: float = 0.1, prerope: bool = True,
                  key_channel_exp: float = 0.0, value_token_exp: float = 0.0, sink_tokens: int = 4,
                  sink_factor: float = 16.0, early_layers: int = 0, early_factor: float = 1.0,
-                 entropy: str = "param"):
+                 entropy: str = "param", importance_factors: list[float] | None = None):
         p = dict(key_step=key_step, value_step=value_step, prerope=prerope,
                  key_channel_exp=key_channel_exp, value_token_exp=value_token_exp,
                  sink_tokens=sink_tokens, sink_factor=sink_factor, early_layers=early_layers,
@@ -75,11 +75,15 @@ class KvzipLossyCodec(StagedCodec):
         coder = entropy_layout(entropy)  # an unknown name is a CodecError naming the known ones
         if not isinstance(prerope, bool):
             raise CodecError("kvzip-lossy prerope must be true or false")
+        factors = check_importance_factors(importance_factors, "kvzip-lossy")
+        if factors is not None:  # absent from configs that do not use it: their bytes are unchanged
+            p["importance_factors"] = factors
         self._p = p
         stages: list[object] = [UnRoPE()] if prerope else []
         stages += [
             UniformStepQuantizer(key_step, value_step, key_channel_exp, value_token_exp,
-                                 sink_tokens, sink_factor, early_layers, early_factor),
+                                 sink_tokens, sink_factor, early_layers, early_factor,
+                                 importance_factors=factors),
             coder,
         ]
         self.pipeline = StagePipeline(stages)

@@ -27,7 +27,7 @@ import numpy as np
 from kvzip.codecs.base import ChunkContext, one_blas_thread
 from kvzip.codecs.entropy import entropy_layout
 from kvzip.codecs.profile import Profile
-from kvzip.codecs.quantize import UniformStepQuantizer
+from kvzip.codecs.quantize import UniformStepQuantizer, check_importance_factors
 from kvzip.codecs.registry import register_codec
 from kvzip.codecs.stages import ArrayTransform, StagedCodec, StagePipeline
 from kvzip.codecs.transforms import UnRoPE, rope_cos_sin, rotate
@@ -144,7 +144,8 @@ class KvzipProfileCodec(StagedCodec):
     needs_profile = True
 
     def __init__(self, profile: Profile, step: float = 0.3, value_token_exp: float = 0.5,
-                 sink_tokens: int = 4, sink_factor: float = 16.0, entropy: str = "param"):
+                 sink_tokens: int = 4, sink_factor: float = 16.0, entropy: str = "param",
+                 importance_factors: list[float] | None = None):
         for name, v in (("step", step), ("value_token_exp", value_token_exp), ("sink_factor", sink_factor)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
                 raise CodecError(f"kvzip-profile {name} must be a finite number, got {v!r}")
@@ -158,13 +159,16 @@ class KvzipProfileCodec(StagedCodec):
             raise CodecError("kvzip-profile is built with its calibration profile (kvzip.levels finds it)")
         self._p = dict(profile=profile.digest, step=step, value_token_exp=value_token_exp,
                        sink_tokens=sink_tokens, sink_factor=sink_factor, entropy=entropy)
+        factors = check_importance_factors(importance_factors, "kvzip-profile")
+        if factors is not None:  # absent from configs that do not use it: their bytes are unchanged
+            self._p["importance_factors"] = factors
         self.profile = profile
         self.basis = ProfileBasis(self.profile)
         self.pipeline = StagePipeline([
             UnRoPE(),
             self.basis,
             UniformStepQuantizer(step, step, 0.0, value_token_exp, sink_tokens, sink_factor,
-                                 layer_scale=self.profile.tensors["step_scale"]),
+                                 layer_scale=self.profile.tensors["step_scale"], importance_factors=factors),
             entropy_layout(entropy),
         ])
 

@@ -78,10 +78,32 @@ class TokenAbsmaxQuantizer(Quantizer):
         return sym * (amax / c)
 
 
+def _tokens(steps: np.ndarray, axis: int, part: slice) -> np.ndarray:
+    """``steps`` restricted to some tokens along ``axis``, when it varies along it (a step
+    that is the same for every token broadcasts as it is)."""
+    if steps.shape[axis] == 1:
+        return steps
+    index = [slice(None)] * steps.ndim
+    index[axis] = part
+    return steps[tuple(index)]
+
+
 def _q4(ratio: np.ndarray) -> np.ndarray:
     """Quarter-octave int8 code of a positive ratio."""
     r = np.maximum(ratio, 2.0**-31)
     return np.clip(np.rint(4 * np.log2(r)), -127, 127).astype(np.int8)
+
+
+def check_importance_factors(factors, codec: str) -> list[float] | None:
+    """A codec's ``importance_factors``: None, or 2 to 4 step multipliers in [1/16, 16],
+    one of them 1 (the class of entries nobody scored)."""
+    if factors is None:
+        return None
+    if (not isinstance(factors, (list, tuple)) or not 2 <= len(factors) <= 4
+            or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and np.isfinite(f)
+                       and 1 / 16 <= f <= 16 for f in factors) or 1.0 not in factors):
+        raise CodecError(f"{codec} importance_factors must be 2 to 4 numbers in [1/16, 16], one of them 1")
+    return [float(f) for f in factors]
 
 
 class UniformStepQuantizer(Quantizer):
@@ -89,8 +111,11 @@ class UniformStepQuantizer(Quantizer):
 
     def __init__(self, key_step, value_step, key_channel_exp=0.0, value_token_exp=0.0,
                  sink_tokens=4, sink_factor=16.0, early_layers=0, early_factor=1.0,
-                 layer_scale: np.ndarray | None = None):
+                 layer_scale: np.ndarray | None = None, importance_factors=None):
         self.rel = np.array([key_step, value_step], dtype=np.float32)
+        # Importance classes (kvzip.importance): class c of a (layer, head, token) multiplies
+        # its step by importance_factors[c]; the classes travel in the side info.
+        self.factors = None if importance_factors is None else np.asarray(importance_factors, np.float32)
         # Absolute steps: ``layer_scale`` [2, L] (from a calibration profile) times the
         # relative step, instead of the chunk's RMS times it.  The chunk RMS is still
         # stored and only normalises the per-token value codes.
@@ -113,11 +138,53 @@ class UniformStepQuantizer(Quantizer):
         return shapes
 
     # side info: ref [2, L] f32 | key channel codes [L, H, D] i8 | value token codes [L, T] i8
+    # | importance classes (with factors): u32 n, then n bytes of zstd of the [L, H, T] classes
+    #   packed 2 bits each (4 to a byte, first in the low bits)
     def _side_sizes(self, ctx):
         L, H, T, D = ctx.num_layers, ctx.kv_heads, ctx.token_count, ctx.head_dim
         return 8 * L, (L * H * D if self.key_channel_exp else 0), (L * T if self.value_token_exp else 0)
 
-    def _steps(self, ref, kcode, vcode, ctx) -> np.ndarray:
+    def default_class(self) -> int:
+        """The class of an entry nobody scored: the one whose factor is 1."""
+        return int(np.flatnonzero(self.factors == 1.0)[0])
+
+    def _classes(self, ctx) -> np.ndarray:
+        """The chunk's importance classes [L, H, T] (uint8) for encoding."""
+        shape = (ctx.num_layers, ctx.kv_heads, ctx.token_count)
+        cls = ctx.importance
+        if cls is None:
+            return np.full(shape, self.default_class(), np.uint8)
+        cls = np.asarray(cls, np.uint8)
+        if cls.shape != shape or (cls.size and int(cls.max()) >= self.factors.size):
+            raise CodecError(f"importance classes of shape {cls.shape} for a chunk of {shape}")
+        return cls
+
+    def _pack_classes(self, cls: np.ndarray) -> bytes:
+        import zstandard
+
+        flat = cls.reshape(-1)
+        pad = (-flat.size) % 4
+        flat = np.concatenate([flat, np.zeros(pad, np.uint8)]).reshape(-1, 4)
+        packed = (flat[:, 0] | flat[:, 1] << 2 | flat[:, 2] << 4 | flat[:, 3] << 6).astype(np.uint8)
+        frame = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(packed.tobytes())
+        return np.uint32(len(frame)).astype("<u4").tobytes() + frame
+
+    def _unpack_classes(self, data: bytes, ctx) -> np.ndarray:
+        from kvzip.compression import zstd_decompress_bounded
+
+        n = ctx.num_layers * ctx.kv_heads * ctx.token_count
+        if len(data) < 4 or int(np.frombuffer(data[:4], "<u4")[0]) != len(data) - 4:
+            raise CodecError("kvzip-lossy importance classes have the wrong size")
+        raw = zstd_decompress_bounded(data[4:], (n + 3) // 4, "importance classes")
+        if len(raw) != (n + 3) // 4:
+            raise CodecError("kvzip-lossy importance classes have the wrong size")
+        packed = np.frombuffer(raw, np.uint8)
+        cls = np.stack([packed & 3, packed >> 2 & 3, packed >> 4 & 3, packed >> 6 & 3], axis=1).reshape(-1)[:n]
+        if cls.size and int(cls.max()) >= self.factors.size:
+            raise CodecError("kvzip-lossy importance classes name a class the codec does not have")
+        return cls.reshape(ctx.num_layers, ctx.kv_heads, ctx.token_count)
+
+    def _steps(self, ref, kcode, vcode, ctx, cls=None) -> np.ndarray:
         """Step per element, broadcastable to [2, L, H, T, D] (float32)."""
         L, H, T, D = ctx.num_layers, ctx.kv_heads, ctx.token_count, ctx.head_dim
         ids = np.asarray(ctx.layers)
@@ -138,6 +205,9 @@ class UniformStepQuantizer(Quantizer):
             ks = ks * np.exp2(kcode.astype(np.float32) * (0.25 * self.key_channel_exp)).reshape(L, H, 1, D)
         if vcode is not None:
             vs = vs * np.exp2(vcode.astype(np.float32) * (0.25 * self.value_token_exp)).reshape(L, 1, T, 1)
+        if cls is not None:
+            f = self.factors[cls][..., None]  # [L, H, T, 1]
+            ks, vs = ks * f, vs * f
         return ks, vs
 
     def quantize(self, x, ctx):
@@ -154,13 +224,14 @@ class UniformStepQuantizer(Quantizer):
         if self.value_token_exp:
             rms_t = np.sqrt(np.mean(np.square(x[1], dtype=np.float64), axis=(1, 3)))  # [L, T]
             vcode = _q4(rms_t / ref[1][:, None])
-        ks, vs = self._steps(ref, kcode, vcode, ctx)
+        cls = None if self.factors is None else self._classes(ctx)
+        ks, vs = self._steps(ref, kcode, vcode, ctx, cls)
         sym = np.empty(x.shape, np.int64)
         sym[0] = np.rint(x[0] / ks)
         sym[1] = np.rint(x[1] / vs)
         if ns:
-            sym[0, :, :, :ns] = np.rint(x[0, :, :, :ns] / (ks * np.float32(1 / self.sink_factor)))
-            vsink = vs[:, :, :ns] if self.value_token_exp else vs
+            sym[0, :, :, :ns] = np.rint(x[0, :, :, :ns] / (_tokens(ks, 2, slice(0, ns)) * np.float32(1 / self.sink_factor)))
+            vsink = _tokens(vs, 2, slice(0, ns))
             sym[1, :, :, :ns] = np.rint(x[1, :, :, :ns] / (vsink * np.float32(1 / self.sink_factor)))
         if np.abs(sym).max(initial=0) > _MAX_ABS_SYMBOL:
             raise CodecError("values too large for the configured step")
@@ -172,6 +243,8 @@ class UniformStepQuantizer(Quantizer):
             side += kcode.tobytes()
         if vcode is not None:
             side += vcode.tobytes()
+        if cls is not None:
+            side += self._pack_classes(cls)
         return SymbolBlocks([m.astype(np.int32) for m in mats], side)
 
     def dequantize(self, blocks, ctx):
@@ -183,14 +256,16 @@ class UniformStepQuantizer(Quantizer):
         that multiplies by a basis from the left needs no transposition before it."""
         L, H, T, D = ctx.num_layers, ctx.kv_heads, ctx.token_count, ctx.head_dim
         nref, nk, nv = self._side_sizes(ctx)
-        if len(blocks.side) != nref + nk + nv:
+        fixed = nref + nk + nv
+        if len(blocks.side) != fixed if self.factors is None else len(blocks.side) < fixed + 4:
             raise CodecError("kvzip-lossy side info has the wrong size")
+        cls = None if self.factors is None else self._unpack_classes(blocks.side[fixed:], ctx)
         ref = np.frombuffer(blocks.side, "<f4", 2 * L).reshape(2, L).astype(np.float32)
         if not np.isfinite(ref).all() or (ref <= 0).any():
             raise CodecError("kvzip-lossy side info holds invalid scales")
         kcode = np.frombuffer(blocks.side, np.int8, nk, nref) if nk else None
         vcode = np.frombuffer(blocks.side, np.int8, nv, nref + nk) if nv else None
-        ks, vs = self._steps(ref, kcode, vcode, ctx)
+        ks, vs = self._steps(ref, kcode, vcode, ctx, cls)
         ks, vs = ks.swapaxes(-1, -2), vs.swapaxes(-1, -2)  # to [L, H|1, D|1, T|1]
         ns = self._sinks(ctx)
         out = np.empty((2, L, H, D, T), np.float32)
@@ -198,10 +273,10 @@ class UniformStepQuantizer(Quantizer):
         # int32 symbols times float32 steps computed in float32: symbols are below
         # 2**24, so this is the correctly rounded product, as a float64 product
         # rounded to float32 would be, without the float64 temporaries.
-        np.multiply(main[0], ks, out=out[0, ..., ns:], dtype=np.float32)
-        np.multiply(main[1], vs[..., ns:] if nv else vs, out=out[1, ..., ns:], dtype=np.float32)
+        np.multiply(main[0], _tokens(ks, 3, slice(ns, None)), out=out[0, ..., ns:], dtype=np.float32)
+        np.multiply(main[1], _tokens(vs, 3, slice(ns, None)), out=out[1, ..., ns:], dtype=np.float32)
         if ns:
             sk = blocks.matrices[1].reshape(2, L, H, ns, D).swapaxes(-1, -2).astype(np.float32)
-            out[0, ..., :ns] = sk[0] * (ks * np.float32(1 / self.sink_factor))
-            out[1, ..., :ns] = sk[1] * ((vs[..., :ns] if nv else vs) * np.float32(1 / self.sink_factor))
+            out[0, ..., :ns] = sk[0] * (_tokens(ks, 3, slice(0, ns)) * np.float32(1 / self.sink_factor))
+            out[1, ..., :ns] = sk[1] * (_tokens(vs, 3, slice(0, ns)) * np.float32(1 / self.sink_factor))
         return out

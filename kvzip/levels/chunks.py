@@ -10,6 +10,7 @@ which fetched its payloads over the network, both decode through it.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -211,6 +212,7 @@ def encode_chunks(
     ctx: ChunkContext | KvzHeader,
     threads: int | None = None,
     done: Callable[[int], None] | None = None,
+    importance: Sequence[np.ndarray] | None = None,
 ) -> list[list[bytes]]:
     """Every chunk (``ranges`` of the context's tokens) coded with every codec:
     ``payloads[chunk][level]``.  ``array`` is a dense ``[2, L, H, T, D]`` array with
@@ -220,15 +222,20 @@ def encode_chunks(
     Chunks are coded side by side on threads when every codec releases the GIL
     (``threads``: how many; default by size).  A codec's output depends only on its
     config and the chunk, so the bytes do not depend on the number of threads.
-    ``done(n)`` is called on this thread with the chunks done."""
+    ``done(n)`` is called on this thread with the chunks done.  ``importance``: each
+    layer's ``[heads, n]`` importance classes (aligned with the cache's layers), handed to
+    the codecs with each chunk (codecs built with ``importance_factors`` use them)."""
+    dense_classes = None
     if isinstance(array, LayeredKV):
         if array.is_dense:
             header = ctx
             ctx = ChunkContext(0, 0, header.num_layers, header.kv_heads, header.head_dim, header.dtype,
                                header.rope_inv_freq)
             array = array.dense
+            if importance is not None:
+                dense_classes = np.stack([np.asarray(c, np.uint8) for c in importance])  # [L, H, T]
         else:
-            return _encode_layered(array, codecs, ranges, ctx, threads, done)
+            return _encode_layered(array, codecs, ranges, ctx, threads, done, importance)
     results: list[list[bytes] | None] = [None] * len(ranges)
     finished = [0]
     lock = threading.Lock()
@@ -237,7 +244,8 @@ def encode_chunks(
         start, count = ranges[i]
         piece = np.ascontiguousarray(array[:, :, :, start : start + count, :])
         c = ChunkContext(start, count, ctx.num_layers, ctx.kv_heads, ctx.head_dim, ctx.dtype,
-                         ctx.rope_inv_freq)
+                         ctx.rope_inv_freq, importance=None if dense_classes is None
+                         else np.ascontiguousarray(dense_classes[:, :, start : start + count]))
         payloads = [codec.encode(piece, c) for codec in codecs]
         with lock:
             results[i] = payloads
@@ -250,19 +258,23 @@ def encode_chunks(
     return results  # type: ignore[return-value]
 
 
-def block_array(kv: LayeredKV, block: Block) -> np.ndarray:
-    """A block's ``[2, layers, heads, n, head_dim]`` gathered from a cache's layers."""
+def block_array(kv: LayeredKV, block: Block, per_layer: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """A block's ``[2, layers, heads, n, head_dim]`` gathered from a cache's layers (or,
+    with ``per_layer``, the block's ``[layers, heads, n]`` of those per-entry arrays)."""
     pieces = []
     for layer in block.layers:
         first = kv.layout.positions[layer][block.heads[0]]
         at = int(np.searchsorted(first, block.positions[0]))
-        pieces.append(kv.layers[layer][:, list(block.heads), at : at + block.count])
-    return np.ascontiguousarray(np.stack(pieces, axis=1))
+        if per_layer is None:
+            pieces.append(kv.layers[layer][:, list(block.heads), at : at + block.count])
+        else:
+            pieces.append(np.asarray(per_layer[layer])[list(block.heads), at : at + block.count])
+    return np.ascontiguousarray(np.stack(pieces, axis=1 if per_layer is None else 0))
 
 
 def _encode_layered(kv: LayeredKV, codecs: Sequence[Codec], ranges: Sequence[tuple[int, int]],
-                    header: KvzHeader, threads: int | None,
-                    done: Callable[[int], None] | None) -> list[list[bytes]]:
+                    header: KvzHeader, threads: int | None, done: Callable[[int], None] | None,
+                    importance: Sequence[np.ndarray] | None) -> list[list[bytes]]:
     results: list[list[bytes] | None] = [None] * len(ranges)
     finished = [0]
     lock = threading.Lock()
@@ -272,6 +284,8 @@ def _encode_layered(kv: LayeredKV, codecs: Sequence[Codec], ranges: Sequence[tup
         parts: list[list[bytes]] = [[] for _ in codecs]
         for block, ctx in chunk_blocks(header, start, start + count):
             piece = block_array(kv, block)
+            if importance is not None:
+                ctx = dataclasses.replace(ctx, importance=block_array(kv, block, importance).astype(np.uint8))
             for level, codec in enumerate(codecs):
                 parts[level].append(codec.encode(piece, ctx))
         payloads = [frame_blocks(p) for p in parts]

@@ -289,6 +289,7 @@ def write_kvz(
     profile: Profile | None = None,
     progress: Progress = no_progress,
     encoders: int | None = None,
+    importance: Sequence[np.ndarray] | None = None,
 ) -> EncodeSummary:
     """Encode an already captured cache (a :class:`LayeredKV`, or one [2, L, H, T, D]
     tensor) into a ``.kvz`` at ``out``.  A cache whose every layer holds every position
@@ -302,7 +303,9 @@ def write_kvz(
     ``profile`` (a model's calibration profile) turns named levels into their
     calibrated codecs; the header then names it, with its size.
     ``encoders``: how many threads code chunks side by side (default by size); the
-    file's bytes do not depend on it.
+    file's bytes do not depend on it.  ``importance``: each layer's ``[heads, n]``
+    importance classes (``kvzip.importance.classes``), for codecs built with
+    ``importance_factors``.
     """
     started = time.perf_counter()
     if profile is not None:
@@ -330,7 +333,7 @@ def write_kvz(
     with KvzWriter(out, header.raw) as writer:
         writer.set_token_ids(np.asarray(token_ids, dtype=np.int64))
         payloads = encode_chunks(array, [codec for _, codec in named], ranges, header, encoders,
-                                 done=lambda n: progress("encode", n, len(ranges)))
+                                 done=lambda n: progress("encode", n, len(ranges)), importance=importance)
         for chunk, ((start, count), levels_out) in enumerate(zip(ranges, payloads)):
             for level, payload in enumerate(levels_out):
                 writer.add_kv(chunk, level, start, count, payload)

@@ -9,7 +9,7 @@ in ``docs/benchmarks.md``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from kvzip.codecs import Codec, codec_from_config
@@ -77,7 +77,13 @@ def level_config(name: str, profile: str | None = None) -> dict[str, Any]:
     return dict(LEVELS[name])
 
 
-def codec_for_level(name: str, profile: Profile | None = None) -> Codec:
-    """The codec behind a named level (calibrated when a ``profile`` is given)."""
+def codec_for_level(name: str, profile: Profile | None = None,
+                    importance_factors: Sequence[float] | None = None) -> Codec:
+    """The codec behind a named level (calibrated when a ``profile`` is given); with
+    ``importance_factors``, its step scaled per entry by importance class."""
     config = level_config(name, None if profile is None else profile.digest)
+    if importance_factors is not None:
+        if config["id"] not in ("kvzip-lossy", "kvzip-profile"):
+            raise InputError(f"level {name!r} codes every entry alike; --importance needs a lossy kvzip level")
+        config = {**config, "importance_factors": [float(f) for f in importance_factors]}
     return codec_from_config(config, profile if "profile" in config else None)

@@ -408,6 +408,17 @@ class KVModel:
         return self.capture(cache, cached + total)
 
     @torch.inference_mode()
+    def read_after(self, kv: torch.Tensor | LayeredKV, ids: Sequence[int], *, step: int = 512) -> None:
+        """Read ``ids`` after the cached context in ``step``-token pieces and keep nothing:
+        for what the forwards observe (kvzip.importance's reconstruction pass).  Only the
+        last position's logits are computed."""
+        cache = self.build_cache(as_layered(kv))
+        input_ids = torch.tensor([list(ids)], dtype=torch.long)
+        for start in range(0, input_ids.shape[1], step):
+            self.model(input_ids=input_ids[:, start : start + step], cache=cache, use_cache=True,
+                       logits_to_keep=1)
+
+    @torch.inference_mode()
     def extend_at(
         self,
         kv: torch.Tensor | LayeredKV,

@@ -1,0 +1,163 @@
+"""How much each cached entry matters, and what kvzip does with it.
+
+A *scorer* gives every stored (layer, kv head, position) entry of a context a number:
+higher means later queries are likelier to need it.  Three of them, behind one
+interface (:class:`Scorer`), kvzip's own code (the papers are cited, no code copied):
+
+* ``keynorm``: minus the key's L2 norm.  Keys with small norms tend to draw more
+  attention (Devoto et al., EMNLP 2024).  Free: it reads the captured keys.
+* ``prefill``: the mean attention an entry received from the context's own queries during
+  the prefill (H2O's accumulated attention, Zhang et al., NeurIPS 2023, divided by the
+  number of queries that could see it so late tokens are not penalised).  No extra pass:
+  the prefill itself runs with kvzip's recording attention.
+* ``reconstruct``: KVzip (Kim et al., NeurIPS 2025).  After the prefill, the model reads
+  "Repeat the previous context:" and the context again, from its own cache, chunk by chunk;
+  an entry's score is the largest attention any query of that pass (in its kv head's query
+  group) gave it.  The pass costs about one more prefill over twice the keys.
+
+:func:`score` runs the prefill with the scorer and returns the cache with its scores;
+:func:`classes` turns scores into a few importance classes per layer, the input of the
+codecs' ``importance_factors``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvzip.codecs import Codec, codec_from_config
+from kvzip.codecs.profile import Profile
+from kvzip.errors import InputError
+from kvzip.formats import LayeredKV
+from kvzip.model import KVModel
+from kvzip.model.attention import AttentionRecorder, recording
+
+REPEAT_PROMPT = "\n\nRepeat the previous context:\n\n"
+
+
+@dataclass
+class Scored:
+    """A prefilled context's cache and each stored entry's score (per layer ``[heads, n]``,
+    aligned with the cache's layers), with the seconds the prefill and scoring took in all
+    (``kvzip bench`` sets them against a plain prefill's)."""
+
+    kv: LayeredKV
+    scores: list[np.ndarray]
+    scorer: str
+    seconds: float
+
+
+def _aligned(kv: LayeredKV, per_position: list[np.ndarray]) -> list[np.ndarray]:
+    """Scores [heads, T] per layer, picked at the positions each layer holds."""
+    out = []
+    for i, full in enumerate(per_position):
+        held = kv.layout.layer_positions(i)
+        out.append(np.take_along_axis(full, np.maximum(held, 0), axis=1) * (held >= 0))
+    return out
+
+
+class Scorer:
+    name = ""
+    extra_pass = False
+
+    def run(self, km: KVModel, ids: Sequence[int]) -> Scored:
+        raise NotImplementedError
+
+
+class KeyNorm(Scorer):
+    name = "keynorm"
+
+    def run(self, km: KVModel, ids: Sequence[int]) -> Scored:
+        t0 = time.perf_counter()
+        kv = km.prefill(ids)
+        scores = [-layer[0].float().norm(dim=-1).numpy() for layer in kv.layers]
+        return Scored(kv, scores, self.name, time.perf_counter() - t0)
+
+
+class PrefillAttention(Scorer):
+    name = "prefill"
+
+    def run(self, km: KVModel, ids: Sequence[int]) -> Scored:
+        recorder = AttentionRecorder(km.num_layers, km.kv_heads, len(ids), reduce="mean")
+        t0 = time.perf_counter()
+        with recording(km.model, recorder):  # the prefill itself, with its weights recorded
+            kv = km.prefill(ids)
+        return Scored(kv, _aligned(kv, recorder.result()), self.name, time.perf_counter() - t0)
+
+
+class Reconstruct(Scorer):
+    name = "reconstruct"
+    extra_pass = True
+
+    def __init__(self, step: int = 512):
+        self.step = step
+
+    def run(self, km: KVModel, ids: Sequence[int]) -> Scored:
+        t0 = time.perf_counter()
+        kv = km.prefill(ids)
+        bos = getattr(km.tokenizer, "bos_token_id", None) if km.tokenizer is not None else None
+        body = list(ids[1:]) if ids and bos is not None and ids[0] == bos else list(ids)
+        repeat = km.encode_text(REPEAT_PROMPT, special_tokens=False) + body
+        recorder = AttentionRecorder(km.num_layers, km.kv_heads, len(ids), start=len(ids),
+                                     record_from=len(ids))
+        with recording(km.model, recorder):  # chunk by chunk: attention memory stays bounded
+            km.read_after(kv, repeat, step=self.step)
+        return Scored(kv, _aligned(kv, recorder.result()), self.name, time.perf_counter() - t0)
+
+
+SCORERS: dict[str, Scorer] = {s.name: s for s in (KeyNorm(), PrefillAttention(), Reconstruct())}
+
+
+def scorer(name: str) -> Scorer:
+    if name not in SCORERS:
+        raise InputError(f"unknown importance scorer {name!r} (known: {', '.join(SCORERS)})")
+    return SCORERS[name]
+
+
+def score(km: KVModel, ids: Sequence[int], name: str) -> Scored:
+    """Prefill ``ids`` and score every stored entry with scorer ``name``."""
+    return scorer(name).run(km, ids)
+
+
+# Importance classes: the share of each (layer, kv head)'s entries in each class, most
+# important first, and the step multiplier each class gets.  Class 1 (factor 1) is the
+# level's own step.  A coarser step saves fewer bits than a finer one costs (more of its
+# symbols are 0), so the coarse class is coarser than -log2 balance alone would say:
+# measured on SmolLM2-135M (GPL-3, balanced), 0.15 x half the step and 0.45 x 1.6 times
+# it gave a file 1.6% smaller than the uniform level's (docs/benchmarks.md).
+DEFAULT_SHARES = (0.15, 0.40, 0.45)
+DEFAULT_FACTORS = (0.5, 1.0, 1.6)
+
+
+def classes(scores: list[np.ndarray], shares: Sequence[float] = DEFAULT_SHARES) -> list[np.ndarray]:
+    """Per layer ``[heads, n]`` uint8 classes: in each (layer, head), the top ``shares[0]``
+    of its entries by score are class 0, the next ``shares[1]`` class 1, and so on."""
+    bounds = np.cumsum(shares)[:-1]
+    out = []
+    for layer in scores:
+        cls = np.zeros(layer.shape, np.uint8)
+        n = layer.shape[1]
+        if n:
+            rank = np.argsort(np.argsort(-layer, axis=1, kind="stable"), axis=1, kind="stable")
+            frac = (rank + 0.5) / n
+            cls = np.searchsorted(bounds, frac, side="right").astype(np.uint8)
+        out.append(cls)
+    return out
+
+
+def to_tensor(scores: list[np.ndarray]) -> list[torch.Tensor]:
+    return [torch.from_numpy(s) for s in scores]
+
+
+def weighted(codec: Codec, profile: Profile | None, factors: Sequence[float] = DEFAULT_FACTORS) -> Codec:
+    """``codec`` with its step scaled by importance class, when it is one of kvzip's lossy
+    codecs; any other (``lossless``, references) unchanged."""
+    config = codec.config()
+    if config["id"] not in ("kvzip-lossy", "kvzip-profile"):
+        return codec
+    return codec_from_config({**config, "importance_factors": [float(f) for f in factors]},
+                             profile if codec.needs_profile else None)

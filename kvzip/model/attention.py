@@ -1,0 +1,144 @@
+"""How much attention each cached entry receives, measured inside the model's own forward.
+
+:class:`AttentionRecorder` keeps, per layer, kv head and position, the largest attention
+weight any query (of the head's query group) gave that entry while it was recording.  It
+is filled by an attention function registered through transformers' attention interface
+(``"kvzip-record"``): the eager computation (softmax of scaled scores plus the mask,
+attention sinks and soft-capping where the model has them), which exposes the weights
+that fused kernels never materialise.  :meth:`KVModel.recording` switches a model to it
+for the forwards inside a ``with`` block and back afterwards.
+
+The scorers of :mod:`kvzip.importance` use it: during the prefill (attention received
+from the context itself) or during a reconstruction pass (KVzip, Kim et al., NeurIPS
+2025: the model re-reads the context after "Repeat the previous context:" from its own
+cache; an entry that no query of that pass needs can go).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+NAME = "kvzip-record"
+_ACTIVE: contextvars.ContextVar[AttentionRecorder | None] = contextvars.ContextVar("kvzip_recorder", default=None)
+
+
+class AttentionRecorder:
+    """Per layer ``[kv_heads, token_count]`` float32: the most attention each position got
+    from one query of its kv head's group (``reduce="max"``), or the mean over the queries
+    that could see it (``reduce="mean"``, H2O's accumulated attention made fair to late
+    tokens, which fewer queries follow).
+
+    ``record_from`` (a position): only queries at or after it are counted, and only keys
+    before ``token_count`` are kept (a reconstruction pass scores the original context,
+    not the tokens it appends).  ``start``: the tokens already cached when recording
+    begins."""
+
+    def __init__(self, num_layers: int, kv_heads: int, token_count: int, *, start: int = 0,
+                 record_from: int = 0, reduce: str = "max"):
+        if reduce not in ("max", "mean"):
+            raise ValueError(f"reduce must be max or mean, not {reduce!r}")
+        self.scores = [np.zeros((kv_heads, token_count), np.float32) for _ in range(num_layers)]
+        self._counts = [np.zeros((kv_heads, token_count), np.float32) for _ in range(num_layers)]
+        self.token_count = token_count
+        self.record_from = record_from
+        self.reduce = reduce
+        self._seen = [start] * num_layers  # tokens each layer has read so far
+
+    def result(self) -> list[np.ndarray]:
+        """Each layer's ``[kv_heads, token_count]`` scores."""
+        if self.reduce == "max":
+            return self.scores
+        return [s / np.maximum(c, 1) for s, c in zip(self.scores, self._counts)]
+
+    def observe(self, layer: int, weights: torch.Tensor) -> None:
+        """``weights`` [1, query heads, q, kv]: the attention of the layer's newest ``q``
+        queries over its ``kv`` keys, the keys being the last ``kv`` positions read."""
+        _, hq, q, kv = weights.shape
+        end = self._seen[layer] + q
+        self._seen[layer] = end
+        first_query = end - q
+        skip = max(0, self.record_from - first_query)
+        if skip >= q:
+            return
+        key_start = end - kv
+        keep = min(kv, self.token_count - key_start)
+        if keep <= 0:
+            return
+        heads = self.scores[layer].shape[0]
+        w = weights[0, :, skip:, :keep].float().reshape(heads, hq // heads, q - skip, keep)
+        lo = max(0, key_start)
+        target = self.scores[layer][:, lo : key_start + keep]
+        if self.reduce == "max":
+            np.maximum(target, w.amax(dim=(1, 2)).numpy()[:, lo - key_start :], out=target)
+            return
+        target += w.sum(dim=(1, 2)).numpy()[:, lo - key_start :]
+        self._counts[layer][:, lo : key_start + keep] += (w > 0).sum(dim=(1, 2)).numpy()[:, lo - key_start :]
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def record_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None,
+                     dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Eager attention that hands its weights to the active recorder."""
+    groups = query.shape[1] // key.shape[1]
+    k, v = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
+    scores = torch.matmul(query, k.transpose(2, 3)) * scale
+    softcap = kwargs.get("softcap")
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:  # GPT-OSS: a learned logit per head that takes part in the softmax
+        sink = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[-2], 1).to(scores.dtype)
+        scores = torch.cat([scores, sink], dim=-1)
+        probs = torch.softmax(scores.float(), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores.float(), dim=-1)
+    recorder = _ACTIVE.get()
+    if recorder is not None:
+        recorder.observe(module.layer_idx, probs)
+    out = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).contiguous()
+    return out, None
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(NAME, record_attention)
+    AttentionMaskInterface.register(NAME, eager_mask)  # else the mask builders hand over None
+    _REGISTERED = True
+
+
+@contextlib.contextmanager
+def recording(model: Any, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
+    """``model``'s forwards inside the block run :func:`record_attention` into ``recorder``."""
+    _register()
+    before = model.config._attn_implementation
+    token = _ACTIVE.set(recorder)
+    model.set_attn_implementation(NAME)
+    try:
+        yield recorder
+    finally:
+        model.set_attn_implementation(before)
+        _ACTIVE.reset(token)

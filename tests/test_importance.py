@@ -1,0 +1,116 @@
+"""Importance: recording attention inside the model, the scorers, and codecs that spend
+their step by importance class."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEXT
+from tiny import tiny_model, windowed_model
+
+from kvzip import api, errors, importance
+from kvzip.codecs import ChunkContext, codec_from_config
+from kvzip.model.attention import AttentionRecorder, recording
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model("llama"), lambda: windowed_model("gemma3", 16),
+                                  lambda: windowed_model("gpt_oss", 16)], ids=["llama", "gemma3", "gpt_oss"])
+def test_recording_attention_computes_what_the_model_computes(make):
+    km = make()
+    ids = list(range(40, 140))
+    ref = km.teacher_force(km.prefill(ids[:1]), ids[1:])
+    recorder = AttentionRecorder(km.num_layers, km.kv_heads, len(ids))
+    with recording(km.model, recorder):
+        got = km.teacher_force(km.prefill(ids[:1]), ids[1:])
+        assert km.model.config._attn_implementation == "kvzip-record"
+    assert km.model.config._attn_implementation != "kvzip-record"  # switched back
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_recorded_scores_are_the_largest_attention_weights():
+    km = tiny_model("llama")
+    ids = list(range(40, 90))
+    km.model.set_attn_implementation("eager")
+    try:
+        out = km.model(input_ids=torch.tensor([ids]), output_attentions=True)
+    finally:
+        km.model.set_attn_implementation("sdpa")
+    recorder = AttentionRecorder(km.num_layers, km.kv_heads, len(ids))
+    with recording(km.model, recorder):
+        km.prefill(ids, step=17)  # in pieces: the recorder places each piece's keys right
+    groups = km.model.config.num_attention_heads // km.kv_heads
+    for layer, weights in enumerate(out.attentions):
+        want = weights[0].reshape(km.kv_heads, groups, len(ids), len(ids)).amax(dim=(1, 2))
+        np.testing.assert_allclose(recorder.result()[layer], want.detach().numpy(), atol=1e-5)
+
+
+def test_scorers_score_every_stored_entry():
+    km = windowed_model("gemma3", 16)
+    ids = km.document_ids(TEXT, None)[:120]
+    for name in importance.SCORERS:
+        scored = importance.score(km, ids, name)
+        assert [s.shape for s in scored.scores] == [tuple(layer.shape[1:3]) for layer in scored.kv.layers]
+        assert all(np.isfinite(s).all() for s in scored.scores) and scored.seconds > 0
+    cls = importance.classes(importance.score(km, ids, "prefill").scores)
+    full = cls[5]  # the full layer: 120 entries per head
+    assert [int((full[0] == c).sum()) for c in range(3)] == [18, 48, 54]
+    with pytest.raises(errors.InputError, match="unknown importance scorer"):
+        importance.scorer("magic")
+
+
+def test_reconstruct_scores_the_context_from_the_repeat_only():
+    km = tiny_model("llama")
+    ids = km.document_ids(TEXT, None)[:120]
+    scored = importance.score(km, ids, "reconstruct")
+    assert all((s > 0).all() and float(s.max()) <= 1.0 for s in scored.scores)  # every entry seen
+    # the prefill's own queries are not counted: position 0's weight of 1 from query 0 is absent
+    assert all(float(s[:, 0].max()) < 1.0 for s in scored.scores)
+    assert importance.score(km, ids, "prefill").kv.token_count == len(ids)
+
+
+def _ctx(classes=None):
+    return ChunkContext(0, 32, 2, 2, 8, "float32", importance=classes)
+
+
+def test_importance_factors_scale_the_step_per_entry():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 2, 2, 32, 8)).astype(np.float32)
+    plain = codec_from_config({"id": "kvzip-lossy", "key_step": 0.5, "value_step": 0.5, "entropy": "rans"})
+    weighted = codec_from_config({"id": "kvzip-lossy", "key_step": 0.5, "value_step": 0.5, "entropy": "rans",
+                                  "importance_factors": [0.25, 1.0, 4.0]})
+    assert "importance_factors" not in plain.config()
+    same = weighted.decode(weighted.encode(x, _ctx()), _ctx())  # nobody scored: every entry class 1
+    np.testing.assert_array_equal(same, plain.decode(plain.encode(x, _ctx()), _ctx()))
+    cls = np.zeros((2, 2, 32), np.uint8)
+    cls[:, :, 16:] = 2
+    got = weighted.decode(weighted.encode(x, _ctx(cls)), _ctx())  # classes travel in the payload
+    err = np.abs(got - x)
+    assert err[:, :, :, 4:16].max() < 0.25 * err[:, :, :, 16:].max()
+    with pytest.raises(errors.CodecError, match="importance_factors"):
+        codec_from_config({"id": "kvzip-lossy", "importance_factors": [0.5, 2.0]})  # no class of factor 1
+    payload = bytearray(weighted.encode(x, _ctx(cls)))
+    with pytest.raises(errors.CodecError):
+        weighted.decode(bytes(payload[:-3]), _ctx())
+
+
+def test_encode_with_importance(tmp_path, tiny_model_dir):
+    from kvzip.levels import open_cache
+
+    km = api.load_model(str(tiny_model_dir))
+    out, plain = tmp_path / "i.kvz", tmp_path / "p.kvz"
+    api.encode(TEXT, plain, model=km, levels=["balanced"], if_no_profile="uncalibrated")
+    api.encode(TEXT, out, model=km, levels=["lossless", "balanced"], if_no_profile="uncalibrated",
+               importance="prefill")
+    with open_cache(out) as f:
+        assert f.header.raw["importance"]["scorer"] == "prefill"
+        assert f.header.levels[1].codec["importance_factors"] == list(importance.DEFAULT_FACTORS)
+        assert "importance_factors" not in f.header.levels[0].codec  # lossless codes every entry alike
+    assert api.verify(out).ok
+    size = api.info(out)["levels"][1]["payload_bytes"]
+    assert 0.9 < size / api.info(plain)["levels"][0]["payload_bytes"] < 1.1  # about the level's size
+    res = api.generate(out, " and", model=km, max_new_tokens=3, level="balanced")
+    assert len(res.new_token_ids) == 3
+    with pytest.raises(errors.InputError, match="unknown importance scorer"):
+        api.encode(TEXT, tmp_path / "x.kvz", model=km, importance="magic")
+    assert not (tmp_path / "x.kvz").exists()
