@@ -84,7 +84,9 @@ def ask_rows(
             full_ids = before + [t for p in passages for t in p.token_ids]
             baseline = min(first_token_seconds(km, full_ids + after, None) for _ in range(repeats))
             full_kv = km.prefill(full_ids)
-            for blend in blends:
+            # a model with sliding layers: their last window assembled from the passages, or recomputed
+            variants = [(b, False) for b in blends] + ([(b, True) for b in blends] if km.sliding_window else [])
+            for blend, window in variants:
                 best: dict[str, float] = {}
                 for _ in range(repeats):
                     forget_openings()
@@ -93,7 +95,8 @@ def ask_rows(
                     fetched = time.perf_counter()
                     opening, source = load_opening(km, before, store)
                     opened = time.perf_counter()
-                    context, kv = assemble(km, before, passages, blend_fraction=blend, prefix_kv=opening)
+                    context, kv = assemble(km, before, passages, blend_fraction=blend, prefix_kv=opening,
+                                           recompute_window=window)
                     assembled = time.perf_counter()
                     first = first_token_seconds(km, context + after, kv)
                     parts = {"fetch_s": fetched - started, "opening_s": opened - fetched,
@@ -103,7 +106,8 @@ def ask_rows(
                         best = parts
                 f = fidelity(km, context, kv, after, max_new_tokens=answer_tokens, full_kv=full_kv)
                 rows.append({
-                    "level": level, "k": len(hits), "blend": blend, "question": question[:40],
+                    "level": level, "k": len(hits), "blend": blend, "recompute_window": window,
+                    "question": question[:40],
                     "context_tokens": len(context), **{key: round(v, 3) for key, v in best.items()},
                     "opening_from": source, "ttft_full_prefill_s": round(baseline, 3),
                     "speedup": round(baseline / best["ttft_store_s"], 2),
@@ -117,10 +121,10 @@ def ask_rows(
 def summarize(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["level"], r["k"], r["blend"]), []).append(r)
+        groups.setdefault((r["level"], r["k"], r["blend"], r.get("recompute_window", False)), []).append(r)
     return [
         {
-            "level": level, "k": k, "blend": blend, "n": len(g),
+            "level": level, "k": k, "blend": blend, "recompute_window": window, "n": len(g),
             "context_tokens": round(statistics.mean(r["context_tokens"] for r in g)),
             **{part: round(statistics.median(r[part] for r in g), 3)
                for part in ("fetch_s", "opening_s", "assemble_s", "first_token_s")},
@@ -130,7 +134,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             "kl": round(statistics.mean(r["kl"] for r in g), 4),
             "agreement": round(statistics.mean(r["agreement"] for r in g), 3),
         }
-        for (level, k, blend), g in sorted(groups.items())
+        for (level, k, blend, window), g in sorted(groups.items())
     ]
 
 

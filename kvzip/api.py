@@ -237,6 +237,7 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "stored_elements": elements,
             "context_elements": context_elements,
             "layout": _layout_info(h),
+            "importance": h.raw.get("importance") if isinstance(h.raw.get("importance"), dict) else None,
             "source": None if h.source is None else {"name": h.source.name, "sha256": h.source.sha256},
             "profile": _profile_info(h.levels),
         }

@@ -45,6 +45,11 @@ def info_command(
         rows.insert(6, ("stored", f"{kept} (of {data['tokens']}); "
                                   f"{data['bits_per_context_element']:.3f} bits per context element, "
                                   f"{data['file_bytes'] / data['tokens']:.0f} bytes per token"))
+    imp = data.get("importance")
+    if imp:
+        parts = ", ".join(f"{share:.0%} at ×{factor:g}" for share, factor in
+                          zip(imp.get("shares", []), imp.get("factors", [])))
+        rows.append(("importance", f"{imp.get('scorer')}: each head's entries {parts} of the level's step"))
     if data.get("source"):
         rows.append(("source", data["source"]["name"]))
     prof = data.get("profile")

@@ -56,9 +56,11 @@ class AttentionRecorder:
             return self.scores
         return [s / np.maximum(c, 1) for s, c in zip(self.scores, self._counts)]
 
-    def observe(self, layer: int, weights: torch.Tensor) -> None:
+    def observe(self, layer: int, weights: torch.Tensor, visible: torch.Tensor | None = None) -> None:
         """``weights`` [1, query heads, q, kv]: the attention of the layer's newest ``q``
-        queries over its ``kv`` keys, the keys being the last ``kv`` positions read."""
+        queries over its ``kv`` keys, the keys being the last ``kv`` positions read
+        (``visible`` [q, kv] bool: which of them each query could see; default: any
+        weight above 0)."""
         _, hq, q, kv = weights.shape
         end = self._seen[layer] + q
         self._seen[layer] = end
@@ -71,14 +73,17 @@ class AttentionRecorder:
         if keep <= 0:
             return
         heads = self.scores[layer].shape[0]
-        w = weights[0, :, skip:, :keep].float().reshape(heads, hq // heads, q - skip, keep)
+        w = weights[0, :, skip:, :keep]  # one pass over it per reduction, queries first
         lo = max(0, key_start)
         target = self.scores[layer][:, lo : key_start + keep]
         if self.reduce == "max":
-            np.maximum(target, w.amax(dim=(1, 2)).numpy()[:, lo - key_start :], out=target)
+            best = w.amax(dim=1).reshape(heads, hq // heads, keep).amax(dim=1)
+            np.maximum(target, best.float().numpy()[:, lo - key_start :], out=target)
             return
-        target += w.sum(dim=(1, 2)).numpy()[:, lo - key_start :]
-        self._counts[layer][:, lo : key_start + keep] += (w > 0).sum(dim=(1, 2)).numpy()[:, lo - key_start :]
+        target += w.sum(dim=1).reshape(heads, hq // heads, keep).sum(dim=1).float().numpy()[:, lo - key_start :]
+        seen = (w[0] > 0) if visible is None else visible[skip:, :keep]
+        self._counts[layer][:, lo : key_start + keep] += (
+            seen.sum(dim=0).float().numpy()[None, lo - key_start :] * (hq // heads))
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -99,8 +104,11 @@ def record_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     softcap = kwargs.get("softcap")
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
+    visible = None
     if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+        mask = attention_mask[:, :, :, : k.shape[-2]]
+        scores = scores + mask
+        visible = mask[0, 0] == 0
     sinks = kwargs.get("s_aux")
     if sinks is not None:  # GPT-OSS: a learned logit per head that takes part in the softmax
         sink = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[-2], 1).to(scores.dtype)
@@ -110,7 +118,7 @@ def record_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
         probs = torch.softmax(scores.float(), dim=-1)
     recorder = _ACTIVE.get()
     if recorder is not None:
-        recorder.observe(module.layer_idx, probs)
+        recorder.observe(module.layer_idx, probs, visible)
     out = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).contiguous()
     return out, None
 
