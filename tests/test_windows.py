@@ -324,3 +324,19 @@ def test_every_codec_codes_a_windowed_file(tmp_path):
         for a, b in zip(got.layers, kv.layers):
             assert a.shape == b.shape
             assert float((a - b).abs().mean()) < 0.2 * float(b.abs().mean())
+
+
+def test_a_layout_that_would_not_fit_in_memory_is_refused(monkeypatch):
+    # Alternating records (no sharing) of one long run each: a few bytes per record that
+    # stand for every position; refused by the memory limit before they are materialised.
+    from kvzip.formats import limits
+
+    t, layers, heads = 1 << 20, 64, 8
+    a = np.arange(t, dtype=np.int64)
+    b = a[1:]
+    layout = PositionLayout([[a if (i + h) % 2 else b for h in range(heads)] for i in range(layers)], t)
+    data = layout.to_bytes()
+    assert len(data) < 12 + layers * heads * 12
+    monkeypatch.setattr(limits, "memory_limit", lambda: 1 << 30)
+    with pytest.raises(errors.MemoryLimitError, match="position layout"):
+        PositionLayout.from_bytes(data, layers, heads, t)

@@ -204,6 +204,7 @@ class PositionLayout:
         bitmap_bytes = (tokens + 7) // 8
         out: list[list[np.ndarray]] = []
         previous: np.ndarray | None = None
+        held = 0  # positions materialised so far (int64 each), priced before each allocation
         for _ in range(layers):
             row = []
             for _ in range(heads):
@@ -214,9 +215,12 @@ class PositionLayout:
                     row.append(previous)
                     continue
                 if kind == _RUNS:
-                    p = _parse_runs(reader, tokens)
+                    p, held = _parse_runs(reader, tokens, held)
                 elif kind == _BITMAP:
-                    bits = np.unpackbits(np.frombuffer(reader.take(bitmap_bytes), np.uint8), bitorder="little")
+                    raw = np.frombuffer(reader.take(bitmap_bytes), np.uint8)
+                    held += int(np.unpackbits(raw).sum())
+                    _check_held(held)
+                    bits = np.unpackbits(raw, bitorder="little")
                     if bits[tokens:].any():
                         raise HeaderError("header field 'positions' marks a position past the context")
                     p = np.flatnonzero(bits[:tokens]).astype(np.int64)
@@ -249,11 +253,23 @@ class PositionLayout:
             raise HeaderError("header field 'positions.data' is not base64") from None
         # The largest honest encoding: every record a bitmap (runs are used only when smaller).
         limit = 12 + num_layers * kv_heads * (1 + (token_count + 7) // 8)
+        from kvzip.formats.limits import check_memory
+
+        check_memory(min(limit, max(0, _declared_size(frame))), "reading the header's position layout")
         raw = zstd_decompress_bounded(frame, limit, "header field 'positions'", HeaderError)
         return cls.from_bytes(raw, num_layers, kv_heads, token_count)
 
     def __iter__(self) -> Iterator[list[np.ndarray]]:
         return iter(self.positions)
+
+
+def _declared_size(frame: bytes) -> int:
+    import zstandard
+
+    try:
+        return zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
+        return 0  # zstd_decompress_bounded reports it
 
 
 def _varint(n: int) -> bytes:
@@ -311,20 +327,29 @@ class _Bytes:
         raise HeaderError("header field 'positions' has a varint longer than 5 bytes")
 
 
-def _parse_runs(reader: _Bytes, tokens: int) -> np.ndarray:
+def _check_held(held: int) -> None:
+    from kvzip.formats.limits import check_memory
+
+    check_memory(8 * held, "reading the header's position layout")
+
+
+def _parse_runs(reader: _Bytes, tokens: int, held: int) -> tuple[np.ndarray, int]:
     count = reader.varint()
     if count > (tokens + 1) // 2:
         raise HeaderError(f"header field 'positions' declares {count} runs in {tokens} tokens")
-    pieces = []
+    runs = []
     end = 0
     for _ in range(count):
         gap, length = reader.varint(), reader.varint()
         start = end + gap
         if length == 0 or (gap == 0 and end > 0) or start + length > tokens:
             raise HeaderError("header field 'positions' has an empty, touching or out-of-range run")
-        pieces.append(np.arange(start, start + length, dtype=np.int64))
+        runs.append((start, length))
         end = start + length
-    return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    held += sum(n for _, n in runs)
+    _check_held(held)  # a few bytes of runs can stand for millions of positions
+    pieces = [np.arange(start, start + n, dtype=np.int64) for start, n in runs]
+    return (np.concatenate(pieces) if pieces else np.zeros(0, np.int64)), held
 
 
 class LayeredKV:
