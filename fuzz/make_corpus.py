@@ -137,6 +137,17 @@ def rans_c_seeds() -> dict[str, bytes]:
     return seeds
 
 
+def layout_seeds() -> dict[str, bytes]:
+    """The v2 golden files' position layouts (a window, an irregular per-head subset)."""
+    from kvzip.formats import open_kvz
+
+    seeds = {}
+    for path in sorted(T.GOLDEN_V2.glob("golden_*.kvz")):
+        with open_kvz(path) as reader:
+            seeds[path.stem] = reader.header.layout.to_bytes()
+    return seeds
+
+
 def seeds_for(target: str) -> dict[str, bytes]:
     if target == "container":
         return container_seeds()
@@ -146,6 +157,8 @@ def seeds_for(target: str) -> dict[str, bytes]:
         return entropy_seeds(target.removeprefix("entropy-"))
     if target == "rans-c":
         return rans_c_seeds()
+    if target == "layout":
+        return layout_seeds()
     raise KeyError(target)
 
 

@@ -239,6 +239,35 @@ def _setup_container() -> OneInput:
     return one
 
 
+GOLDEN_V2 = ROOT / "tests" / "fixtures" / "v2"
+# (layers, heads, tokens) of the layout target: the v2 golden files' geometry
+LAYOUT_GEOMETRY = (6, 2, 45)
+
+
+def _setup_layout() -> OneInput:
+    import numpy as np
+
+    from kvzip.errors import KvzipError
+    from kvzip.formats import PositionLayout
+
+    def one(data: bytes) -> None:
+        try:
+            layout = PositionLayout.from_bytes(data, *LAYOUT_GEOMETRY)
+        except KvzipError as exc:
+            refused(exc)
+            return
+        feedback("parsed")
+        for start in range(0, LAYOUT_GEOMETRY[2], 16):  # what a reader asks of a layout
+            layout.blocks(start, start + 16)
+            layout.chunk_stored(start, start + 16)
+        again = layout.to_bytes()  # the writer's encoding of what was read reads back the same
+        back = PositionLayout.from_bytes(again, *LAYOUT_GEOMETRY)
+        if any(not np.array_equal(x, y) for a, b in zip(layout, back) for x, y in zip(a, b)):
+            raise AssertionError("a parsed layout does not survive its own encoding")
+
+    return one
+
+
 # payload target -> (golden file, level) whose codec config and chunk contexts it uses
 PAYLOADS: dict[str, list[tuple[str, str]]] = {
     "payload-lossless": [("golden_lossless_f32.kvz", "lossless"), ("golden_lossless_f16.kvz", "lossless"),
@@ -359,6 +388,8 @@ for _layout in ENTROPY_LAYOUTS:
          16 << 10)
 _add("rans-c", "kvzip.codecs._rans's C entry points called with arbitrary buffers and sizes", _setup_rans_c,
      16 << 10)
+_add("layout", "a 2.x header's position layout (kvz-positions/1, decompressed), for 6 layers x 2 heads x 45 tokens",
+     _setup_layout, 4 << 10)
 
 
 def select(spec: str) -> list[Target]:
