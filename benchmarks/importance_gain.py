@@ -34,7 +34,7 @@ texts = (sys.argv[5] if len(sys.argv) > 5 else "GPL-3,GPL-2,GFDL-1.3").split(","
 res = resolve([level], km, None, if_missing="error")
 OUT = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"importance-gain-{os.getpid()}.kvz")
 base = res.codecs[0]
-STDLIB = sysconfig.get_paths()["stdlib"]
+STDLIB = os.environ.get("STDLIB", sysconfig.get_paths()["stdlib"])  # where argparse.py, typing.py come from
 paths = {"GPL-3": "/usr/share/common-licenses/GPL-3", "GPL-2": "/usr/share/common-licenses/GPL-2",
          "GFDL-1.3": "/usr/share/common-licenses/GFDL-1.3",
          "argparse.py": f"{STDLIB}/argparse.py", "typing.py": f"{STDLIB}/typing.py"}
