@@ -12,9 +12,11 @@ Steps, for calibration texts that should never be the texts a benchmark scores:
    ``o_proj``); ``"mse"`` weighs every channel alike;
 4. the PCA of the weighted data, so most energy sits in few components;
 5. a step per (K/V, layer) from measured sensitivity: quantise one group at a
-   probe step, teacher-force a continuation, read the KL it causes.  With
-   ``KL_g ~ a_g step_g^2`` and ``bits_g ~ -log2 step_g`` per element, the
-   allocation that minimises bits at a given total KL is ``step_g ~ a_g^-1/2``.
+   probe step, teacher-force a continuation, read the KL it causes, per element
+   quantised.  With ``KL_g ~ a_g n_g step_g^2`` and ``bits_g ~ -n_g log2 step_g``
+   for a group of ``n_g`` elements, the allocation that minimises bits at a given
+   total KL is ``step_g ~ a_g^-1/2``, whatever the groups' sizes (they differ in a
+   model with sliding-window layers).
 
 The result is a :mod:`kvzip.codecs.profile` file bound to the model fingerprint.
 """
@@ -241,7 +243,11 @@ def calibrate(
 
 
 def _sensitivity(km, items, caches, mean, fwd, inv, rms, opt, prog) -> np.ndarray:
-    """KL per unit squared step, for each (K/V, layer), quantising that group alone."""
+    """KL per unit squared step and per element quantised, for each (K/V, layer),
+    quantising that group alone.  Per element: with every layer holding every position
+    that is a constant factor, which the allocation's normalisation removes; in a model
+    with sliding-window layers, it keeps the full layers (more positions, so more KL
+    when all of them are quantised) from being given steps that are too fine."""
     L = km.num_layers
     ns = opt.sink_tokens
     kl = np.zeros((2, L))
@@ -269,7 +275,9 @@ def _sensitivity(km, items, caches, mean, fwd, inv, rms, opt, prog) -> np.ndarra
                 layers = list(as_torch.layers)
                 layers[lay] = torch.from_numpy(_re_rope(km, kv, lay, xq.astype(np.float32)))
                 test = km.teacher_force(LayeredKV(layers, kv.layout), t.cont)
-                kl[k, lay] += _kl(ref, test) / (step**2)
+                # per element quantised: a sliding layer holds fewer positions than a full
+                # one, and the best steps go as (KL per element per step^2)^-1/2
+                kl[k, lay] += _kl(ref, test) / (step**2) / max(1, int(body.sum()) * H * D)
                 done += 1
                 prog("calibrate: sensitivity", done, total)
     return kl / len(items)
