@@ -501,11 +501,7 @@ class KVModel:
         are not plain K/V: each layer as its cache keeps it (a full-attention layer every
         position, a sliding one its last ``window - 1``), one dense tensor when every layer
         holds every position."""
-        layers = getattr(cache, "layers", None)
-        if layers is None or len(layers) != self.num_layers:
-            raise UnsupportedModelError(
-                f"{self.text_config.model_type}: its cache is not one K/V pair per layer"
-            )
+        layers = self._cache_layers(cache)
         kept = self.kept_positions(n_tokens)
         if all(n == n_tokens for n in kept):
             return LayeredKV.from_dense(self.cache_to_tensor(cache, n_tokens))
@@ -518,6 +514,14 @@ class KVModel:
                     f"layer {i} has seen {int(seen)} tokens, the context has {n_tokens}")
             out.append(torch.stack([k[0], v[0]]))
         return LayeredKV(out, PositionLayout.from_counts(kept, self.kv_heads, n_tokens))
+
+    def _cache_layers(self, cache: Any) -> list[Any]:
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) != self.num_layers:
+            raise UnsupportedModelError(
+                f"{self.text_config.model_type}: its cache is not one K/V pair per layer"
+            )
+        return layers
 
     def _layer_kv(self, layer: Any, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
@@ -537,29 +541,8 @@ class KVModel:
 
     def cache_to_tensor(self, cache: Any, n_tokens: int) -> torch.Tensor:
         """Stack a DynamicCache whose layers all hold ``n_tokens`` into one tensor."""
-        layers = getattr(cache, "layers", None)
-        if layers is None or len(layers) != self.num_layers:
-            raise UnsupportedModelError(
-                f"{self.text_config.model_type}: its cache is not one K/V pair per layer"
-            )
-        expected = (1, self.kv_heads, n_tokens, self.head_dim)
-        keys, values = [], []
-        for i, layer in enumerate(layers):
-            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
-                raise UnsupportedModelError(
-                    f"{self.text_config.model_type}: layer {i} keeps no key/value tensors "
-                    "(recurrent or hybrid state); kvzip cannot store this cache"
-                )
-            if tuple(k.shape) != expected or tuple(v.shape) != expected:
-                raise UnsupportedModelError(
-                    f"{self.text_config.model_type}: layer {i} caches keys {tuple(k.shape)} "
-                    f"and values {tuple(v.shape)}, not {expected}; kvzip stores plain "
-                    "per-layer K/V only"
-                )
-            keys.append(k[0])
-            values.append(v[0])
-        return torch.stack([torch.stack(keys), torch.stack(values)])
+        pairs = [self._layer_kv(layer, i, n_tokens) for i, layer in enumerate(self._cache_layers(cache))]
+        return torch.stack([torch.stack([k[0] for k, _ in pairs]), torch.stack([v[0] for _, v in pairs])])
 
     def build_cache(self, kv: torch.Tensor | LayeredKV) -> Any:
         """A fresh DynamicCache holding ``kv`` in the model's dtype, each layer's position
