@@ -67,10 +67,7 @@ class LevelCodecs:
 
     def chunk_elements(self, entry: IndexEntry) -> int:
         """K and V elements the chunk decodes to."""
-        h = self.header
-        if h.is_dense:
-            return 2 * h.num_layers * h.kv_heads * entry.token_count * h.head_dim
-        return 2 * h.layout.chunk_stored(*entry.token_range) * h.head_dim
+        return chunk_elements(self.header, *entry.token_range)
 
     def check_chunk_memory(self, entry: IndexEntry) -> None:
         """Refuse a chunk whose decoding would take more than the memory limit."""
@@ -144,6 +141,14 @@ class LevelCodecs:
         dtype = STORAGE_DTYPES[h.dtype]
         return LayeredKV([np.zeros((2, h.kv_heads, h.layout.layer_width(i), h.head_dim), dtype)
                           for i in range(h.num_layers)], h.layout)
+
+
+def chunk_elements(header: KvzHeader, start: int, end: int) -> int:
+    """K and V elements the chunk ``[start, end)`` holds: every layer and head's positions
+    there, what decoding it costs (and what the streaming controller prices)."""
+    if header.is_dense:
+        return 2 * header.num_layers * header.kv_heads * (end - start) * header.head_dim
+    return 2 * header.layout.chunk_stored(start, end) * header.head_dim
 
 
 def layout_width(layout: PositionLayout, layer: int, start: int, end: int) -> int:

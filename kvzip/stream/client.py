@@ -32,6 +32,7 @@ from kvzip.codecs import one_blas_thread
 from kvzip.errors import FetchError, InputError, UnknownLevelError
 from kvzip.formats import IndexEntry, KvzReader, LayeredKV, PositionLayout
 from kvzip.levels import LevelCodecs, Progress, default_threads, no_progress, storage_to_kv
+from kvzip.levels.chunks import chunk_elements
 from kvzip.model import TORCH_DTYPES, ChatTemplate, KVModel
 from kvzip.stream.controller import (
     DEFAULT_DECODE_PRIOR,
@@ -163,10 +164,7 @@ def recompute_layers(km: KVModel, layout: PositionLayout, previous: Sequence[lis
 def _chunk_elements(manifest: ContextManifest, chunk: ChunkInfo) -> int:
     """K/V elements the chunk holds (keys and values, every layer and head it carries):
     what decoding it scales with."""
-    h = manifest.header
-    if h.is_dense:
-        return 2 * h.num_layers * h.kv_heads * h.head_dim * chunk.token_count
-    return 2 * h.head_dim * h.layout.chunk_stored(chunk.token_start, chunk.token_start + chunk.token_count)
+    return chunk_elements(manifest.header, chunk.token_start, chunk.token_start + chunk.token_count)
 
 
 # ------------------------------------------------------------------- the download thread
