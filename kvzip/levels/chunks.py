@@ -230,34 +230,57 @@ def encode_chunks(
     ``done(n)`` is called on this thread with the chunks done.  ``importance``: each
     layer's ``[heads, n]`` importance classes (aligned with the cache's layers), handed to
     the codecs with each chunk (codecs built with ``importance_factors`` use them)."""
+    if isinstance(array, LayeredKV) and not array.is_dense:
+        header = ctx
+
+        def encode(i: int) -> list[bytes]:
+            start, count = ranges[i]
+            parts: list[list[bytes]] = [[] for _ in codecs]
+            for block, c in chunk_blocks(header, start, start + count):
+                piece = block_array(array, block)
+                if importance is not None:
+                    c = dataclasses.replace(c, importance=block_array(array, block, importance).astype(np.uint8))
+                for level, codec in enumerate(codecs):
+                    parts[level].append(codec.encode(piece, c))
+            return [frame_blocks(p) for p in parts]
+
+        return _code_chunks(encode, codecs, array.elements(), len(ranges), threads, done)
     dense_classes = None
     if isinstance(array, LayeredKV):
-        if array.is_dense:
-            header = ctx
-            ctx = ChunkContext(0, 0, header.num_layers, header.kv_heads, header.head_dim, header.dtype,
-                               header.rope_inv_freq)
-            array = array.dense
-            if importance is not None:
-                dense_classes = np.stack([np.asarray(c, np.uint8) for c in importance])  # [L, H, T]
-        else:
-            return _encode_layered(array, codecs, ranges, ctx, threads, done, importance)
-    results: list[list[bytes] | None] = [None] * len(ranges)
-    finished = [0]
-    lock = threading.Lock()
+        header = ctx
+        ctx = ChunkContext(0, 0, header.num_layers, header.kv_heads, header.head_dim, header.dtype,
+                           header.rope_inv_freq)
+        array = array.dense
+        if importance is not None:
+            dense_classes = np.stack([np.asarray(c, np.uint8) for c in importance])  # [L, H, T]
 
-    def encode(i: int) -> None:
+    def encode_dense(i: int) -> list[bytes]:
         start, count = ranges[i]
         piece = np.ascontiguousarray(array[:, :, :, start : start + count, :])
         c = ChunkContext(start, count, ctx.num_layers, ctx.kv_heads, ctx.head_dim, ctx.dtype,
                          ctx.rope_inv_freq, importance=None if dense_classes is None
                          else np.ascontiguousarray(dense_classes[:, :, start : start + count]))
-        payloads = [codec.encode(piece, c) for codec in codecs]
+        return [codec.encode(piece, c) for codec in codecs]
+
+    return _code_chunks(encode_dense, codecs, array.size, len(ranges), threads, done)
+
+
+def _code_chunks(encode: Callable[[int], list[bytes]], codecs: Sequence[Codec], elements: int,
+                 chunks: int, threads: int | None, done: Callable[[int], None] | None) -> list[list[bytes]]:
+    """``encode(i)`` for every chunk, side by side on threads when the codecs allow it;
+    ``done(n)`` on this thread with the chunks done."""
+    results: list[list[bytes] | None] = [None] * chunks
+    finished = [0]
+    lock = threading.Lock()
+
+    def run(i: int) -> None:
+        payloads = encode(i)
         with lock:
             results[i] = payloads
             finished[0] += 1
 
-    n = threads_for(codecs, array.size, len(ranges), threads)
-    run_on_threads(len(ranges), n, encode, None if done is None else lambda: done(finished[0]))
+    n = threads_for(codecs, elements, chunks, threads)
+    run_on_threads(chunks, n, run, None if done is None else lambda: done(finished[0]))
     if done is not None:
         done(finished[0])
     return results  # type: ignore[return-value]
@@ -275,31 +298,3 @@ def block_array(kv: LayeredKV, block: Block, per_layer: Sequence[np.ndarray] | N
         else:
             pieces.append(np.asarray(per_layer[layer])[list(block.heads), at : at + block.count])
     return np.ascontiguousarray(np.stack(pieces, axis=1 if per_layer is None else 0))
-
-
-def _encode_layered(kv: LayeredKV, codecs: Sequence[Codec], ranges: Sequence[tuple[int, int]],
-                    header: KvzHeader, threads: int | None, done: Callable[[int], None] | None,
-                    importance: Sequence[np.ndarray] | None) -> list[list[bytes]]:
-    results: list[list[bytes] | None] = [None] * len(ranges)
-    finished = [0]
-    lock = threading.Lock()
-
-    def encode(i: int) -> None:
-        start, count = ranges[i]
-        parts: list[list[bytes]] = [[] for _ in codecs]
-        for block, ctx in chunk_blocks(header, start, start + count):
-            piece = block_array(kv, block)
-            if importance is not None:
-                ctx = dataclasses.replace(ctx, importance=block_array(kv, block, importance).astype(np.uint8))
-            for level, codec in enumerate(codecs):
-                parts[level].append(codec.encode(piece, ctx))
-        payloads = [frame_blocks(p) for p in parts]
-        with lock:
-            results[i] = payloads
-            finished[0] += 1
-
-    n = threads_for(codecs, kv.elements(), len(ranges), threads)
-    run_on_threads(len(ranges), n, encode, None if done is None else lambda: done(finished[0]))
-    if done is not None:
-        done(finished[0])
-    return results  # type: ignore[return-value]
