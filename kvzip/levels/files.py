@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -166,28 +166,26 @@ class CacheFile:
         its chunks decoded side by side on ``decoders`` threads when the codec releases
         the GIL (default: ``KVZIP_DECODE_WORKERS`` or the CPU count, one for small levels).
         The result is the same either way, bit for bit."""
-        if not self.header.is_dense:
-            return self._decode_layered(level_name, decoders)
-        entries = self.kv_entries(level_name)
-        codecs = [self.codecs.codec(entries[0].level)] if entries else []
-        out = self.codecs.level_array()
-        n = threads_for(codecs, out.size, len(entries), decoders)
-        self.check_level_memory(level_name, n)
-
-        def decode(i: int) -> None:
-            start, end = entries[i].token_range
-            self.decode_chunk_into(entries[i], out[:, :, :, start:end])
-
-        run_on_threads(len(entries), n, decode)
-        return LayeredKV.from_dense(out)
-
-    def _decode_layered(self, level_name: str, decoders: int | None) -> LayeredKV:
         entries = self.kv_entries(level_name)
         codecs = [self.codecs.codec(entries[0].level)] if entries else []
         out = self.codecs.level_layers()
-        layout = out.layout
         n = threads_for(codecs, out.elements(), len(entries), decoders)
         self.check_level_memory(level_name, n)
+        decode = self._into_dense(entries, out) if out.is_dense else self._into_layers(entries, out)
+        run_on_threads(len(entries), n, decode)
+        return out
+
+    def _into_dense(self, entries: list[IndexEntry], out: LayeredKV) -> Callable[[int], None]:
+        """Decode chunk ``i`` straight into its slice of the level's one array."""
+        def decode(i: int) -> None:
+            start, end = entries[i].token_range
+            self.decode_chunk_into(entries[i], out.dense[:, :, :, start:end])
+
+        return decode
+
+    def _into_layers(self, entries: list[IndexEntry], out: LayeredKV) -> Callable[[int], None]:
+        """Decode chunk ``i`` and place each layer's part at the slots its positions take."""
+        layout = out.layout
 
         def decode(i: int) -> None:
             start, end = entries[i].token_range
@@ -203,8 +201,7 @@ class CacheFile:
                     lo, hi = np.searchsorted(p, [start, end])
                     out.layers[layer][:, h, lo:hi] = part[:, h, : hi - lo]
 
-        run_on_threads(len(entries), n, decode)
-        return out
+        return decode
 
     def verify(self, decode: bool = False) -> list[Problem]:
         """Check every payload's checksum (and, with ``decode``, that it decodes);
