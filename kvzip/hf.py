@@ -29,7 +29,7 @@ import torch
 
 from kvzip.codecs import STORAGE_DTYPES
 from kvzip.errors import InputError
-from kvzip.formats import ByteSource, KvzHeader, PositionLayout
+from kvzip.formats import ByteSource, IndexEntry, KvzHeader, PositionLayout
 from kvzip.levels import (
     DEFAULT_CHUNK_TOKENS,
     CacheFile,
@@ -229,20 +229,19 @@ class KvzFile:
         """Chunk ``index`` of ``level`` (default :attr:`default_level`), reading only its
         payload: ``[2, layers, kv_heads, count, head_dim]`` in the stored dtype, ``[0]``
         the keys (after RoPE at their positions in the context), ``[1]`` the values."""
-        entries = self._file.kv_entries(self._file.level_name(level))
-        if not -len(entries) <= index < len(entries):
-            raise IndexError(f"chunk {index} out of range: the file has {len(entries)} chunks")
-        array = self._file.decode_chunk(entries[index])
-        return storage_to_kv(array, self.dtype)
+        return storage_to_kv(self._file.decode_chunk(self._entry(index, level)), self.dtype)
 
     def decode_chunk_layers(self, index: int, level: str | None = None) -> list[torch.Tensor]:
         """Chunk ``index`` as each layer's ``[2, kv_heads, n, head_dim]``: the positions the
         file's layout gives that layer inside the chunk (:attr:`layout`), for any file;
         :meth:`decode_chunk` is the one-tensor form of a file whose layers hold every position."""
+        return [storage_to_kv(a, self.dtype) for a in self._file.decode_chunk_layers(self._entry(index, level))]
+
+    def _entry(self, index: int, level: str | None) -> IndexEntry:
         entries = self._file.kv_entries(self._file.level_name(level))
         if not -len(entries) <= index < len(entries):
             raise IndexError(f"chunk {index} out of range: the file has {len(entries)} chunks")
-        return [storage_to_kv(a, self.dtype) for a in self._file.decode_chunk_layers(entries[index])]
+        return entries[index]
 
     @property
     def layout(self) -> PositionLayout:
