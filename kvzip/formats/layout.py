@@ -29,9 +29,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import zstandard
 
 from kvzip.compression import zstd_decompress_bounded
-from kvzip.errors import HeaderError
+from kvzip.errors import HeaderError, UnsupportedModelError
+from kvzip.formats.limits import check_memory
 
 ENCODING = "kvz-positions/1"
 _SAME, _RUNS, _BITMAP = 0, 1, 2
@@ -50,11 +52,6 @@ class Block:
     @property
     def count(self) -> int:
         return int(self.positions.size)
-
-    @property
-    def elements(self) -> int:
-        """K and V elements per head_dim (multiply by head_dim for the block's elements)."""
-        return 2 * len(self.layers) * len(self.heads) * self.count
 
 
 class PositionLayout:
@@ -217,12 +214,11 @@ class PositionLayout:
                 if kind == _RUNS:
                     p, held = _parse_runs(reader, tokens, held)
                 elif kind == _BITMAP:
-                    raw = np.frombuffer(reader.take(bitmap_bytes), np.uint8)
-                    held += int(np.unpackbits(raw).sum())
-                    _check_held(held)
-                    bits = np.unpackbits(raw, bitorder="little")
+                    bits = np.unpackbits(np.frombuffer(reader.take(bitmap_bytes), np.uint8), bitorder="little")
                     if bits[tokens:].any():
                         raise HeaderError("header field 'positions' marks a position past the context")
+                    held += int(bits.sum())
+                    _check_held(held)
                     p = np.flatnonzero(bits[:tokens]).astype(np.int64)
                 else:
                     raise HeaderError(f"header field 'positions' has a record of unknown kind {kind}")
@@ -234,8 +230,6 @@ class PositionLayout:
         return cls(out, tokens)
 
     def to_json(self) -> dict:
-        import zstandard
-
         raw = self.to_bytes()
         frame = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(raw)
         return {"encoding": ENCODING, "data": base64.b64encode(frame).decode("ascii")}
@@ -253,8 +247,6 @@ class PositionLayout:
             raise HeaderError("header field 'positions.data' is not base64") from None
         # The largest honest encoding: every record a bitmap (runs are used only when smaller).
         limit = 12 + num_layers * kv_heads * (1 + (token_count + 7) // 8)
-        from kvzip.formats.limits import check_memory
-
         check_memory(min(limit, max(0, _declared_size(frame))), "reading the header's position layout")
         raw = zstd_decompress_bounded(frame, limit, "header field 'positions'", HeaderError)
         return cls.from_bytes(raw, num_layers, kv_heads, token_count)
@@ -264,8 +256,6 @@ class PositionLayout:
 
 
 def _declared_size(frame: bytes) -> int:
-    import zstandard
-
     try:
         return zstandard.frame_content_size(frame)
     except zstandard.ZstdError:
@@ -328,8 +318,6 @@ class _Bytes:
 
 
 def _check_held(held: int) -> None:
-    from kvzip.formats.limits import check_memory
-
     check_memory(8 * held, "reading the header's position layout")
 
 
@@ -407,8 +395,6 @@ class LayeredKV:
     def dense_array(self, what: str = "this operation") -> object:
         """The ``[2, L, H, T, D]`` array, for paths that handle only dense caches."""
         if self.dense is None:
-            from kvzip.errors import UnsupportedModelError
-
             raise UnsupportedModelError(
                 f"{what} needs every layer to hold every position; this cache keeps "
                 f"{self.layout.stored()} of {self.num_layers * self.kv_heads * self.token_count} "
