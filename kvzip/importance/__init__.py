@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from kvzip.codecs import Codec, codec_from_config
 from kvzip.codecs.profile import Profile
@@ -62,7 +61,6 @@ def _aligned(kv: LayeredKV, per_position: list[np.ndarray]) -> list[np.ndarray]:
 
 class Scorer:
     name = ""
-    extra_pass = False
 
     def run(self, km: KVModel, ids: Sequence[int]) -> Scored:
         raise NotImplementedError
@@ -91,7 +89,6 @@ class PrefillAttention(Scorer):
 
 class Reconstruct(Scorer):
     name = "reconstruct"
-    extra_pass = True
 
     def __init__(self, step: int = 512):
         self.step = step
@@ -147,10 +144,6 @@ def classes(scores: list[np.ndarray], shares: Sequence[float] = DEFAULT_SHARES) 
             cls = np.searchsorted(bounds, frac, side="right").astype(np.uint8)
         out.append(cls)
     return out
-
-
-def to_tensor(scores: list[np.ndarray]) -> list[torch.Tensor]:
-    return [torch.from_numpy(s) for s in scores]
 
 
 def weighted(codec: Codec, profile: Profile | None, factors: Sequence[float] = DEFAULT_FACTORS) -> Codec:
