@@ -300,13 +300,13 @@ class KVModel:
         every position, a sliding layer its last ``window - 1`` (or every one; attaching
         keeps the window); each layer's heads the same."""
         t = layout.token_count
+        kept = self.kept_positions(t)
         for i, (window, heads) in enumerate(zip(self.layer_windows(), layout.positions)):
             if not layout.heads_share(i):
                 raise UnsupportedModelError(
                     f"layer {i} of this cache keeps different positions per head; kvzip attaches "
                     "only caches whose heads share their positions")
-            p = heads[0]
-            want = t if window is None else min(t, window - 1)
+            p, want = heads[0], kept[i]
             contiguous = p.size == 0 or int(p[-1]) - int(p[0]) + 1 == p.size
             if not contiguous or (p.size and int(p[-1]) != t - 1) or not (
                     p.size == want or (window is not None and p.size >= want)):
@@ -452,8 +452,7 @@ class KVModel:
         windows = self.layer_windows()
         masks: dict[str, torch.Tensor] = {}
         slot_positions: dict[str, np.ndarray] = {}
-        for i, window in enumerate(windows):
-            kind = "full_attention" if window is None else "sliding_attention"
+        for i, (window, kind) in enumerate(zip(windows, self.layer_types())):
             if not kv.layout.heads_share(i):
                 raise UnsupportedModelError(f"layer {i} keeps different positions per head")
             slots = kv.layout.positions[i][0]
@@ -574,9 +573,9 @@ class KVModel:
         if kv.is_dense:
             return LayeredKV.from_dense(kv.dense[:, :, :, : t - 1])
         layers = []
+        kept = self.kept_positions(t - 1)
         for i, (layer, window) in enumerate(zip(kv.layers, self.layer_windows())):
-            want = t - 1 if window is None else min(t - 1, window - 1)
-            if layer.shape[2] - 1 < want:
+            if layer.shape[2] - 1 < kept[i]:
                 raise InputError(
                     f"the cached context fills layer {i}'s attention window of {window} tokens, which "
                     "keeps only what the next new token needs: give a prompt to continue after it")
