@@ -271,7 +271,7 @@ def test_streaming_a_windowed_file(tmp_path):
 
 # -------------------------------------------------------------------------- RAG
 def test_rag_assembly_on_a_hybrid_model(tmp_path):
-    from kvzip.store import CachedPassage, PassageStore, assemble, ask, precache
+    from kvzip.store import CachedPassage, PassageStore, ask, assemble, precache
 
     km = windowed_model("gemma3", 64)  # passages must fit the 63 positions a sliding layer keeps
     tables, index = km.rope_tables()
