@@ -231,41 +231,60 @@ def encode_chunks(
     layer's ``[heads, n]`` importance classes (aligned with the cache's layers), handed to
     the codecs with each chunk (codecs built with ``importance_factors`` use them)."""
     if isinstance(array, LayeredKV) and not array.is_dense:
-        header = ctx
-
         def encode(i: int) -> list[bytes]:
             start, count = ranges[i]
-            parts: list[list[bytes]] = [[] for _ in codecs]
-            for block, c in chunk_blocks(header, start, start + count):
-                piece = block_array(array, block)
-                if importance is not None:
-                    c = dataclasses.replace(c, importance=block_array(array, block, importance).astype(np.uint8))
-                for level, codec in enumerate(codecs):
-                    parts[level].append(codec.encode(piece, c))
-            return [frame_blocks(p) for p in parts]
+            return encode_layered_chunk(array, codecs, ctx, start, count, importance)
 
-        return _code_chunks(encode, codecs, array.elements(), len(ranges), threads, done)
+        return code_chunks(encode, codecs, array.elements(), len(ranges), threads, done)
     dense_classes = None
     if isinstance(array, LayeredKV):
-        header = ctx
-        ctx = ChunkContext(0, 0, header.num_layers, header.kv_heads, header.head_dim, header.dtype,
-                           header.rope_inv_freq)
+        ctx = dense_context(ctx)
         array = array.dense
         if importance is not None:
             dense_classes = np.stack([np.asarray(c, np.uint8) for c in importance])  # [L, H, T]
 
     def encode_dense(i: int) -> list[bytes]:
         start, count = ranges[i]
-        piece = np.ascontiguousarray(array[:, :, :, start : start + count, :])
-        c = ChunkContext(start, count, ctx.num_layers, ctx.kv_heads, ctx.head_dim, ctx.dtype,
-                         ctx.rope_inv_freq, importance=None if dense_classes is None
-                         else np.ascontiguousarray(dense_classes[:, :, start : start + count]))
-        return [codec.encode(piece, c) for codec in codecs]
+        return encode_dense_chunk(array, codecs, ctx, start, count, dense_classes)
 
-    return _code_chunks(encode_dense, codecs, array.size, len(ranges), threads, done)
+    return code_chunks(encode_dense, codecs, array.size, len(ranges), threads, done)
 
 
-def _code_chunks(encode: Callable[[int], list[bytes]], codecs: Sequence[Codec], elements: int,
+def dense_context(header: KvzHeader) -> ChunkContext:
+    """The template context of a dense file's chunks (each chunk fills in its tokens)."""
+    return ChunkContext(0, 0, header.num_layers, header.kv_heads, header.head_dim, header.dtype,
+                        header.rope_inv_freq)
+
+
+def encode_dense_chunk(array: np.ndarray, codecs: Sequence[Codec], ctx: ChunkContext, start: int, count: int,
+                       classes: np.ndarray | None = None, offset: int = 0) -> list[bytes]:
+    """The chunk ``[start, start + count)`` of a dense ``[2, L, H, n, D]`` array whose first
+    token is position ``offset`` (the whole context's array: 0), coded with every codec;
+    ``classes``: ``[L, H, n]`` importance classes aligned with ``array``."""
+    at = start - offset
+    piece = np.ascontiguousarray(array[:, :, :, at : at + count, :])
+    c = ChunkContext(start, count, ctx.num_layers, ctx.kv_heads, ctx.head_dim, ctx.dtype,
+                     ctx.rope_inv_freq, importance=None if classes is None
+                     else np.ascontiguousarray(classes[:, :, at : at + count]))
+    return [codec.encode(piece, c) for codec in codecs]
+
+
+def encode_layered_chunk(kv: LayeredKV, codecs: Sequence[Codec], header: KvzHeader, start: int, count: int,
+                         importance: Sequence[np.ndarray] | None = None) -> list[bytes]:
+    """The chunk ``[start, start + count)`` of a 2.x file coded with every codec, one framed
+    payload per codec.  ``kv`` holds (at least) the positions the header's layout gives that
+    chunk: the whole context's cache, or just the chunk's (a streamed prefill)."""
+    parts: list[list[bytes]] = [[] for _ in codecs]
+    for block, c in chunk_blocks(header, start, start + count):
+        piece = block_array(kv, block)
+        if importance is not None:
+            c = dataclasses.replace(c, importance=block_array(kv, block, importance).astype(np.uint8))
+        for level, codec in enumerate(codecs):
+            parts[level].append(codec.encode(piece, c))
+    return [frame_blocks(p) for p in parts]
+
+
+def code_chunks(encode: Callable[[int], list[bytes]], codecs: Sequence[Codec], elements: int,
                  chunks: int, threads: int | None, done: Callable[[int], None] | None) -> list[list[bytes]]:
     """``encode(i)`` for every chunk, side by side on threads when the codecs allow it;
     ``done(n)`` on this thread with the chunks done."""
