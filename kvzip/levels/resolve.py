@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from kvzip.codecs import Codec
-from kvzip.codecs.profile import Profile
+from kvzip.codecs.profile import Profile, profile_to_bytes
 from kvzip.errors import InputError, ProfileNotFoundError
 from kvzip.levels.calibrate import calibrate, default_calibration_texts, read_texts
 from kvzip.levels.profiles import (
@@ -84,7 +84,7 @@ def model_profile(
         spec = str(profile)
         prof = find_profile(spec) if is_digest(spec) else register_profile_file(spec)
     else:
-        found = list_profiles(fingerprint)
+        found = list_profiles(fingerprint) or _legacy_profiles(km)
         if found:
             prof = found[0]
         elif if_missing == "uncalibrated":
@@ -98,6 +98,23 @@ def model_profile(
             texts = read_texts(default_calibration_texts())
             data, _ = calibrate(km, texts, progress=progress)
             prof = write_profile(data)
+    if prof.model_fingerprint != fingerprint and prof.model_fingerprint == km.legacy_identity()["fingerprint"]:
+        prof = rebind_profile(prof, fingerprint)
     prof.check_model(fingerprint)
     prof.check_geometry(km.num_layers, km.kv_heads, km.head_dim)
     return prof
+
+
+def _legacy_profiles(km: KVModel) -> list[Profile]:
+    """Profiles bound to the model's fingerprint as kvzip 0.x computed it (weights hashed in
+    the dtype they were loaded in); :func:`model_profile` re-binds the one it takes."""
+    legacy = km.legacy_identity()["fingerprint"]
+    return [] if legacy == km.identity()["fingerprint"] else list_profiles(legacy)
+
+
+def rebind_profile(prof: Profile, fingerprint: str) -> Profile:
+    """A copy of ``prof`` bound to ``fingerprint`` (the same model's dtype-free fingerprint),
+    stored beside the profiles: files written with it name the copy, files written before
+    still name (and decode with) the original."""
+    meta = {**prof.meta, "model_fingerprint": fingerprint, "rebound_from": prof.digest}
+    return write_profile(profile_to_bytes(prof.tensors, meta))

@@ -34,7 +34,8 @@ class PlainKVModel(KVModel):
     def check_identity(self, stored: dict[str, Any]) -> None:
         mine = self.identity()
         unknown = NO_TOKENIZER in (mine["tokenizer_fingerprint"], stored.get("tokenizer_fingerprint"))
-        if unknown and all(stored.get(k) == mine[k] for k in ("config_sha256", "weights_sha256")):
+        if unknown and any(all(stored.get(k) == ident()[k] for k in ("config_sha256", "weights_sha256"))
+                           for ident in (lambda: mine, self.legacy_identity)):  # legacy only if needed
             return
         super().check_identity(stored)
 

@@ -37,6 +37,12 @@ _CONFIG_FIELDS = (
 )
 
 
+def _canonical_weights(t: torch.Tensor) -> torch.Tensor:
+    """A weight as the fingerprint hashes it: floating point rounded to bfloat16 (what a
+    float32, bfloat16 or float16 load of the same checkpoint agree on), the rest as is."""
+    return t.to(torch.bfloat16) if t.is_floating_point() else t
+
+
 def _sha256_json(obj: Any) -> str:
     data = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(data.encode()).hexdigest()
@@ -72,6 +78,7 @@ class KVModel:
     tokenizer: Any
     source: ModelSource | None = None
     _identity: dict[str, str] | None = field(default=None, repr=False)
+    _legacy_identity: dict[str, str] | None = field(default=None, repr=False)
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -220,29 +227,39 @@ class KVModel:
 
     # ---------------------------------------------------------------- identity
     def identity(self) -> dict[str, str]:
-        """Fingerprints of architecture config, tokenizer and weights (cached)."""
+        """Fingerprints of architecture config, tokenizer and weights (cached).  The weights
+        are hashed rounded to bfloat16, so the fingerprint is the same whatever dtype the
+        weights were loaded in (float32, bfloat16, float16) and on whatever device."""
         if self._identity is None:
-            cfg = self.text_config.to_dict()
-            config_sha = _sha256_json({k: cfg.get(k) for k in _CONFIG_FIELDS})
-            weights = hashlib.sha256()
-            for name, tensor in sorted(self.model.state_dict().items()):
-                weights.update(name.encode())
-                flat = tensor.detach().contiguous().reshape(-1).cpu()  # the same bytes from any device
-                weights.update(flat.view(torch.uint8).numpy().tobytes())
-            tokenizer_sha = self.tokenizer_fingerprint()
-            weights_sha = weights.hexdigest()
-            fingerprint = hashlib.sha256(
-                f"{config_sha}:{weights_sha}:{tokenizer_sha}".encode()
-            ).hexdigest()
-            self._identity = {
-                "fingerprint": fingerprint,
-                "config_sha256": config_sha,
-                "weights_sha256": weights_sha,
-                "tokenizer_fingerprint": tokenizer_sha,
-                "architecture": str(self.text_config.model_type),
-                "name": self.name,
-            }
+            self._identity = self._fingerprint(_canonical_weights)
         return self._identity
+
+    def legacy_identity(self) -> dict[str, str]:
+        """The identity kvzip 0.x wrote (weights hashed in the dtype they were loaded in):
+        files written before the fingerprint became dtype-free still attach."""
+        if self._legacy_identity is None:
+            self._legacy_identity = self._fingerprint(lambda t: t)
+        return self._legacy_identity
+
+    def _fingerprint(self, canonical: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, str]:
+        cfg = self.text_config.to_dict()
+        config_sha = _sha256_json({k: cfg.get(k) for k in _CONFIG_FIELDS})
+        weights = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            weights.update(name.encode())
+            flat = canonical(tensor.detach()).contiguous().reshape(-1).cpu()  # the same bytes from any device
+            weights.update(flat.view(torch.uint8).numpy().tobytes())
+        tokenizer_sha = self.tokenizer_fingerprint()
+        weights_sha = weights.hexdigest()
+        fingerprint = hashlib.sha256(f"{config_sha}:{weights_sha}:{tokenizer_sha}".encode()).hexdigest()
+        return {
+            "fingerprint": fingerprint,
+            "config_sha256": config_sha,
+            "weights_sha256": weights_sha,
+            "tokenizer_fingerprint": tokenizer_sha,
+            "architecture": str(self.text_config.model_type),
+            "name": self.name,
+        }
 
     def tokenizer_fingerprint(self) -> str:
         tok = self.tokenizer
@@ -259,7 +276,7 @@ class KVModel:
     def check_identity(self, stored: dict[str, Any]) -> None:
         """Raise ModelMismatchError unless ``stored`` (a file's ``model`` header) is this model."""
         mine = self.identity()
-        if stored.get("fingerprint") == mine["fingerprint"]:
+        if stored.get("fingerprint") in (mine["fingerprint"], self.legacy_identity()["fingerprint"]):
             return
         parts = [
             label
