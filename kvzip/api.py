@@ -23,12 +23,14 @@ from kvzip.atomic import write_atomic
 from kvzip.codecs import STORAGE_DTYPES
 from kvzip.errors import ContextTooLongError, InputError, KvzipError
 from kvzip.formats import ChatInfo, SourceInfo, open_kvz
+from kvzip.formats.limits import memory_limit
 from kvzip.levels import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_LEVEL,
     EncodeSummary,
     LoadedKV,
     Progress,
+    attach_kv,
     check_if_missing,
     check_levels,
     find_profile,
@@ -38,6 +40,7 @@ from kvzip.levels import (
     open_cache,
     resolve,
     storage_to_kv,
+    stream_prefill,
     write_kvz,
 )
 from kvzip.model import ChatTemplate, KVModel
@@ -76,9 +79,14 @@ __all__ = [
 ]
 
 
-def load_model(model: ModelLike = None) -> KVModel:
-    """A :class:`KVModel` from a spec (None = embedded default), or the one given."""
-    return model if isinstance(model, KVModel) else KVModel.load(model)
+def load_model(model: ModelLike = None, *, device: str | torch.device | None = None,
+               model_dtype: str | torch.dtype | None = None) -> KVModel:
+    """A :class:`KVModel` from a spec (None = embedded default) on ``device`` (default
+    ``auto``: an accelerator when torch sees one) with its weights in ``model_dtype``
+    (default: float32 on the CPU, bfloat16 on an accelerator), or the one given."""
+    if isinstance(model, KVModel):
+        return model
+    return KVModel.load(model, device=device, dtype=model_dtype)
 
 
 @contextlib.contextmanager
@@ -137,6 +145,9 @@ def encode(
     profile: str | os.PathLike[str] | None = None,
     if_no_profile: str = "calibrate",
     importance: str | None = None,
+    device: str | torch.device | None = None,
+    model_dtype: str | torch.dtype | None = None,
+    prefill_cache: str = "auto",
     progress: Progress = no_progress,
 ) -> EncodeSummary:
     """Prefill ``text`` with the model and write its KV cache to ``out`` as a ``.kvz``.
@@ -149,6 +160,12 @@ def encode(
     digest; by default the newest one for the model in the profile directories).
     With none, ``if_no_profile`` picks: ``"calibrate"`` builds and stores one
     first, ``"uncalibrated"`` uses the uncalibrated codec, ``"error"`` refuses.
+
+    The cache is coded chunk by chunk while the model produces it.  ``prefill_cache``:
+    where the model keeps its own cache meanwhile: ``"memory"``, ``"disk"`` (unlinked files
+    beside ``out``, for a CPU whose memory cannot hold it; the file is the same), or
+    ``"auto"``: disk when the model runs on the CPU and its cache would take more than half
+    the memory limit (``--max-memory``; default half of RAM).
     """
     check_levels(levels)
     check_if_missing(if_no_profile)
@@ -158,7 +175,9 @@ def encode(
         raise InputError(f"--chunk-tokens must be positive, got {chunk_tokens}")
     if dtype is not None and dtype not in STORAGE_DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
-    km = load_model(model)
+    if prefill_cache not in PREFILL_CACHE_CHOICES:
+        raise InputError(f"--prefill-cache must be one of {', '.join(PREFILL_CACHE_CHOICES)}, got {prefill_cache!r}")
+    km = load_model(model, device=device, model_dtype=model_dtype)
     km.check_text_size(len(text), unit="characters")  # refused before tokenizing it all
     template = km.chat_template() if chat else None
     if chat and template is None:
@@ -170,7 +189,9 @@ def encode(
     classes = extra = None
     pairs = resolved.pairs()
     if importance is None:
-        kv = km.prefill(ids, progress=lambda d, t: progress("prefill", d, t))
+        # coded chunk by chunk as the model produces it: the host holds a few chunks
+        offload = Path(out).resolve().parent if _offload_prefill(km, len(ids), prefill_cache) else None
+        kv = stream_prefill(km, ids, chunk_tokens, progress, offload=offload)
     else:
         progress("score", 0, 1)
         scored = scoring.score(km, ids, importance)
@@ -187,8 +208,22 @@ def encode(
         dtype=dtype or km.dtype, chat=chat_info, source=source, profile=resolved.profile,
         progress=progress, importance=classes, extra_header=extra,
     )
-    summary.prefill_seconds = prefill_seconds
+    summary.prefill_seconds += prefill_seconds
     return summary
+
+
+PREFILL_CACHE_CHOICES = ("auto", "memory", "disk")
+
+
+def _offload_prefill(km: KVModel, n_tokens: int, choice: str) -> bool:
+    """Whether the prefill keeps the model's cache on disk (see :func:`encode`)."""
+    if choice != "auto":
+        return choice == "disk"
+    if km.device.type != "cpu":
+        return False  # the model's cache is device memory; the host holds a few chunks
+    itemsize = torch.empty((), dtype=km.model.dtype).element_size()
+    cache_bytes = 2 * km.kv_heads * km.head_dim * itemsize * sum(km.kept_positions(n_tokens))
+    return cache_bytes > memory_limit() // 2
 
 
 # --------------------------------------------------------------------- inspect
@@ -366,29 +401,37 @@ def generate(
     max_new_tokens: int = 64,
     level: str | None = None,
     compare: bool = False,
+    device: str | torch.device | None = None,
+    model_dtype: str | torch.dtype | None = None,
     progress: Progress = no_progress,
 ) -> GenerateResult:
-    """Attach the cache stored in ``path`` to the model and continue after ``prompt``."""
+    """Attach the cache stored in ``path`` to the model and continue after ``prompt``
+    (``device`` and ``model_dtype``: where and in what dtype a model given by name runs)."""
     if max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
-    km = load_model(model)
+    km = load_model(model, device=device, model_dtype=model_dtype)
     with open_kvz(path) as reader:
         km.check_stored_cache(reader.header)
-    started = time.perf_counter()
-    loaded = load_kv(path, level, progress)
-    doc_ids, kv = loaded.token_ids, loaded.kv
-    decode_seconds = time.perf_counter() - started
-    chat = ChatTemplate.from_info(loaded.header.chat)
+        chat = ChatTemplate.from_info(reader.header.chat)
     prompt_ids = km.prompt_ids(prompt, chat)
+    started = time.perf_counter()
+    if prompt_ids:  # decoded straight into the model's cache: the cache is held once
+        attached = attach_kv(path, km, level, room=len(prompt_ids) + max_new_tokens)
+        doc_ids, level_name, cache, kv = attached.token_ids, attached.level, attached.cache, None
+    else:  # the last cached token must be read again: decoded, then cropped by one
+        loaded = load_kv(path, level, progress)
+        doc_ids, level_name, cache, kv = loaded.token_ids, loaded.level, None, loaded.kv
+    decode_seconds = time.perf_counter() - started
     ids = doc_ids + prompt_ids
     offset = time.perf_counter() - started
-    run = km.generate_timed(ids, kv=kv, max_new_tokens=max_new_tokens)
+    run = km.generate_timed(ids, kv=kv, cache=cache, max_new_tokens=max_new_tokens)
+    del cache, kv
     result = GenerateResult(
         text=km.decode_ids(run.new_ids),
         new_token_ids=run.new_ids,
         cached_tokens=len(doc_ids),
         prompt_tokens=len(prompt_ids),
-        level=loaded.level,
+        level=level_name,
         decode_seconds=decode_seconds,
         first_token_seconds=offset + run.first_token_seconds,
         total_seconds=offset + run.total_seconds,
@@ -416,6 +459,8 @@ def generate_url(
     deadline: float | None = None,
     level: str | None = None,
     limits: DownloadLimits = DownloadLimits(),
+    device: str | torch.device | None = None,
+    model_dtype: str | torch.dtype | None = None,
     progress: Progress = no_progress,
 ) -> StreamResult:
     """Stream a context from ``url`` (adapting quality to ``deadline``) and generate after ``prompt``.
@@ -423,6 +468,6 @@ def generate_url(
     ``limits`` bound the download (overall time, minimum speed, redirects to other
     hosts), as for :func:`fetch`."""
     return _stream_generate(
-        url, prompt, load_model(model), deadline=deadline, max_new_tokens=max_new_tokens,
+        url, prompt, load_model(model, device=device, model_dtype=model_dtype), deadline=deadline, max_new_tokens=max_new_tokens,
         levels=None if level is None else [level], limits=limits, progress=progress,
     )

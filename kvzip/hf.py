@@ -135,7 +135,7 @@ def load(
         dtype = file.header.dtype
         kv = file.decode_layers(file.level_name(level)).map(lambda a: storage_to_kv(a, dtype))
     target = device if device is not None else _device(km)
-    return km.build_cache(kv.map(lambda t: t.to(target)))
+    return km.build_cache(kv, device=target)
 
 
 def open(source: str | os.PathLike[str] | ByteSource) -> KvzFile:  # noqa: A001  (kvzip.open)

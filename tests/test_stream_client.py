@@ -307,6 +307,25 @@ def test_a_slow_model_fetches_the_smallest_level_instead_of_recomputing(context_
     assert result.deadline_met is False  # nothing could meet it; this misses it by the least
 
 
+def test_a_fast_model_recomputes_instead_of_fetching(context_dir, tiny_llama, monkeypatch):
+    """On an accelerator the prefill speed is measured before the first decision; a model
+    that recomputes faster than the link delivers recomputes (and gives the same answer)."""
+    import kvzip.stream.client as client_module
+
+    monkeypatch.setattr(client_module, "is_accelerator", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(type(tiny_llama), "prefill_rate", lambda self, tokens=256: 1e6)
+    with serve_in_thread(create_app(context_dir, Throttle.constant(1.0))) as url:
+        result = stream_generate(url + "/contexts/a.kvz/manifest", "Q", tiny_llama, deadline=5.0,
+                                 initial_mbps=1.0, max_new_tokens=2)
+    assert result.levels == [RECOMPUTE] * len(result.levels) and result.bytes_fetched == 0
+    monkeypatch.setattr(client_module, "is_accelerator", lambda device: False)  # the CPU: as before
+    with serve_in_thread(create_app(context_dir, Throttle.constant(1.0))) as url:
+        fetched = stream_generate(url + "/contexts/a.kvz/manifest", "Q", tiny_llama, deadline=5.0,
+                                  initial_mbps=1.0, max_new_tokens=2)
+    assert RECOMPUTE not in fetched.levels
+    assert result.new_token_ids == local_tokens(tiny_llama, 2)  # recomputed: exact
+
+
 # ----------------------------------------------------------------------------- nginx
 @pytest.fixture
 def nginx(context_dir, tmp_path):

@@ -236,6 +236,23 @@ def test_a_slow_recompute_falls_back_to_the_smallest_level():
     assert choose_level(SIZES, [], 399, 1.0, recompute_seconds=30.0).recompute
 
 
+def test_recompute_is_chosen_when_it_beats_every_level_that_fits():
+    """A small model on an accelerator recomputes faster than it can fetch: exact and sooner."""
+    ranked = rank_levels(SIZES)
+    fetched = choose_level(SIZES, ranked, 4000, 1.0)
+    assert fetched.level is not None and fetched.predicted_seconds > 0.05
+    fast = choose_level(SIZES, ranked, 4000, 1.0, recompute_seconds=0.05)
+    assert fast.recompute and fast.predicted_seconds == pytest.approx(0.05)
+    # slower than the level that fits: the cache wins (a long context, a big model)
+    slow = choose_level(SIZES, ranked, 4000, 1.0, recompute_seconds=fetched.predicted_seconds * 2)
+    assert slow.level == fetched.level
+    # the decoder's backlog comes before a recompute too
+    near = fetched.predicted_seconds - 0.01
+    assert choose_level(SIZES, ranked, 4000, 1.0, recompute_seconds=near).recompute
+    busy = choose_level(SIZES, ranked, 4000, 1.0, recompute_seconds=near, decoder_busy=0.02)
+    assert busy.level == fetched.level
+
+
 # ------------------------------------------------------- controller: decode time
 
 

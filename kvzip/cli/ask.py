@@ -10,7 +10,7 @@ import typer
 from kvzip import api
 from kvzip.cli.console import err_console, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
-from kvzip.cli.options import apply_max_memory, max_memory_option
+from kvzip.cli.options import apply_max_memory, device_option, max_memory_option, model_dtype_option
 from kvzip.store import PassageStore, ask
 
 
@@ -24,6 +24,8 @@ def ask_command(
     recompute_window: bool = typer.Option(False, "--recompute-window", help="Sliding-window models: recompute the sliding layers' last window from the text instead of moving the passages' keys there."),
     level: str = typer.Option(None, "--level", "-l", help="Level of the caches to use (default: the store's)."),
     model: str = typer.Option(None, "--model", "-m", help="The model the store was filled with (default: embedded SmolLM2-135M-Instruct)."),
+    device: str = device_option(),
+    model_dtype: str = model_dtype_option(),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Also time a full prefill of the same prompt."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -33,7 +35,7 @@ def ask_command(
     apply_max_memory(max_memory)
     with PassageStore(store) as passage_store:
         with status("loading model…", not quiet):
-            km = api.load_model(model)
+            km = api.load_model(model, device=device, model_dtype=model_dtype)
         with progress_bars(not quiet) as progress:
             result = ask(
                 passage_store, question, km, top_k=top_k, max_new_tokens=max_new_tokens,

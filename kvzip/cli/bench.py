@@ -13,6 +13,7 @@ from kvzip import bench
 from kvzip.api import DEFAULT_CHUNK_TOKENS, load_model
 from kvzip.cli.console import err_console, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
+from kvzip.cli.options import device_option, model_dtype_option
 from kvzip.codecs import codec_ids
 from kvzip.errors import InputError
 from kvzip.levels import DEFAULT_LEVEL, LEVELS, is_calibrated
@@ -105,6 +106,8 @@ def bench_command(
     speed_level: str = typer.Option(DEFAULT_LEVEL, "--speed-level", help="Level the speed section encodes."),
     speed_only: bool = typer.Option(False, "--speed-only", help="Only the speed section (needs --lengths)."),
     model: str = typer.Option(None, "--model", "-m", help="Model (default: embedded SmolLM2-135M-Instruct)."),
+    device: str = device_option(),
+    model_dtype: str = model_dtype_option(),
     json_out: bool = typer.Option(False, "--json", help="Print rows, means, sweep, speed and profile as JSON on stdout."),
     plot: Path = typer.Option(None, "--plot", help="Write a rate–quality chart (PNG); with --sweep, one curve per method."),
     per_text: bool = typer.Option(False, "--per-text", help="Also print a row per text."),
@@ -130,7 +133,7 @@ def bench_command(
     if plot is not None and speed_only:
         raise InputError("--plot draws the quality rows; drop --speed-only")
     with status("loading model…", not quiet):
-        km = load_model(model)
+        km = load_model(model, device=device, model_dtype=model_dtype)
     with progress_bars(not quiet) as progress:
         result = bench.run_bench(km, config, progress)
     rows = result.rows

@@ -9,6 +9,7 @@ import typer
 from kvzip import api
 from kvzip.cli.console import err_console, human_bytes, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
+from kvzip.cli.options import device_option, model_dtype_option
 from kvzip.errors import InputError
 from kvzip.levels import list_profiles, profile_dirs, write_profile
 from kvzip.levels.calibrate import CalibrationOptions, calibrate, default_calibration_texts, read_texts
@@ -19,6 +20,8 @@ def calibrate_command(
     texts: list[Path] = typer.Argument(None, help="Calibration text files (default: a few licences and Python standard-library modules that kvzip bench does not score)."),
     output: Path = typer.Option(None, "-o", "--output", help="Write the profile here (default: <profile dir>/<digest>.kvzprofile, where encode finds it)."),
     model: str = typer.Option(None, "--model", "-m", help="Model: local dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)."),
+    device: str = device_option(),
+    model_dtype: str = model_dtype_option(),
     key_weighting: str = typer.Option("query", "--key-weighting", help="query (weigh key error by query channel-pair energy) or mse."),
     value_weighting: str = typer.Option("output", "--value-weighting", help="output (weigh value error through o_proj) or mse."),
     basis: str = typer.Option("pca-layer", "--basis", help="pca-layer (one basis per layer across its kv heads), pca (one per kv head) or none."),
@@ -36,7 +39,7 @@ def calibrate_command(
                                  allocation=allocation, tokens_per_text=tokens_per_text)
     options.check()
     with status("loading model…", not quiet):
-        km = api.load_model(model)
+        km = api.load_model(model, device=device, model_dtype=model_dtype)
     with progress_bars(not quiet) as progress:
         data, report = calibrate(km, contents, options, progress=progress)
     prof = write_profile(data, path=output)

@@ -16,6 +16,7 @@ from kvzip.cli.console import (
     status,
 )
 from kvzip.cli.errors import handle_errors
+from kvzip.cli.options import apply_max_memory, device_option, max_memory_option, model_dtype_option
 from kvzip.errors import ContextTooLongError, InputError
 from kvzip.levels import DEFAULT_LEVEL
 
@@ -39,6 +40,8 @@ def encode_command(
     input: str = typer.Argument(..., help="Text file to prefill, or - for stdin."),
     output: Path = typer.Option(..., "-o", "--output", help="The .kvz file to write."),
     model: str = typer.Option(None, "--model", "-m", help="Model: local dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)."),
+    device: str = device_option(),
+    model_dtype: str = model_dtype_option(),
     level: str = typer.Option(DEFAULT_LEVEL, "--level", "--levels", "-l", help="Quality level: lossless, high, balanced, small; several comma-separated store them all (e.g. --levels small,balanced,high)."),
     chunk_tokens: int = typer.Option(api.DEFAULT_CHUNK_TOKENS, "--chunk-tokens", help="Tokens per independently decodable chunk."),
     dtype: str = typer.Option(None, "--dtype", help="Store the cache as float32, bfloat16 or float16 (default: as captured)."),
@@ -46,21 +49,24 @@ def encode_command(
     profile: str = typer.Option(None, "--profile", help="Calibration profile (.kvzprofile file or digest) for the lossy levels (default: the newest one for the model in the profile directory)."),
     if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="When the model has no profile yet: calibrate (build one now, once), uncalibrated (use the uncalibrated codec) or error."),
     importance: str = typer.Option(None, "--importance", help="Score every entry (reconstruct | prefill | keynorm) and spend the lossy levels' bits by importance, at about the same size."),
+    prefill_cache: str = typer.Option("auto", "--prefill-cache", help="Where the model keeps its cache while it reads the text: memory, disk (unlinked files beside the output, for a CPU whose memory cannot hold it; the .kvz is the same) or auto (disk when the model runs on the CPU and its cache would take more than half of --max-memory)."),
+    max_memory: str = max_memory_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Prefill a text with the model and write its KV cache as a .kvz file."""
+    apply_max_memory(max_memory)
     if input != "-":
         api.input_size(input)  # a missing or unreadable input fails before the model loads
     levels = [x.strip() for x in level.split(",") if x.strip()]
     with status("loading model…", not quiet):
-        km = api.load_model(model)
+        km = api.load_model(model, device=device, model_dtype=model_dtype)
     text, name = read_input(input, km.max_text_bytes)
     with progress_bars(not quiet) as progress:
         summary = api.encode(
             text, output, model=km, levels=levels, chunk_tokens=chunk_tokens, dtype=dtype,
             chat=chat, source_name=name, profile=profile, if_no_profile=if_no_profile,
-            importance=importance,
+            importance=importance, prefill_cache=prefill_cache,
             progress=progress,
         )
     if json_out:

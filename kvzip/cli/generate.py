@@ -17,7 +17,7 @@ from kvzip.cli.fetch import (
     min_speed_window_option,
     other_hosts_option,
 )
-from kvzip.cli.options import apply_max_memory, max_memory_option
+from kvzip.cli.options import apply_max_memory, device_option, max_memory_option, model_dtype_option
 from kvzip.errors import InputError
 
 
@@ -27,6 +27,8 @@ def generate_command(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text that follows the cached document (a question, for --chat files)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate."),
     model: str = typer.Option(None, "--model", "-m", help="The model that wrote the file (default: embedded SmolLM2-135M-Instruct)."),
+    device: str = device_option(),
+    model_dtype: str = model_dtype_option(),
     level: str = typer.Option(None, "--level", "-l", help="Level to decode (default: the file's best)."),
     compare: bool = typer.Option(False, "--compare", help="Also generate from the text with no cache, and report the time saved."),
     deadline: float = typer.Option(None, "--deadline", help="For a URL: seconds until the streamed context must be ready; quality adapts to the measured bandwidth."),
@@ -47,7 +49,7 @@ def generate_command(
     if api.is_url(file):
         limits = download_limits(max_download_seconds, min_speed, min_speed_window, allow_other_hosts)
         _generate_url(file, prompt, max_new_tokens, model, level, compare, deadline, limits,
-                      json_out, quiet)
+                      json_out, quiet, device, model_dtype)
         return
     if deadline is not None:
         raise InputError("--deadline applies to a streamed context (a URL), not a local file")
@@ -59,7 +61,7 @@ def generate_command(
         verb = "applies" if len(given) == 1 else "apply"
         raise InputError(f"{', '.join(given)} {verb} to a streamed context (a URL), not a local file")
     with status("loading model…", not quiet):
-        km = api.load_model(model)
+        km = api.load_model(model, device=device, model_dtype=model_dtype)
     with progress_bars(not quiet) as progress:
         result = api.generate(
             Path(file), prompt, model=km, max_new_tokens=max_new_tokens, level=level,
@@ -94,11 +96,12 @@ def generate_command(
 def _generate_url(
     url: str, prompt: str, max_new_tokens: int, model: str | None, level: str | None,
     compare: bool, deadline: float | None, limits: api.DownloadLimits, json_out: bool, quiet: bool,
+    device: str | None, model_dtype: str | None,
 ) -> None:
     if compare:
         raise InputError("--compare needs a local .kvz file (it re-reads the text from the cache)")
     with status("loading model…", not quiet):
-        km = api.load_model(model)
+        km = api.load_model(model, device=device, model_dtype=model_dtype)
     with progress_bars(not quiet) as progress:
         result = api.generate_url(
             url, prompt, model=km, max_new_tokens=max_new_tokens, deadline=deadline,

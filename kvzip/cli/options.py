@@ -19,3 +19,19 @@ def max_memory_option() -> str | None:
 def apply_max_memory(value: str | None) -> None:
     """Set the decode memory limit of this process from ``--max-memory`` (None: the default)."""
     set_memory_limit(None if value is None else parse_size(value))
+
+
+def device_option() -> str | None:
+    return typer.Option(
+        None, "--device", metavar="DEVICE",
+        help="Where the model runs: auto (an accelerator when torch sees one, else the CPU), "
+        "cpu, cuda, cuda:N or mps.",
+    )
+
+
+def model_dtype_option() -> str | None:
+    return typer.Option(
+        None, "--model-dtype", metavar="DTYPE",
+        help="The model's weights: float32, bfloat16 or float16 (default: float32 on the CPU, "
+        "bfloat16 on an accelerator); independent of the dtype a .kvz stores.",
+    )

@@ -9,6 +9,7 @@ import typer
 from kvzip import api
 from kvzip.cli.console import err_console, human_bytes, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
+from kvzip.cli.options import device_option, model_dtype_option
 from kvzip.store import DEFAULT_PASSAGE_TOKENS, ENGINES, PassageStore, check_level, precache
 
 
@@ -19,6 +20,8 @@ def precache_command(
     passage_tokens: int = typer.Option(None, "--passage-tokens", show_default=False, help=f"Most tokens per passage (cuts prefer paragraph, then sentence ends). Default {DEFAULT_PASSAGE_TOKENS}, or what a sliding-window layer keeps when that is less."),
     level: str = typer.Option(None, "--level", "-l", help="Quality level of the stored caches (default: balanced, or lossless where no lossy level exists)."),
     model: str = typer.Option(None, "--model", "-m", help="Model: local dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)."),
+    device: str = device_option(),
+    model_dtype: str = model_dtype_option(),
     artifacts: str = typer.Option(None, "--artifacts", help="Where artifacts live, as an fsspec URL (s3://bucket/prefix, file:///path); remembered by the store."),
     engine: str = typer.Option("local", "--engine", help=f"Run passages here or as Ray tasks ({', '.join(ENGINES)})."),
     profile: str = typer.Option(None, "--profile", help="Calibration profile (.kvzprofile file or digest) for a lossy level (default: the newest one for the model)."),
@@ -30,7 +33,7 @@ def precache_command(
     level = check_level(level)
     with PassageStore(store, artifacts=artifacts, create=True) as passage_store:
         with status("loading model…", not quiet):
-            km = api.load_model(model)
+            km = api.load_model(model, device=device, model_dtype=model_dtype)
         with progress_bars(not quiet) as progress:
             summary = precache(
                 docs, passage_store, km, passage_tokens=passage_tokens, level=level,

@@ -86,3 +86,66 @@ def check_memory(nbytes: int, what: str, limit: int | None = None) -> None:
 def chunk_work_bytes(elements: int) -> int:
     """What decoding one chunk of ``elements`` K/V scalars holds at its peak."""
     return elements * 4 * CHUNK_WORK_FACTOR
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by this process back to the system where the C library keeps it
+    (glibc: ``malloc_trim``).  glibc serves blocks below its adaptive mmap threshold (up to
+    32 MiB) from heaps it rarely shrinks, so a loop that frees and allocates tens of MiB
+    per step (a streamed encode: chunk arrays and the codec's intermediates) grows the
+    process by that much per step although nothing is alive; measured on a streamed 2K
+    encode at Llama-3-8B geometry, RSS climbed 1.4 GiB where the live data stayed flat.
+    A no-op where there is no glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_LIBC: list = []
+
+
+def _libc():  # noqa: ANN202 - the C library through ctypes, or None
+    if not _LIBC:
+        lib = None
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libc.so.6")
+            lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+            lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        except (OSError, AttributeError):
+            lib = None
+        _LIBC.append(lib)
+    return _LIBC[0]
+
+
+def _malloc_trim():  # noqa: ANN202 - a ctypes function or None
+    lib = _libc()
+    return None if lib is None else lib.malloc_trim
+
+
+def map_large_blocks(threshold: int = 1 << 20) -> None:
+    """From now on, have glibc map every block of ``threshold`` bytes or more on its own
+    and unmap it when freed, instead of raising its mmap threshold (up to 32 MiB) as large
+    blocks come and go and keeping them in its heaps.  A model's forward over a long
+    context allocates and frees tens of MiB per layer; with the adaptive threshold the
+    process grew by up to 0.9 GiB per forward (8K tokens, Llama-3-8B geometry), with this
+    by under 0.1 GiB, at about 8% more time spent on page faults.  kvzip does this only
+    when memory is what matters (``--prefill-cache disk``); it lasts for the process.  A
+    no-op where there is no glibc."""
+    lib = _libc()
+    if lib is not None:
+        lib.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+
+
+# A streamed encode codes this much chunk work side by side at most (one chunk at least):
+# a few chunks, not a share of the cache.
+STREAM_WORK_FRACTION = 1 / 32  # of the memory limit
+
+
+def stream_threads(chunk_elements: int, threads: int) -> int:
+    """How many of ``threads`` may code chunks of ``chunk_elements`` K/V scalars side by
+    side in a streamed encode, keeping their work within a small share of the limit."""
+    budget = int(memory_limit() * STREAM_WORK_FRACTION)
+    return max(1, min(threads, budget // max(1, chunk_work_bytes(chunk_elements))))

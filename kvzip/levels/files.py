@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,15 +33,24 @@ from kvzip.formats import (
     KvzReader,
     KvzWriter,
     LayeredKV,
+    PositionLayout,
     Problem,
     ProfileInfo,
     SourceInfo,
     new_header,
     open_kvz,
 )
-from kvzip.formats.limits import check_memory, chunk_work_bytes
+from kvzip.formats.limits import check_memory, chunk_work_bytes, release_free_memory, stream_threads
 from kvzip.formats.spec import EntryKind
-from kvzip.levels.chunks import LevelCodecs, chunk_ranges, encode_chunks
+from kvzip.levels.chunks import (
+    LevelCodecs,
+    chunk_ranges,
+    code_chunks,
+    dense_context,
+    encode_chunks,
+    encode_dense_chunk,
+    encode_layered_chunk,
+)
 from kvzip.levels.executor import run_on_threads, threads_for
 from kvzip.levels.progress import Progress, no_progress
 from kvzip.levels.table import codec_for_level
@@ -52,7 +61,7 @@ DEFAULT_CHUNK_TOKENS = 256
 
 def kv_to_storage(kv: torch.Tensor, dtype: str) -> np.ndarray:
     """A [2, L, H, T, D] tensor as the numpy array codecs take (bf16 as uint16 bits)."""
-    kv = kv.detach().to(TORCH_DTYPES[dtype]).contiguous()
+    kv = kv.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous()
     if dtype == "bfloat16":
         return kv.view(torch.int16).numpy().view(np.uint16)
     return kv.numpy()
@@ -185,7 +194,17 @@ class CacheFile:
 
     def _into_layers(self, entries: list[IndexEntry], out: LayeredKV) -> Callable[[int], None]:
         """Decode chunk ``i`` and place each layer's part at the slots its positions take."""
-        layout = out.layout
+        def put(layer: int, heads: slice | int, slots: slice, part: np.ndarray) -> None:
+            out.layers[layer][:, heads, slots] = part
+
+        return self._placer(entries, put)
+
+    def _placer(self, entries: list[IndexEntry],
+                put: Callable[[int, slice | int, slice, np.ndarray], None]) -> Callable[[int], None]:
+        """Decode chunk ``i`` and hand each layer's part to ``put(layer, heads, slots, part)``
+        with the slots its positions take in the layer (``part``: ``[2, heads, n, D]``, or
+        ``[2, n, D]`` for one head of a layer whose heads hold different positions)."""
+        layout = self.header.layout
 
         def decode(i: int) -> None:
             start, end = entries[i].token_range
@@ -194,14 +213,31 @@ class CacheFile:
                     continue
                 if layout.heads_share(layer):
                     at = int(np.searchsorted(layout.positions[layer][0], start))
-                    out.layers[layer][:, :, at : at + part.shape[2]] = part
+                    put(layer, slice(None), slice(at, at + part.shape[2]), part)
                     continue
                 for h in range(layout.kv_heads):  # ragged heads: each at its own slots
                     p = layout.positions[layer][h]
-                    lo, hi = np.searchsorted(p, [start, end])
-                    out.layers[layer][:, h, lo:hi] = part[:, h, : hi - lo]
+                    lo, hi = (int(x) for x in np.searchsorted(p, [start, end]))
+                    put(layer, h, slice(lo, hi), part[:, h, : hi - lo])
 
         return decode
+
+    def decode_into_cache(self, level_name: str, km: KVModel, *, room: int = 0, decoders: int | None = None) -> Any:
+        """A whole level written chunk by chunk straight into a cache for ``km`` (on its
+        device, in its dtype; :meth:`KVModel.empty_cache`): attaching holds the cache once,
+        plus the chunks being decoded, never a second copy of the whole level."""
+        entries = self.kv_entries(level_name)
+        codecs = [self.codecs.codec(entries[0].level)] if entries else []
+        n = threads_for(codecs, self.level_elements(), len(entries), decoders)
+        self.check_level_memory(level_name, n)
+        cache = km.empty_cache(self.header.layout, room)
+        dtype = self.header.dtype
+
+        def put(layer: int, heads: slice | int, slots: slice, part: np.ndarray) -> None:
+            km.fill_cache(cache, layer, heads, slots, storage_to_kv(part, dtype))
+
+        run_on_threads(len(entries), n, self._placer(entries, put))
+        return cache
 
     def verify(self, decode: bool = False) -> list[Problem]:
         """Check every payload's checksum (and, with ``decode``, that it decodes);
@@ -247,6 +283,29 @@ def load_kv(
         return LoadedKV(cache.header, cache.token_ids().tolist(), kv, name)
 
 
+@dataclass
+class AttachedKV:
+    header: KvzHeader
+    token_ids: list[int]
+    cache: Any  # the model's cache (a transformers DynamicCache) on its device
+    level: str
+
+
+def attach_kv(
+    path: str | os.PathLike[str], km: KVModel, level: str | None = None, *, room: int = 0,
+    decoders: int | None = None,
+) -> AttachedKV:
+    """Decode one level (default: the file's best) of a ``.kvz`` straight into a cache for
+    ``km``, ready for :meth:`KVModel.generate` (``cache=``), with ``room`` positions
+    reserved for what follows (prompt and new tokens): the file is checked to be ``km``'s
+    before anything is allocated."""
+    with open_cache(path) as cache:
+        km.check_stored_cache(cache.header)
+        name = cache.level_name(level)
+        built = cache.decode_into_cache(name, km, room=room, decoders=decoders)
+        return AttachedKV(cache.header, cache.token_ids().tolist(), built, name)
+
+
 # ---------------------------------------------------------------------- encode
 @dataclass
 class EncodeSummary:
@@ -270,8 +329,31 @@ class EncodeSummary:
         return {**asdict(self), "ratio": round(self.ratio, 4)}
 
 
+@dataclass
+class CacheStream:
+    """A cache handed over while it is produced (:meth:`KVModel.prefill_chunks`): the
+    positions the whole context's cache holds, and batches of ``(start, count, layers)``
+    chunks, ``layers[i]`` the ``[2, kv_heads, n, head_dim]`` of layer ``i`` there, in
+    chunk order.  :func:`write_kvz` codes each batch as it arrives and keeps none."""
+
+    layout: PositionLayout
+    head_dim: int
+    batches: Iterable[list[tuple[int, int, list[Any]]]]
+
+
+def stream_prefill(km: KVModel, ids: Sequence[int], chunk_tokens: int, progress: Progress = no_progress,
+                   *, offload: str | os.PathLike[str] | None = None) -> CacheStream:
+    """``ids`` prefilled by ``km`` as a :class:`CacheStream` of ``chunk_tokens``-token chunks
+    (``offload``: a directory for the model's cache while it reads, see
+    :meth:`KVModel.prefill_chunks`)."""
+    layout = PositionLayout.from_counts(km.kept_positions(len(ids)), km.kv_heads, len(ids))
+    batches = km.prefill_chunks(ids, chunk_tokens, progress=lambda d, t: progress("prefill", d, t),
+                                offload=offload)
+    return CacheStream(layout, km.head_dim, batches)
+
+
 def write_kvz(
-    kv: torch.Tensor | LayeredKV,
+    kv: torch.Tensor | LayeredKV | CacheStream,
     token_ids: Sequence[int],
     out: str | os.PathLike[str],
     km: KVModel,
@@ -288,8 +370,8 @@ def write_kvz(
     encoders: int | None = None,
     importance: Sequence[np.ndarray] | None = None,
 ) -> EncodeSummary:
-    """Encode an already captured cache (a :class:`LayeredKV`, or one [2, L, H, T, D]
-    tensor) into a ``.kvz`` at ``out``.  A cache whose every layer holds every position
+    """Encode a cache (a :class:`LayeredKV`, one [2, L, H, T, D] tensor, or a
+    :class:`CacheStream` coded chunk by chunk as it is produced) into a ``.kvz`` at ``out``.  A cache whose every layer holds every position
     and whose layers share one RoPE table is a 1.0 file; any other is a 2.0 file that
     records its position layout and RoPE tables.
 
@@ -308,10 +390,16 @@ def write_kvz(
     if profile is not None:
         profile.check_model(km.identity()["fingerprint"])
     named = [(x, codec_for_level(x, profile)) if isinstance(x, str) else x for x in levels]
-    if not isinstance(kv, LayeredKV):
-        kv = LayeredKV.from_dense(kv)
-    array = kv.map(lambda t: kv_to_storage(t, dtype))
-    n_layers, kv_heads, n_tokens, head_dim = array.num_layers, array.kv_heads, array.token_count, array.head_dim
+    if isinstance(kv, CacheStream):
+        array, layout, head_dim = None, kv.layout, kv.head_dim
+        if importance is not None:
+            raise ValueError("importance classes need the whole cache; pass a LayeredKV")
+    else:
+        if not isinstance(kv, LayeredKV):
+            kv = LayeredKV.from_dense(kv)
+        array = kv.map(lambda t: kv_to_storage(t, dtype))
+        layout, head_dim = array.layout, array.head_dim
+    n_layers, kv_heads, n_tokens = layout.num_layers, layout.kv_heads, layout.token_count
     tables, layer_rope = km.rope_tables()
     header = new_header(
         kvzip_version=__version__,
@@ -320,29 +408,93 @@ def write_kvz(
         num_layers=n_layers, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
         token_count=n_tokens, chunk_tokens=chunk_tokens,
         levels=[(name, codec.config()) for name, codec in named],
-        rope_tables=tables, layer_rope=layer_rope, layout=array.layout,
+        rope_tables=tables, layer_rope=layer_rope, layout=layout,
         attention=km.attention_info(),
         profile=None if profile is None else ProfileInfo(profile.digest, profile.size),
         chat=chat, source=source, extra=extra_header,
     )
     ranges = chunk_ranges(n_tokens, chunk_tokens)
     out = Path(out)
+    codecs = [codec for _, codec in named]
+    waited = 0.0  # seconds a stream's producer (the model) took
     with KvzWriter(out, header.raw) as writer:
         writer.set_token_ids(np.asarray(token_ids, dtype=np.int64))
-        payloads = encode_chunks(array, [codec for _, codec in named], ranges, header, encoders,
-                                 done=lambda n: progress("encode", n, len(ranges)), importance=importance)
-        for chunk, ((start, count), levels_out) in enumerate(zip(ranges, payloads)):
-            for level, payload in enumerate(levels_out):
-                writer.add_kv(chunk, level, start, count, payload)
-            if chunk_texts and km.tokenizer is not None:
-                writer.add_text(chunk, start, count, km.tokenizer.decode(list(token_ids[start : start + count])))
-        del payloads
+
+        def add(first: int, payloads: list[list[bytes]]) -> None:
+            for chunk, levels_out in enumerate(payloads, first):
+                start, count = ranges[chunk]
+                for level, payload in enumerate(levels_out):
+                    writer.add_kv(chunk, level, start, count, payload)
+                if chunk_texts and km.tokenizer is not None:
+                    writer.add_text(chunk, start, count, km.tokenizer.decode(list(token_ids[start : start + count])))
+
+        if array is not None:
+            add(0, encode_chunks(array, codecs, ranges, header, encoders,
+                                 done=lambda n: progress("encode", n, len(ranges)), importance=importance))
+        else:
+            waited = _write_stream(kv, header, codecs, ranges, dtype, encoders, add, progress)
         writer.commit()
     return EncodeSummary(
         path=str(out), model=km.name, tokens=n_tokens, chunks=len(ranges),
         levels=[name for name, _ in named], dtype=dtype,
-        raw_bytes=array.elements() * STORAGE_DTYPES[dtype].itemsize,
-        file_bytes=out.stat().st_size, prefill_seconds=0.0,
-        encode_seconds=time.perf_counter() - started,
+        raw_bytes=2 * layout.stored() * head_dim * STORAGE_DTYPES[dtype].itemsize,
+        file_bytes=out.stat().st_size, prefill_seconds=waited,
+        encode_seconds=time.perf_counter() - started - waited,
         profile=None if profile is None else profile.digest,
     )
+
+
+def _write_stream(stream: CacheStream, header: KvzHeader, codecs: Sequence[Codec], ranges: Sequence[tuple[int, int]],
+                  dtype: str, encoders: int | None, add: Callable[[int, list[list[bytes]]], None],
+                  progress: Progress) -> float:
+    """Code a :class:`CacheStream`'s chunks batch by batch as they arrive (each batch's
+    chunks side by side on threads, while the model waits), handing each batch's payloads
+    to ``add``; the seconds spent waiting for the stream.  The bytes are those
+    :func:`encode_chunks` writes for the same cache."""
+    layout, waited, next_chunk = header.layout, 0.0, 0
+    ctx = dense_context(header) if header.is_dense else None
+    batches = iter(stream.batches)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - t0
+        if batch is None:
+            break
+        spans = [(start, count) for start, count, _ in batch]
+        if list(ranges[next_chunk : next_chunk + len(batch)]) != spans:
+            raise ValueError(f"the stream's chunks {spans} are not the file's next chunks")
+        pieces: list[Any] = []
+        for j, (start, count) in enumerate(spans):  # each chunk in the storage dtype, its parts let go
+            layers = [kv_to_storage(part, dtype) for part in batch[j][2]]
+            batch[j] = None
+            if ctx is not None:
+                pieces.append(np.stack(layers, axis=1))  # [2, L, H, count, D]
+            else:
+                pieces.append(LayeredKV(layers, chunk_layout(layout, start, start + count)))
+            del layers
+        if ctx is not None:
+            def encode(j: int, pieces: list[Any] = pieces, spans: list[tuple[int, int]] = spans) -> list[bytes]:
+                return encode_dense_chunk(pieces[j], codecs, ctx, *spans[j], offset=spans[j][0])
+
+            elements = [p.size for p in pieces]
+        else:
+            def encode(j: int, pieces: list[Any] = pieces, spans: list[tuple[int, int]] = spans) -> list[bytes]:
+                return encode_layered_chunk(pieces[j], codecs, header, *spans[j])
+
+            elements = [p.elements() for p in pieces]
+        n = threads_for(codecs, sum(elements), len(pieces), encoders)
+        n = n if encoders is not None else stream_threads(max(elements), n)
+        add(next_chunk, code_chunks(encode, codecs, sum(elements), len(pieces), n, None))
+        next_chunk += len(batch)
+        del pieces, batch
+        release_free_memory()
+        progress("encode", next_chunk, len(ranges))
+    if next_chunk != len(ranges):
+        raise ValueError(f"the stream ended after {next_chunk} of {len(ranges)} chunks")
+    return waited
+
+
+def chunk_layout(layout: PositionLayout, start: int, end: int) -> PositionLayout:
+    """The positions ``layout`` holds inside ``[start, end)``, per (layer, head)."""
+    return PositionLayout([[layout.in_range(layer, h, start, end) for h in range(layout.kv_heads)]
+                           for layer in range(layout.num_layers)], layout.token_count)

@@ -78,12 +78,12 @@ class AttentionRecorder:
         target = self.scores[layer][:, lo : key_start + keep]
         if self.reduce == "max":
             best = w.amax(dim=1).reshape(heads, hq // heads, keep).amax(dim=1)
-            np.maximum(target, best.float().numpy()[:, lo - key_start :], out=target)
+            np.maximum(target, best.float().cpu().numpy()[:, lo - key_start :], out=target)
             return
-        target += w.sum(dim=1).reshape(heads, hq // heads, keep).sum(dim=1).float().numpy()[:, lo - key_start :]
+        target += w.sum(dim=1).reshape(heads, hq // heads, keep).sum(dim=1).float().cpu().numpy()[:, lo - key_start :]
         seen = (w[0] > 0) if visible is None else visible[skip:, :keep]
         self._counts[layer][:, lo : key_start + keep] += (
-            seen.sum(dim=0).float().numpy()[None, lo - key_start :] * (hq // heads))
+            seen.sum(dim=0).float().cpu().numpy()[None, lo - key_start :] * (hq // heads))
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -69,7 +69,7 @@ def capture(km: KVModel, ids: Sequence[int]) -> AttentionStats:
                 q = norm(q.to(out.dtype)).float()
             e = q.square()
             e = (e[..., : d // 2] + e[..., d // 2 :]).sum(dim=(0, 1))  # [nq, D/2]
-            energy[i] += e.reshape(hk, nq // hk, d // 2).sum(1).double().numpy()
+            energy[i] += e.reshape(hk, nq // hk, d // 2).sum(1).double().cpu().numpy()
 
         return hook
 
@@ -99,5 +99,5 @@ def output_gram(km: KVModel) -> np.ndarray:
             raise UnsupportedModelError(f"{km.name}: o_proj of layer {i} has shape {tuple(w.shape)}")
         w = w.reshape(w.shape[0], nq, d)
         for q in range(nq):
-            out[i, q // (nq // hk)] += (w[:, q].T @ w[:, q]).numpy()
+            out[i, q // (nq // hk)] += (w[:, q].T @ w[:, q]).cpu().numpy()
     return out

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,10 @@ from kvzip.errors import (
     UnsupportedModelError,
 )
 from kvzip.formats import ChatInfo, KvzHeader, LayeredKV, PositionLayout
+from kvzip.formats.limits import map_large_blocks, release_free_memory
 from kvzip.formats.spec import MAX_TOKEN_COUNT
+from kvzip.model.cache import close_cache, new_cache
+from kvzip.model.device import resolve_device, resolve_model_dtype
 from kvzip.model.loading import ModelSource, load_pretrained, resolve_model
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -79,12 +83,21 @@ class KVModel:
     source: ModelSource | None = None
     _identity: dict[str, str] | None = field(default=None, repr=False)
     _legacy_identity: dict[str, str] | None = field(default=None, repr=False)
+    _prefill_rate: float | None = field(default=None, repr=False)
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def load(cls, spec: str | None = None) -> KVModel:
+    def load(cls, spec: str | None = None, *, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None) -> KVModel:
+        """The model ``spec`` names on ``device`` (default ``auto``: an accelerator when torch
+        sees one) with its weights in ``dtype`` (default: float32 on the CPU, bfloat16 on an
+        accelerator)."""
+        where = resolve_device(device)
+        weights = resolve_model_dtype(dtype, where)
         source = resolve_model(spec)
-        model, tokenizer = load_pretrained(source)
+        model, tokenizer = load_pretrained(source, weights)
+        if where.type != "cpu":
+            model = model.to(where)
         return cls(model, tokenizer, source)
 
     # ---------------------------------------------------------------- geometry
@@ -110,6 +123,15 @@ class KVModel:
     @property
     def dtype(self) -> str:
         return str(self.model.dtype).removeprefix("torch.")
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs; captured caches come back to the CPU, attached ones go here."""
+        return torch.device(getattr(self.model, "device", None) or "cpu")
+
+    def _ids(self, ids: Sequence[int]) -> torch.Tensor:
+        """Token ids as the model's [1, n] input, on its device."""
+        return torch.tensor([list(ids)], dtype=torch.long, device=self.device)
 
     @property
     def max_context(self) -> int:
@@ -414,8 +436,8 @@ class KVModel:
         kv = as_layered(kv)
         cached = 0 if kv is None else kv.token_count
         self.check_length(cached + len(ids))
-        cache = self.new_cache() if kv is None else self.build_cache(kv)
-        input_ids = torch.tensor([list(ids)], dtype=torch.long)
+        cache = self.new_cache(capacity=len(ids)) if kv is None else self.build_cache(kv, room=len(ids))
+        input_ids = self._ids(ids)
         total = input_ids.shape[1]
         for start in range(0, total, step):
             piece = input_ids[:, start : start + step]
@@ -425,12 +447,82 @@ class KVModel:
         return self.capture(cache, cached + total)
 
     @torch.inference_mode()
+    def prefill_chunks(
+        self, ids: Sequence[int], chunk_tokens: int, *, step: int = 512, progress: Progress | None = None,
+        offload: str | os.PathLike[str] | None = None,
+    ) -> Iterator[list[tuple[int, int, list[torch.Tensor]]]]:
+        """Prefill ``ids`` and hand over the cache chunk by chunk as it is produced: after
+        each forward, the chunks it completed, ``(start, count, layers)`` for each
+        ``chunk_tokens``-token chunk, ``layers[i]`` the
+        ``[2, kv_heads, n, head_dim]`` (on the CPU) of the positions layer ``i`` keeps there
+        once the whole context is read (a sliding layer: those inside its last window).
+
+        The model reads whole chunks in pieces of about ``step`` tokens, and nothing of the
+        cache is copied off the model's device but the chunk being handed over, so the
+        host memory this takes is a few chunks, not the whole cache.  With ``offload`` (a
+        directory), the full-attention layers' cache lives in unlinked files there while the
+        model reads (:func:`kvzip.model.cache.disk_layer`): on the CPU, where the model's
+        cache is host memory, the process then holds about one layer's K/V, not the cache;
+        the cache, and so every byte handed over, is the same."""
+        total = len(ids)
+        self.check_length(total)
+        if chunk_tokens <= 0:
+            raise InputError(f"chunk tokens must be positive, got {chunk_tokens}")
+        final = self.kept_positions(total)
+        step = max(chunk_tokens, step // chunk_tokens * chunk_tokens)
+        if offload is not None:
+            map_large_blocks()  # memory is what matters: keep the allocator from hoarding
+        cache = new_cache(self.model.config, total, None if offload is None else os.fspath(offload))
+        input_ids = self._ids(ids)
+        try:
+            for s0 in range(0, total, step):
+                s1 = min(s0 + step, total)
+                self.model(input_ids=input_ids[:, s0:s1], cache=cache, use_cache=True, logits_to_keep=1)
+                release_free_memory()  # the forward's garbage, before the chunks are copied out
+                if progress is not None:
+                    progress(s1, total)
+                held = self.kept_positions(s1)
+                layers = self._cache_layers(cache)
+                pairs = [self._layer_kv(layer, i, held[i]) for i, layer in enumerate(layers)]
+                done = []
+                for a in range(s0, s1, chunk_tokens):
+                    b = min(a + chunk_tokens, s1)
+                    parts = []
+                    for i, (k, v) in enumerate(pairs):
+                        first = s1 - held[i]  # the position of the layer's first held entry
+                        lo = max(a, total - final[i])
+                        lo, hi = min(lo, b) - first, b - first
+                        if hasattr(layers[i], "read"):  # kept in a file: read just this chunk
+                            k, v = layers[i].read(lo, hi)
+                            lo, hi = 0, hi - lo
+                        parts.append(torch.stack([k[0, :, lo:hi], v[0, :, lo:hi]]).cpu())
+                    done.append((a, b - a, parts))
+                yield done
+        finally:
+            close_cache(cache)
+
+    @torch.inference_mode()
+    def prefill_rate(self, tokens: int = 256) -> float:
+        """Tokens per second this model prefills on its device, measured once (a warm-up
+        forward, then one of ``tokens`` tokens): what recomputing a chunk costs here."""
+        if self._prefill_rate is None:
+            ids = self._ids([0] * min(tokens, self.max_context))
+            sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+            self.model(input_ids=ids[:, :8], use_cache=False, logits_to_keep=1)
+            sync()
+            started = time.perf_counter()
+            self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            sync()
+            self._prefill_rate = ids.shape[1] / max(time.perf_counter() - started, 1e-9)
+        return self._prefill_rate
+
+    @torch.inference_mode()
     def read_after(self, kv: torch.Tensor | LayeredKV, ids: Sequence[int], *, step: int = 512) -> None:
         """Read ``ids`` after the cached context in ``step``-token pieces and keep nothing:
         for what the forwards observe (kvzip.importance's reconstruction pass).  Only the
         last position's logits are computed."""
-        cache = self.build_cache(as_layered(kv))
-        input_ids = torch.tensor([list(ids)], dtype=torch.long)
+        cache = self.build_cache(as_layered(kv), room=len(ids))
+        input_ids = self._ids(ids)
         for start in range(0, input_ids.shape[1], step):
             self.model(input_ids=input_ids[:, start : start + step], cache=cache, use_cache=True,
                        logits_to_keep=1)
@@ -491,13 +583,15 @@ class KVModel:
                 ~allowed, torch.finfo(dtype).min)[None, None]
         from transformers import DynamicCache
 
+        device = self.device
         cache = DynamicCache()  # plain layers: each holds exactly the positions it is given
         for i, layer in enumerate(kv.layers):
-            cache.update(layer[0].unsqueeze(0).to(dtype), layer[1].unsqueeze(0).to(dtype), i)
+            cache.update(layer[0].unsqueeze(0).to(device, dtype), layer[1].unsqueeze(0).to(device, dtype), i)
+        masks = {kind: m.to(device) for kind, m in masks.items()}
         mask = next(iter(masks.values())) if len(masks) == 1 else masks
         self.model(
-            input_ids=torch.tensor([list(ids)], dtype=torch.long),
-            position_ids=pos[None, :],
+            input_ids=self._ids(ids),
+            position_ids=pos[None, :].to(device),
             attention_mask=mask,
             cache=cache,
             use_cache=True,
@@ -505,12 +599,12 @@ class KVModel:
         return torch.stack([
             torch.stack([layer.keys[0, :, -n:] for layer in cache.layers]),
             torch.stack([layer.values[0, :, -n:] for layer in cache.layers]),
-        ])
+        ]).cpu()
 
-    def new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
+    def new_cache(self, capacity: int | None = None) -> Any:
+        """An empty DynamicCache for the model; with ``capacity``, its full-attention layers
+        reserve room for that many positions up front (:mod:`kvzip.model.cache`)."""
+        return new_cache(self.model.config, capacity)
 
     def capture(self, cache: Any, n_tokens: int) -> LayeredKV:
         """A DynamicCache of ``n_tokens`` as kvzip's :class:`LayeredKV`, refusing caches that
@@ -528,7 +622,7 @@ class KVModel:
             if int(seen) != n_tokens:
                 raise UnsupportedModelError(
                     f"layer {i} has seen {int(seen)} tokens, the context has {n_tokens}")
-            out.append(torch.stack([k[0], v[0]]))
+            out.append(torch.stack([k[0], v[0]]).cpu())
         return LayeredKV(out, PositionLayout.from_counts(kept, self.kv_heads, n_tokens))
 
     def _cache_layers(self, cache: Any) -> list[Any]:
@@ -556,14 +650,25 @@ class KVModel:
         return k, v
 
     def cache_to_tensor(self, cache: Any, n_tokens: int) -> torch.Tensor:
-        """Stack a DynamicCache whose layers all hold ``n_tokens`` into one tensor."""
+        """Stack a DynamicCache whose layers all hold ``n_tokens`` into one tensor on the CPU,
+        filled layer by layer (no second copy of the whole cache on the model's device)."""
         pairs = [self._layer_kv(layer, i, n_tokens) for i, layer in enumerate(self._cache_layers(cache))]
-        return torch.stack([torch.stack([k[0] for k, _ in pairs]), torch.stack([v[0] for _, v in pairs])])
+        if not pairs:
+            return torch.zeros((2, 0, self.kv_heads, n_tokens, self.head_dim))
+        k0 = pairs[0][0]
+        out = torch.empty((2, len(pairs), *k0.shape[1:]), dtype=k0.dtype)
+        for i, (k, v) in enumerate(pairs):
+            out[0, i].copy_(k[0])
+            out[1, i].copy_(v[0])
+        return out
 
-    def build_cache(self, kv: torch.Tensor | LayeredKV) -> Any:
+    def build_cache(self, kv: torch.Tensor | LayeredKV, room: int = 0,
+                    device: str | torch.device | None = None) -> Any:
         """A fresh DynamicCache holding ``kv`` in the model's dtype, each layer's position
         counter at the context's true length (a sliding layer given every position keeps
-        its last ``window - 1``, as after a prefill)."""
+        its last ``window - 1``, as after a prefill); full-attention layers reserve ``room``
+        more positions, for what will be read after it.  ``device``: where the cache goes
+        (default: the model's)."""
         kv = as_layered(kv)
         if (kv.num_layers, kv.kv_heads, kv.head_dim) != (self.num_layers, self.kv_heads, self.head_dim):
             raise UnsupportedModelError(
@@ -574,13 +679,55 @@ class KVModel:
         self.check_length(kv.token_count, "the cached context")
         if not kv.is_dense:
             self.check_layout(kv.layout)
-        cache = self.new_cache()
-        model_dtype = self.model.dtype
+        cache = self.new_cache(capacity=kv.token_count + room)
+        model_dtype, device = self.model.dtype, self.device if device is None else torch.device(device)
         for i, layer in enumerate(kv.layers):
-            cache.update(layer[0].unsqueeze(0).to(model_dtype), layer[1].unsqueeze(0).to(model_dtype), i)
+            cache.update(layer[0].unsqueeze(0).to(device, model_dtype), layer[1].unsqueeze(0).to(device, model_dtype), i)
             if hasattr(cache.layers[i], "cumulative_length"):
                 cache.layers[i].cumulative_length = kv.token_count
         return cache
+
+    def empty_cache(self, layout: PositionLayout, room: int = 0) -> Any:
+        """A DynamicCache on the model's device, in its dtype, holding what ``layout`` holds
+        (zeros) and each sliding layer's position counter at the context's length, its
+        full-attention layers with ``room`` more positions reserved (for the prompt and the
+        new tokens): :meth:`fill_cache` writes a stored cache into it piece by piece, so
+        attaching never holds a second copy of the whole cache."""
+        geometry = (layout.num_layers, layout.kv_heads)
+        if geometry != (self.num_layers, self.kv_heads):
+            raise UnsupportedModelError(
+                f"a cache of {geometry[0]} layers x {geometry[1]} kv heads does not fit this model "
+                f"({self.num_layers} layers, {self.kv_heads} kv heads)")
+        self.check_length(layout.token_count, "the cached context")
+        if not layout.is_dense():
+            self.check_layout(layout)
+        cache = self.new_cache(capacity=layout.token_count + room)
+        layers = self._cache_layers(cache)
+        dtype, device = self.model.dtype, self.device
+        for i, layer in enumerate(layers):
+            width = layout.layer_width(i)
+            reserved = hasattr(layer, "adopt")
+            shape = (1, self.kv_heads, width + (room if reserved else 0), self.head_dim)
+            keys = torch.zeros(shape, dtype=dtype, device=device)
+            values = torch.zeros(shape, dtype=dtype, device=device)
+            if reserved:
+                layer.adopt(keys, values, width)
+            else:
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys, values
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = layout.token_count
+        return cache
+
+    def fill_cache(self, cache: Any, layer: int, heads: slice | int, slots: slice, kv: torch.Tensor) -> None:
+        """Write ``kv`` (``[2, heads, n, head_dim]`` on the CPU, any float dtype) into
+        ``heads`` and ``slots`` of layer ``layer`` of a cache from :meth:`empty_cache`
+        (through pinned host memory when the model is on a CUDA device)."""
+        target = cache.layers[layer]
+        if target.keys.device.type == "cuda":
+            kv = _pinned(kv)
+        target.keys[0, heads, slots].copy_(kv[0], non_blocking=False)
+        target.values[0, heads, slots].copy_(kv[1], non_blocking=False)
 
     def crop_last(self, kv: LayeredKV) -> LayeredKV:
         """The cache of the context without its last token, so that token can be read again
@@ -602,13 +749,9 @@ class KVModel:
     @torch.inference_mode()
     def teacher_force(self, kv: torch.Tensor | LayeredKV, ids: Sequence[int]) -> torch.Tensor:
         """Logits [len(ids), vocab] (float32) for ``ids`` read after the cached context ``kv``."""
-        cache = self.build_cache(kv)
-        out = self.model(
-            input_ids=torch.tensor([list(ids)], dtype=torch.long),
-            cache=cache,
-            use_cache=True,
-        )
-        return out.logits[0].float()
+        cache = self.build_cache(kv, room=len(ids))
+        out = self.model(input_ids=self._ids(ids), cache=cache, use_cache=True)
+        return out.logits[0].float().cpu()
 
     # --------------------------------------------------------------- generate
     @torch.inference_mode()
@@ -619,18 +762,27 @@ class KVModel:
         kv: torch.Tensor | LayeredKV | None = None,
         max_new_tokens: int = 64,
         on_token: Callable[[], None] | None = None,
+        cache: Any = None,
     ) -> list[int]:
         """Greedy continuation of ``ids``; with ``kv``, its first tokens come from that cache.
 
         The cache must cover a prefix of ``ids`` and leave at least one token
         uncached (the model needs one input to produce logits), so a cache that
-        covers everything is cropped by one token.
+        covers everything is cropped by one token.  ``cache``: a model cache already
+        built (:meth:`empty_cache` + :meth:`fill_cache`) of fewer tokens than ``ids``,
+        used as it is (and extended).
         """
         ids = list(ids)
         self.check_length(len(ids) + max_new_tokens, "the prompt plus new tokens")
-        input_ids = torch.tensor([ids], dtype=torch.long)
+        input_ids = self._ids(ids)
         kwargs: dict[str, Any] = {}
-        if kv is not None:
+        if cache is not None:
+            if kv is not None:
+                raise ValueError("give kv or cache, not both")
+            if cache.get_seq_length() >= len(ids):
+                raise InputError(f"the cache holds {cache.get_seq_length()} tokens; the prompt must add some")
+            kwargs["cache"] = cache
+        elif kv is not None:
             kv = as_layered(kv)
             if kv.token_count > len(ids) and kv.is_dense:
                 kv = LayeredKV.from_dense(kv.dense[:, :, :, : len(ids)])
@@ -638,7 +790,7 @@ class KVModel:
                 raise InputError(f"the cache holds {kv.token_count} tokens, the prompt only {len(ids)}")
             if kv.token_count == len(ids):
                 kv = self.crop_last(kv)
-            kwargs["cache"] = self.build_cache(kv)
+            kwargs["cache"] = self.build_cache(kv, room=len(ids) - kv.token_count + max_new_tokens)
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -648,10 +800,11 @@ class KVModel:
             streamer=_TokenClock(on_token) if on_token is not None else None,
             **kwargs,
         )
-        return out[0, len(ids) :].tolist()
+        return out[0, len(ids) :].cpu().tolist()
 
     def generate_timed(
-        self, ids: Sequence[int], *, kv: torch.Tensor | LayeredKV | None = None, max_new_tokens: int = 64
+        self, ids: Sequence[int], *, kv: torch.Tensor | LayeredKV | None = None, max_new_tokens: int = 64,
+        cache: Any = None,
     ) -> TimedGeneration:
         """:meth:`generate`, timing the first new token and the whole run from this call."""
         started = time.perf_counter()
@@ -661,7 +814,7 @@ class KVModel:
             if not first:
                 first.append(time.perf_counter())
 
-        new_ids = self.generate(ids, kv=kv, max_new_tokens=max_new_tokens, on_token=stamp)
+        new_ids = self.generate(ids, kv=kv, max_new_tokens=max_new_tokens, on_token=stamp, cache=cache)
         done = time.perf_counter()
         return TimedGeneration(new_ids, (first[0] if first else done) - started, done - started)
 
@@ -674,6 +827,14 @@ class KVModel:
 
     def decode_ids(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in page-locked host memory, so the copy to the GPU is one DMA transfer."""
+    if t.is_pinned():
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t)
 
 
 def as_layered(kv: torch.Tensor | LayeredKV | None) -> LayeredKV | None:

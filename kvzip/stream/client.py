@@ -34,6 +34,7 @@ from kvzip.formats import IndexEntry, KvzReader, LayeredKV, PositionLayout
 from kvzip.levels import LevelCodecs, Progress, default_threads, no_progress, storage_to_kv
 from kvzip.levels.chunks import chunk_elements
 from kvzip.model import TORCH_DTYPES, ChatTemplate, KVModel
+from kvzip.model.device import is_accelerator
 from kvzip.stream.controller import (
     DEFAULT_DECODE_PRIOR,
     Decision,
@@ -295,8 +296,11 @@ def stream_generate(
     levels used (an empty list recomputes everything, the text-only baseline).
     ``initial_mbps`` replaces the throughput estimate taken while opening.
     ``recompute_tokens_per_second`` is a prior for how fast ``model`` recomputes
-    (its prefill speed on this machine); without it the first recompute is taken
-    on CacheGen's assumption that recomputing is cheap, and measured.
+    (its prefill speed on this machine); without it, a model on an accelerator has
+    its prefill speed measured first (:meth:`KVModel.prefill_rate`), and on the CPU
+    the first recompute is taken on CacheGen's assumption that recomputing is cheap,
+    and measured.  Recomputing is chosen when it would be ready sooner than the level
+    that fits (``choose_level``).
     ``decode_prior`` is the seconds per K/V element assumed for decoding a level
     not measured yet (default: a conservative :data:`DEFAULT_DECODE_PRIOR`);
     each level's decode speed is then measured on its chunks.  ``decoders``: how
@@ -326,6 +330,9 @@ def stream_generate(
         meter = ThroughputMeter(initial_mbps * 1e6 / 8 if initial_mbps else estimate)
         downloader = _Downloader(manifest, source, allowed, meter, DecodeMeter(decode_prior),
                                  deadline, started)
+        if not recompute_tokens_per_second and is_accelerator(model.device):
+            # an accelerator may recompute faster than any link delivers: measure it first
+            recompute_tokens_per_second = model.prefill_rate()
         if recompute_tokens_per_second:
             downloader.recompute_seconds_per_token = 1 / recompute_tokens_per_second
         downloader.start()

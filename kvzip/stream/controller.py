@@ -102,6 +102,10 @@ def choose_level(
     qualifies when every remaining chunk fetched and decoded at that level, as a
     pipeline (:func:`pipeline_seconds`), is ready within ``seconds_left``.
 
+    When the caller knows ``recompute_seconds`` and recomputing would be ready sooner than
+    the level picked (a small model on an accelerator, a slow link), it recomputes: the
+    result is exact and earlier.
+
     When none does, CacheGen recomputes.  That assumes recomputing is cheap (a
     GPU); on a CPU it can be far slower than any transfer, so once the caller
     knows ``recompute_seconds`` (its estimate for recomputing the remaining
@@ -115,11 +119,14 @@ def choose_level(
     if not bytes_per_second > 0:
         raise ValueError(f"throughput must be positive, got {bytes_per_second}")
     predictions: dict[str, float] = {}
+    recompute = None if recompute_seconds is None else decoder_busy + recompute_seconds
     for level in levels:
         transfer = [sizes[level] / bytes_per_second for sizes in remaining]
         decode = [0.0] * len(remaining) if decode_seconds is None else decode_seconds[level]
         predicted = pipeline_seconds(transfer, decode, decoder_busy)
         if predicted <= seconds_left:
+            if recompute is not None and recompute <= min(predicted, seconds_left):
+                return Decision(None, recompute)  # faster than fetching, and exact
             return Decision(level, predicted)
         predictions[level] = predicted
     if not predictions:
