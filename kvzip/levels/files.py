@@ -40,7 +40,13 @@ from kvzip.formats import (
     new_header,
     open_kvz,
 )
-from kvzip.formats.limits import check_memory, chunk_work_bytes, release_free_memory, stream_threads
+from kvzip.formats.limits import (
+    check_memory,
+    chunk_work_bytes,
+    memory_limit,
+    release_free_memory,
+    stream_threads,
+)
 from kvzip.formats.spec import EntryKind
 from kvzip.levels.chunks import (
     LevelCodecs,
@@ -447,12 +453,39 @@ def write_kvz(
 def _write_stream(stream: CacheStream, header: KvzHeader, codecs: Sequence[Codec], ranges: Sequence[tuple[int, int]],
                   dtype: str, encoders: int | None, add: Callable[[int, list[list[bytes]]], None],
                   progress: Progress) -> float:
-    """Code a :class:`CacheStream`'s chunks batch by batch as they arrive (each batch's
-    chunks side by side on threads, while the model waits), handing each batch's payloads
-    to ``add``; the seconds spent waiting for the stream.  The bytes are those
-    :func:`encode_chunks` writes for the same cache."""
+    """Code a :class:`CacheStream`'s chunks as they arrive, handing their payloads to ``add``
+    in order; the seconds spent waiting for the stream.  Chunks wait, in the storage dtype,
+    until they fill a small share of the memory limit (:data:`STREAM_PENDING_FRACTION`) or
+    the stream ends, then are coded side by side on threads: a small cache is coded in one
+    run, as the whole-cache path codes it, and a large one a few chunks at a time.  The
+    bytes are those :func:`encode_chunks` writes for the same cache."""
     layout, waited, next_chunk = header.layout, 0.0, 0
     ctx = dense_context(header) if header.is_dense else None
+    pending: list[tuple[tuple[int, int], Any]] = []
+    limit = int(memory_limit() * STREAM_PENDING_FRACTION)
+
+    def flush() -> None:
+        nonlocal next_chunk
+        spans = [span for span, _ in pending]
+        pieces = [piece for _, piece in pending]
+        pending.clear()
+        if ctx is not None:
+            def encode(j: int) -> list[bytes]:
+                return encode_dense_chunk(pieces[j], codecs, ctx, *spans[j], offset=spans[j][0])
+
+            elements = [p.size for p in pieces]
+        else:
+            def encode(j: int) -> list[bytes]:
+                return encode_layered_chunk(pieces[j], codecs, header, *spans[j])
+
+            elements = [p.elements() for p in pieces]
+        n = threads_for(codecs, sum(elements), len(pieces), encoders)
+        n = n if encoders is not None else stream_threads(max(elements), n)
+        add(next_chunk, code_chunks(encode, codecs, sum(elements), len(pieces), n, None))
+        next_chunk += len(spans)
+        release_free_memory()
+        progress("encode", next_chunk, len(ranges))
+
     batches = iter(stream.batches)
     while True:
         t0 = time.perf_counter()
@@ -461,37 +494,37 @@ def _write_stream(stream: CacheStream, header: KvzHeader, codecs: Sequence[Codec
         if batch is None:
             break
         spans = [(start, count) for start, count, _ in batch]
-        if list(ranges[next_chunk : next_chunk + len(batch)]) != spans:
+        done = next_chunk + len(pending)
+        if list(ranges[done : done + len(batch)]) != spans:
             raise ValueError(f"the stream's chunks {spans} are not the file's next chunks")
-        pieces: list[Any] = []
         for j, (start, count) in enumerate(spans):  # each chunk in the storage dtype, its parts let go
             layers = [kv_to_storage(part, dtype) for part in batch[j][2]]
             batch[j] = None
             if ctx is not None:
-                pieces.append(np.stack(layers, axis=1))  # [2, L, H, count, D]
+                pending.append(((start, count), np.stack(layers, axis=1)))  # [2, L, H, count, D]
             else:
-                pieces.append(LayeredKV(layers, chunk_layout(layout, start, start + count)))
+                pending.append(((start, count), LayeredKV(layers, chunk_layout(layout, start, start + count))))
             del layers
-        if ctx is not None:
-            def encode(j: int, pieces: list[Any] = pieces, spans: list[tuple[int, int]] = spans) -> list[bytes]:
-                return encode_dense_chunk(pieces[j], codecs, ctx, *spans[j], offset=spans[j][0])
-
-            elements = [p.size for p in pieces]
-        else:
-            def encode(j: int, pieces: list[Any] = pieces, spans: list[tuple[int, int]] = spans) -> list[bytes]:
-                return encode_layered_chunk(pieces[j], codecs, header, *spans[j])
-
-            elements = [p.elements() for p in pieces]
-        n = threads_for(codecs, sum(elements), len(pieces), encoders)
-        n = n if encoders is not None else stream_threads(max(elements), n)
-        add(next_chunk, code_chunks(encode, codecs, sum(elements), len(pieces), n, None))
-        next_chunk += len(batch)
-        del pieces, batch
-        release_free_memory()
-        progress("encode", next_chunk, len(ranges))
+        del batch
+        if sum(_nbytes(piece) for _, piece in pending) >= limit:
+            flush()
+    if pending:
+        flush()
     if next_chunk != len(ranges):
         raise ValueError(f"the stream ended after {next_chunk} of {len(ranges)} chunks")
     return waited
+
+
+# A streamed encode lets chunks wait to be coded together up to this share of the memory
+# limit: a whole small cache (the default model's 8K context is 377 MiB in fp32, its 2K one
+# 94 MiB), a few chunks of a large one.
+STREAM_PENDING_FRACTION = 1 / 64
+
+
+def _nbytes(piece: Any) -> int:
+    if isinstance(piece, LayeredKV):
+        return sum(layer.nbytes for layer in piece.layers)
+    return int(piece.nbytes)
 
 
 def chunk_layout(layout: PositionLayout, start: int, end: int) -> PositionLayout:
