@@ -229,3 +229,34 @@ def test_a_profile_bound_to_the_old_fingerprint_is_rebound_once(tmp_path, monkey
     np.testing.assert_array_equal(got.tensors["step_scale"], old.tensors["step_scale"])
     assert model_profile(km, if_missing="error").digest == got.digest  # found directly the next time
     assert model_profile(km, old.path, if_missing="error").digest == got.digest  # named explicitly
+
+
+def test_the_device_decode_matches_the_codecs_and_attaches(tmp_path, monkeypatch):
+    """The basis and RoPE as torch operations (what runs on an accelerator), checked on the
+    CPU: the same chunk as the codec's numpy decode, and an attach through it generates
+    as the numpy one does."""
+    import kvzip.levels.files as files
+    from kvzip.levels import open_cache
+    from kvzip.levels.calibrate import CalibrationOptions, calibrate
+    from kvzip.levels.device_decode import decode_chunk_on_device
+    from kvzip.levels.profiles import write_profile
+
+    monkeypatch.setenv("KVZIP_PROFILE_DIR", str(tmp_path / "profiles"))
+    km = tiny_model("qwen2", seed=5)
+    data, _ = calibrate(km, [("t", TEXT)], CalibrationOptions(tokens_per_text=300, continuation=64,
+                                                              sensitivity_texts=1))
+    prof = write_profile(data)
+    ids = km.encode_text(TEXT, special_tokens=True)
+    path = tmp_path / "p.kvz"
+    write_kvz(stream_prefill(km, ids, 64), ids, path, km, levels=["balanced"], chunk_tokens=64,
+              dtype="float32", profile=prof)
+    with open_cache(path) as f:
+        for e in f.kv_entries("balanced"):
+            got = decode_chunk_on_device(f, e, torch.device("cpu"))
+            np.testing.assert_allclose(got.numpy(), f.decode_chunk(e), rtol=1e-5, atol=1e-6)
+    prompt = km.encode_text(" Again:", special_tokens=False)
+    plain = km.generate(ids + prompt, cache=attach_kv(path, km, room=10).cache, max_new_tokens=5)
+    monkeypatch.setattr(files, "is_accelerator", lambda device: True)  # take the device path on the CPU
+    with open_cache(path) as f:
+        assert files.on_device(km, f.header, [f.codecs.codec(0)])  # so the next attach takes it
+    assert km.generate(ids + prompt, cache=attach_kv(path, km, room=10).cache, max_new_tokens=5) == plain

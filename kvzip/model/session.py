@@ -720,11 +720,11 @@ class KVModel:
         return cache
 
     def fill_cache(self, cache: Any, layer: int, heads: slice | int, slots: slice, kv: torch.Tensor) -> None:
-        """Write ``kv`` (``[2, heads, n, head_dim]`` on the CPU, any float dtype) into
+        """Write ``kv`` (``[2, heads, n, head_dim]`` on the CPU or the cache's device, any float dtype) into
         ``heads`` and ``slots`` of layer ``layer`` of a cache from :meth:`empty_cache`
         (through pinned host memory when the model is on a CUDA device)."""
         target = cache.layers[layer]
-        if target.keys.device.type == "cuda":
+        if target.keys.device.type == "cuda" and kv.device.type == "cpu":
             kv = _pinned(kv)
         target.keys[0, heads, slots].copy_(kv[0], non_blocking=False)
         target.values[0, heads, slots].copy_(kv[1], non_blocking=False)

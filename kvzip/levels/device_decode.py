@@ -1,0 +1,76 @@
+"""The last stages of decoding as torch operations on the model's device.
+
+Entropy decoding runs on the CPU (kvzip's rANS coder); what follows it for the calibrated
+levels (``kvzip-profile``) is arithmetic on the whole chunk: symbols times steps, the
+profile's inverse basis (a batched matrix product per layer) plus its mean, and RoPE on the
+keys.  On an accelerator those run where the cache is going, so the host only
+dequantizes and ships the chunk once (``decode_on_device``); on the CPU the numpy path is
+kept (``benchmarks/decode_device.py`` measures both there: see docs/benchmarks.md).
+
+The codecs package stays free of torch; this module reads the codec's parts (its
+quantizer, basis and RoPE tables) and reproduces its decode, up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvzip.codecs import ChunkContext, Codec
+from kvzip.codecs.kvzip_profile import KvzipProfileCodec
+from kvzip.codecs.transforms import rope_cos_sin
+
+_CACHE: dict[tuple[int, str, str], torch.Tensor] = {}
+
+
+def supports(codec: Codec) -> bool:
+    """Whether ``codec``'s decode has a device form here."""
+    return isinstance(codec, KvzipProfileCodec)
+
+
+def _on(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    key = (id(array), str(device), "t")
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+        if len(_CACHE) > 256:
+            _CACHE.clear()
+        _CACHE[key] = hit
+    return hit
+
+
+def decode_on_device(codec: Codec, payload: bytes, ctx: ChunkContext, device: str | torch.device) -> torch.Tensor:
+    """One chunk (``[2, L, H, T, D]`` float32 on ``device``) decoded by ``codec``: the
+    entropy decoding and dequantizing on the CPU, basis and RoPE on ``device``."""
+    if not supports(codec):
+        raise ValueError(f"{type(codec).__name__} has no device decode")
+    device = torch.device(device)
+    codec.check_chunk(ctx)
+    pipeline = codec.pipeline
+    rows = pipeline.quantizer.dequantize_rows(pipeline.decode_blocks(payload, ctx), ctx)  # [2, L, H, D, T]
+    basis = codec.basis.part(ctx)
+    two, layers, heads, dim, tokens = rows.shape
+    r = torch.from_numpy(rows)
+    if device.type == "cuda":
+        r = r.pin_memory()
+    r = r.to(device, non_blocking=False)
+    y = r.reshape(two, layers, basis.groups, 1, basis.width, tokens).transpose(-1, -2)
+    out = torch.matmul(y, _on(basis.inv_heads, device)).reshape(two, layers, heads, tokens, dim)
+    out += _on(basis.mean_heads, device)
+    if ctx.rope_inv_freq is not None:
+        cos, sin = rope_cos_sin(ctx)
+        c, s = torch.from_numpy(cos).to(device), torch.from_numpy(sin).to(device)
+        h = dim // 2
+        a, b = out[0, ..., :h].clone(), out[0, ..., h:].clone()
+        out[0, ..., :h] = a * c - b * s
+        out[0, ..., h:] = b * c + a * s
+    return out
+
+
+def decode_chunk_on_device(file: Any, entry: Any, device: torch.device) -> torch.Tensor:
+    """A dense file's chunk ``entry`` decoded on ``device`` (see :func:`decode_on_device`)."""
+    codecs = file.codecs
+    codecs.check_chunk_memory(entry)
+    return decode_on_device(codecs.codec(entry.level), file.read_payload(entry), codecs.context(entry), device)
