@@ -198,8 +198,7 @@ def encode(
         progress("score", 1, 1)
         kv, classes = scored.kv, scoring.classes(scored.scores)
         pairs = [(name, scoring.weighted(codec, resolved.profile)) for name, codec in pairs]
-        extra = {"importance": {"scorer": importance, "shares": list(scoring.DEFAULT_SHARES),
-                                "factors": list(scoring.DEFAULT_FACTORS)}}
+        extra = {"importance": scoring.header_record(importance)}
     prefill_seconds = time.perf_counter() - started
     chat_info = None if template is None else ChatInfo(template.prefix, template.separator, template.suffix)
     source = None if not source_name else SourceInfo(source_name, hashlib.sha256(text.encode()).hexdigest())

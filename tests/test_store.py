@@ -297,3 +297,31 @@ def test_a_store_is_required(tmp_path, km):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="must be a directory"):
         PassageStore(tmp_path / "file", create=True)
+
+
+def test_precache_with_importance_is_its_own_artifact_and_asks(km, docs, tmp_path):
+    """--importance scores each passage and weighs the level's steps by class: the artifact
+    records the scorer, is addressed apart from the plain one, and `ask` decodes it."""
+    from kvzip.store import ask
+
+    kwargs = dict(passage_tokens=PASSAGE_TOKENS, level="balanced", if_no_profile="uncalibrated")
+    with PassageStore(tmp_path / "s", create=True) as store:
+        plain = precache([docs], store, km, **kwargs)
+        weighted = precache([docs], store, km, importance="prefill", **kwargs)
+        assert weighted.cached == plain.cached == plain.unique_passages  # distinct artifacts
+        names = set(store.index.artifact_names())
+        assert len(names) == 2 * plain.unique_passages
+        again = precache([docs], store, km, importance="prefill", **kwargs)
+        assert again.cached == 0
+        recorded = []
+        for name in names:
+            with store.artifacts.open(name) as reader:
+                recorded.append(reader.header.raw.get("importance", {}).get("scorer"))
+        assert sorted(recorded, key=str) == sorted([None, "prefill"] * plain.unique_passages, key=str)
+        result = ask(store, "Why does bread rise?", km, max_new_tokens=4, compare=False)
+        assert len(result.new_token_ids) == 4
+    with PassageStore(tmp_path / "t", create=True) as store:
+        with pytest.raises(InputError, match="unknown importance scorer"):
+            precache([docs], store, km, importance="psychic", **kwargs)
+        with pytest.raises(InputError, match="codes every entry alike"):
+            precache([docs], store, km, passage_tokens=PASSAGE_TOKENS, level="lossless", importance="prefill")

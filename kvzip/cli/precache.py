@@ -26,6 +26,7 @@ def precache_command(
     engine: str = typer.Option("local", "--engine", help=f"Run passages here or as Ray tasks ({', '.join(ENGINES)})."),
     profile: str = typer.Option(None, "--profile", help="Calibration profile (.kvzprofile file or digest) for a lossy level (default: the newest one for the model)."),
     if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="When the model has no profile yet: calibrate, uncalibrated or error."),
+    importance: str = typer.Option(None, "--importance", help="Score each passage's entries (reconstruct | prefill | keynorm) and spend the lossy level's bits by importance, as encode --importance does."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -37,7 +38,8 @@ def precache_command(
         with progress_bars(not quiet) as progress:
             summary = precache(
                 docs, passage_store, km, passage_tokens=passage_tokens, level=level,
-                engine=engine, profile=profile, if_no_profile=if_no_profile, progress=progress,
+                engine=engine, profile=profile, if_no_profile=if_no_profile, importance=importance,
+                progress=progress,
             )
     if json_out:
         out_console.print_json(data=summary.to_json())

@@ -154,3 +154,8 @@ def weighted(codec: Codec, profile: Profile | None, factors: Sequence[float] = D
         return codec
     return codec_from_config({**config, "importance_factors": [float(f) for f in factors]},
                              profile if codec.needs_profile else None)
+
+
+def header_record(name: str) -> dict:
+    """What a file's header records of the importance it was coded with (``importance``)."""
+    return {"scorer": scorer(name).name, "shares": list(DEFAULT_SHARES), "factors": list(DEFAULT_FACTORS)}

@@ -29,17 +29,20 @@ from kvzip.levels import CacheFile, level_config, open_cache
 ARTIFACT_SUFFIX = ".kvz"
 
 
-def codec_sha256(level: str, profile: str | None = None) -> str:
-    """Hash of the codec config behind ``level`` (calibrated with ``profile``, a digest)."""
-    return hashlib.sha256(
-        json.dumps(level_config(level, profile), sort_keys=True).encode()
-    ).hexdigest()
+def codec_sha256(level: str, profile: str | None = None, importance: dict | None = None) -> str:
+    """Hash of the codec config behind ``level`` (calibrated with ``profile``, a digest;
+    with ``importance``, its header record: the scorer and the classes' shares and factors)."""
+    config = level_config(level, profile)
+    if importance is not None:  # absent otherwise: the hashes of plain artifacts are unchanged
+        config = {**config, "importance": importance}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def artifact_name(model: str, level: str, dtype: str, tokens_sha: str, profile: str | None = None) -> str:
+def artifact_name(model: str, level: str, dtype: str, tokens_sha: str, profile: str | None = None,
+                  importance: dict | None = None) -> str:
     """The content address of a cache: model, codec config, dtype and token ids."""
     key = hashlib.sha256(
-        f"{model}\n{codec_sha256(level, profile)}\n{dtype}\n{tokens_sha}".encode()
+        f"{model}\n{codec_sha256(level, profile, importance)}\n{dtype}\n{tokens_sha}".encode()
     ).hexdigest()
     return f"{key[:2]}/{key}{ARTIFACT_SUFFIX}"
 

@@ -22,12 +22,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kvzip import importance as scoring
 from kvzip.errors import InputError, KvzipError, ModelMismatchError
 from kvzip.levels import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_LEVEL,
     Progress,
     check_if_missing,
+    codec_for_level,
     find_profile,
     is_calibrated,
     no_progress,
@@ -68,18 +70,24 @@ class PassageJob:
     dtype: str
     model: str  # fingerprint the artifact must be written under
     profile: str | None = None  # digest of the calibration profile behind the level
+    importance: str | None = None  # the scorer whose classes weigh the level's steps
 
 
-def make_job(passage_ids: Sequence[int], km: KVModel, level: str, profile: str | None = None) -> PassageJob:
+def make_job(passage_ids: Sequence[int], km: KVModel, level: str, profile: str | None = None,
+             importance: str | None = None) -> PassageJob:
     model = km.identity()["fingerprint"]
-    name = artifact_name(model, level, km.dtype, token_sha256(passage_ids), profile)
-    return PassageJob(tuple(passage_ids), name, level, km.dtype, model, profile)
+    name = artifact_name(model, level, km.dtype, token_sha256(passage_ids), profile, _importance(importance))
+    return PassageJob(tuple(passage_ids), name, level, km.dtype, model, profile, importance)
+
+
+def _importance(name: str | None) -> dict | None:
+    return None if name is None else scoring.header_record(name)
 
 
 def _record(job: PassageJob, size: int) -> ArtifactRecord:
     return ArtifactRecord(
-        job.name, job.model, job.level, codec_sha256(job.level, job.profile), job.dtype,
-        token_sha256(job.token_ids), len(job.token_ids), size,
+        job.name, job.model, job.level, codec_sha256(job.level, job.profile, _importance(job.importance)),
+        job.dtype, token_sha256(job.token_ids), len(job.token_ids), size,
     )
 
 
@@ -87,13 +95,22 @@ def cache_passage(km: KVModel, job: PassageJob, artifacts: ArtifactStore) -> Art
     """Prefill one passage on its own and write its artifact (the unit of work)."""
     if km.identity()["fingerprint"] != job.model:
         raise ModelMismatchError(f"a worker loaded {km.name}, not the model the run was planned for")
-    kv = km.prefill(job.token_ids)
+    profile = None if job.profile is None else find_profile(job.profile)
+    levels: list = [job.level]
+    classes = extra = None
+    if job.importance is None:
+        kv = km.prefill(job.token_ids)
+    else:  # scored, and the level's steps weighed by the classes, as `kvzip encode --importance`
+        scored = scoring.score(km, job.token_ids, job.importance)
+        kv, classes = scored.kv, scoring.classes(scored.scores)
+        levels = [(job.level, scoring.weighted(codec_for_level(job.level, profile), profile))]
+        extra = {"importance": scoring.header_record(job.importance)}
     size = artifacts.write(
         job.name,
         lambda path: write_kvz(
-            kv, job.token_ids, path, km, levels=[job.level],
-            chunk_tokens=DEFAULT_CHUNK_TOKENS, dtype=job.dtype,
-            profile=None if job.profile is None else find_profile(job.profile),
+            kv, job.token_ids, path, km, levels=levels,
+            chunk_tokens=DEFAULT_CHUNK_TOKENS, dtype=job.dtype, profile=profile,
+            importance=classes, extra_header=extra,
         ),
     )
     return _record(job, size)
@@ -107,6 +124,7 @@ def adopt_artifact(job: PassageJob, artifacts: ArtifactStore) -> ArtifactRecord 
                 reader.header.model_fingerprint == job.model
                 and job.level in reader.header.level_names
                 and tuple(reader.token_ids().tolist()) == job.token_ids
+                and reader.header.raw.get("importance") == _importance(job.importance)
             )
             size = reader.source.size()
     except KvzipError:
@@ -152,6 +170,7 @@ def plan(
     passage_tokens: int | None,
     level: str,
     profile: str | None = None,
+    importance: str | None = None,
     progress: Progress = no_progress,
 ) -> tuple[list[Passage], list[PassageJob]]:
     """Split every document, record its passages, and list the passages' jobs (deduplicated)."""
@@ -179,7 +198,7 @@ def plan(
         raise InputError("the documents hold no text to pre-cache")
     jobs = {}
     for passage in passages:
-        job = make_job(passage.token_ids, km, level, profile)
+        job = make_job(passage.token_ids, km, level, profile, importance)
         jobs.setdefault(job.name, job)
     return passages, list(jobs.values())
 
@@ -194,6 +213,7 @@ def precache(
     engine: str = "local",
     profile: str | os.PathLike[str] | None = None,
     if_no_profile: str = "calibrate",
+    importance: str | None = None,
     progress: Progress = no_progress,
 ) -> PrecacheSummary:
     """Pre-cache every passage of ``inputs`` into ``store`` that is not cached yet.
@@ -205,13 +225,17 @@ def precache(
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     level = check_level(level)
     check_if_missing(if_no_profile)
+    if importance is not None:
+        scoring.scorer(importance)  # an unknown scorer is refused before any work
+        if not is_calibrated(level):
+            raise InputError(f"--importance weighs a lossy level's steps; level {level!r} codes every entry alike")
     started = time.perf_counter()
     passages, jobs = plan(inputs, store, km, passage_tokens=passage_tokens, level=level,
-                          progress=progress)
+                          importance=importance, progress=progress)
     if is_calibrated(level):  # found or built once the documents are known to hold text
         prof = resolve([level], km, profile, if_no_profile, progress).profile
         if prof is not None:
-            jobs = [make_job(job.token_ids, km, level, prof.digest) for job in jobs]
+            jobs = [make_job(job.token_ids, km, level, prof.digest, importance) for job in jobs]
     save_opening(store, km)  # the prompt's fixed opening, so that ask need not prefill it
     known = store.index.artifact_names()
     todo, adopted = [], 0
