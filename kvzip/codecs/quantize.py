@@ -15,6 +15,8 @@ Symbol matrices put one probability-model group per row:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from kvzip.codecs.base import ChunkContext
@@ -76,6 +78,20 @@ class TokenAbsmaxQuantizer(Quantizer):
         c = self._levels(ctx)[:, :, None, None, None]
         sym = _from_rows(blocks.matrices[0], ctx.shape).astype(np.float32)
         return sym * (amax / c)
+
+
+@dataclass
+class RowFactors:
+    """A chunk's symbols and steps in the rows' layout ([2, L, H, D, tokens]): ``main``
+    (int32, the tokens past the sinks) times ``key_steps[0]`` / ``value_steps[0]``, and
+    ``sinks`` (int32, or None) times ``key_steps[1]`` / ``value_steps[1]``; the steps
+    broadcast.  ``shape``: (L, H, D, T, sink tokens)."""
+
+    main: np.ndarray
+    sinks: np.ndarray | None
+    key_steps: tuple
+    value_steps: tuple
+    shape: tuple[int, int, int, int, int]
 
 
 def _tokens(steps: np.ndarray, axis: int, part: slice) -> np.ndarray:
@@ -254,6 +270,23 @@ class UniformStepQuantizer(Quantizer):
         """The values in the symbol matrices' own layout, [2, L, H, D, T] float32
         (channels by tokens), as :meth:`dequantize` returns them transposed; a decoder
         that multiplies by a basis from the left needs no transposition before it."""
+        rows = self.row_factors(blocks, ctx)
+        L, H, D, T, ns = rows.shape
+        out = np.empty((2, L, H, D, T), np.float32)
+        # int32 symbols times float32 steps computed in float32: symbols are below
+        # 2**24, so this is the correctly rounded product, as a float64 product
+        # rounded to float32 would be, without the float64 temporaries.
+        np.multiply(rows.main[0], rows.key_steps[0], out=out[0, ..., ns:], dtype=np.float32)
+        np.multiply(rows.main[1], rows.value_steps[0], out=out[1, ..., ns:], dtype=np.float32)
+        if ns:
+            sk = rows.sinks.astype(np.float32)
+            out[0, ..., :ns] = sk[0] * rows.key_steps[1]
+            out[1, ..., :ns] = sk[1] * rows.value_steps[1]
+        return out
+
+    def row_factors(self, blocks, ctx) -> RowFactors:
+        """What :meth:`dequantize_rows` multiplies, checked: the symbols and their steps
+        in the rows' layout (a decoder elsewhere, e.g. on an accelerator, does the products)."""
         L, H, T, D = ctx.num_layers, ctx.kv_heads, ctx.token_count, ctx.head_dim
         nref, nk, nv = self._side_sizes(ctx)
         fixed = nref + nk + nv
@@ -268,15 +301,11 @@ class UniformStepQuantizer(Quantizer):
         ks, vs = self._steps(ref, kcode, vcode, ctx, cls)
         ks, vs = ks.swapaxes(-1, -2), vs.swapaxes(-1, -2)  # to [L, H|1, D|1, T|1]
         ns = self._sinks(ctx)
-        out = np.empty((2, L, H, D, T), np.float32)
         main = blocks.matrices[0].reshape(2, L, H, D, T - ns)
-        # int32 symbols times float32 steps computed in float32: symbols are below
-        # 2**24, so this is the correctly rounded product, as a float64 product
-        # rounded to float32 would be, without the float64 temporaries.
-        np.multiply(main[0], _tokens(ks, 3, slice(ns, None)), out=out[0, ..., ns:], dtype=np.float32)
-        np.multiply(main[1], _tokens(vs, 3, slice(ns, None)), out=out[1, ..., ns:], dtype=np.float32)
+        sinks = None
+        sink = np.float32(1 / self.sink_factor)
+        key_steps = (_tokens(ks, 3, slice(ns, None)), _tokens(ks, 3, slice(0, ns)) * sink if ns else None)
+        value_steps = (_tokens(vs, 3, slice(ns, None)), _tokens(vs, 3, slice(0, ns)) * sink if ns else None)
         if ns:
-            sk = blocks.matrices[1].reshape(2, L, H, ns, D).swapaxes(-1, -2).astype(np.float32)
-            out[0, ..., :ns] = sk[0] * (_tokens(ks, 3, slice(0, ns)) * np.float32(1 / self.sink_factor))
-            out[1, ..., :ns] = sk[1] * (_tokens(vs, 3, slice(0, ns)) * np.float32(1 / self.sink_factor))
-        return out
+            sinks = blocks.matrices[1].reshape(2, L, H, ns, D).swapaxes(-1, -2)
+        return RowFactors(main, sinks, key_steps, value_steps, (L, H, D, T, ns))
