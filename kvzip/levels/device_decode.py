@@ -3,9 +3,9 @@
 Entropy decoding runs on the CPU (kvzip's rANS coder); what follows it for the calibrated
 levels (``kvzip-profile``) is arithmetic on the whole chunk: symbols times steps, the
 profile's inverse basis (a batched matrix product per layer) plus its mean, and RoPE on the
-keys.  On an accelerator those run where the cache is going, so the host only
-dequantizes and ships the chunk once (``decode_on_device``); on the CPU the numpy path is
-kept (``benchmarks/decode_device.py`` measures both there: see docs/benchmarks.md).
+keys.  On an accelerator those run where the cache is going, so the host ships the int32
+symbols once and the small step arrays (``decode_on_device``); on the CPU the numpy path
+is kept (``benchmarks/decode_device.py`` measures both there: see docs/benchmarks.md).
 
 The codecs package stays free of torch; this module reads the codec's parts (its
 quantizer, basis and RoPE tables) and reproduces its decode, up to float rounding.
@@ -49,13 +49,9 @@ def decode_on_device(codec: Codec, payload: bytes, ctx: ChunkContext, device: st
     device = torch.device(device)
     codec.check_chunk(ctx)
     pipeline = codec.pipeline
-    rows = pipeline.quantizer.dequantize_rows(pipeline.decode_blocks(payload, ctx), ctx)  # [2, L, H, D, T]
+    r = _dequantize_rows(pipeline.quantizer.row_factors(pipeline.decode_blocks(payload, ctx), ctx), device)
     basis = codec.basis.part(ctx)
-    two, layers, heads, dim, tokens = rows.shape
-    r = torch.from_numpy(rows)
-    if device.type == "cuda":
-        r = r.pin_memory()
-    r = r.to(device, non_blocking=False)
+    two, layers, heads, dim, tokens = r.shape
     y = r.reshape(two, layers, basis.groups, 1, basis.width, tokens).transpose(-1, -2)
     out = torch.matmul(y, _on(basis.inv_heads, device)).reshape(two, layers, heads, tokens, dim)
     out += _on(basis.mean_heads, device)
@@ -66,6 +62,29 @@ def decode_on_device(codec: Codec, payload: bytes, ctx: ChunkContext, device: st
         a, b = out[0, ..., :h].clone(), out[0, ..., h:].clone()
         out[0, ..., :h] = a * c - b * s
         out[0, ..., h:] = b * c + a * s
+    return out
+
+
+def _ship(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device`` (through pinned memory to a CUDA device)."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device)
+
+
+def _dequantize_rows(rows: Any, device: torch.device) -> torch.Tensor:
+    """The quantiser's products (:meth:`UniformStepQuantizer.dequantize_rows`) on
+    ``device``: the int32 symbols cross once, the steps are small."""
+    layers, heads, dim, tokens, ns = rows.shape
+    out = torch.empty((2, layers, heads, dim, tokens), dtype=torch.float32, device=device)
+    main = _ship(rows.main, device)
+    out[0, ..., ns:] = main[0].to(torch.float32) * _ship(rows.key_steps[0], device)
+    out[1, ..., ns:] = main[1].to(torch.float32) * _ship(rows.value_steps[0], device)
+    if ns:
+        sinks = _ship(rows.sinks, device).to(torch.float32)
+        out[0, ..., :ns] = sinks[0] * _ship(rows.key_steps[1], device)
+        out[1, ..., :ns] = sinks[1] * _ship(rows.value_steps[1], device)
     return out
 
 
