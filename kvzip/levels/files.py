@@ -305,7 +305,7 @@ def load_kv(
 def on_device(km: KVModel, header: KvzHeader, codecs: Sequence[Codec]) -> bool:
     """Whether attaching decodes the last stages on the model's device: an accelerator, a
     dense file, a codec with a device form (:mod:`kvzip.levels.device_decode`).  On the CPU
-    numpy is faster (54 against 46 M elements/s, ``benchmarks/decode_device.py``)."""
+    numpy is faster (89 against 59 M elements/s, ``benchmarks/decode_device.py``)."""
     return (is_accelerator(km.device) and header.is_dense and bool(codecs)
             and all(supports_device(c) for c in codecs))
 
