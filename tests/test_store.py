@@ -325,3 +325,25 @@ def test_precache_with_importance_is_its_own_artifact_and_asks(km, docs, tmp_pat
             precache([docs], store, km, importance="psychic", **kwargs)
         with pytest.raises(InputError, match="codes every entry alike"):
             precache([docs], store, km, passage_tokens=PASSAGE_TOKENS, level="lossless", importance="prefill")
+
+
+def test_ask_recomputes_when_the_model_reads_faster_than_the_caches_decode(km, docs, tmp_path, monkeypatch):
+    """On an accelerator, ask measures the first passage's decode and the model's prefill:
+    a model that would read the whole context sooner recomputes it (exact), else the caches."""
+    import importlib
+
+    from kvzip.store import ask
+
+    ask_module = importlib.import_module("kvzip.store.ask")  # the module (kvzip.store.ask is the function)
+
+    with PassageStore(tmp_path / "s", create=True) as store:
+        precache([docs], store, km, passage_tokens=PASSAGE_TOKENS, level="lossless")
+        on_cpu = ask(store, "Why does bread rise?", km, max_new_tokens=4, top_k=3)
+        assert on_cpu.context_source == "cache"
+        monkeypatch.setattr(ask_module, "is_accelerator", lambda device: True)  # as on a GPU
+        monkeypatch.setattr(type(km), "prefill_rate", lambda self, tokens=256: 1e12)
+        fast = ask(store, "Why does bread rise?", km, max_new_tokens=4, top_k=3)
+        assert fast.context_source == "recompute" and fast.baseline_identical
+        assert fast.context_tokens == on_cpu.context_tokens
+        monkeypatch.setattr(type(km), "prefill_rate", lambda self, tokens=256: 1e-3)
+        assert ask(store, "Why does bread rise?", km, max_new_tokens=4, top_k=3).context_source == "cache"

@@ -54,7 +54,9 @@ def ask_command(
         f"[dim]{result.context_tokens} context + {result.prompt_tokens} prompt tokens, level "
         f"{result.level}, recompute {result.blend_recompute:g}: fetch {result.fetch_seconds:.2f} s, "
         f"assemble {result.assemble_seconds:.2f} s (opening from {result.opening_source or 'nowhere'}), "
-        f"first token after {result.first_token_seconds:.2f} s[/]"
+        f"first token after {result.first_token_seconds:.2f} s"
+        + (" — the model read the context itself, sooner than its caches decode" if result.context_source == "recompute" else "")
+        + "[/]"
     )
     if result.baseline_first_token_seconds is not None:
         same = "identical" if result.baseline_identical else "different"

@@ -21,6 +21,7 @@ from kvzip.errors import InputError, UnsupportedModelError
 from kvzip.levels import DEFAULT_LEVEL, Progress, default_threads, no_progress, storage_to_kv
 from kvzip.levels.executor import ENV_THREADS
 from kvzip.model import KVModel
+from kvzip.model.device import is_accelerator
 from kvzip.store.assemble import CachedPassage, assemble
 from kvzip.store.index import Hit
 from kvzip.store.opening import load_opening, opening_ids
@@ -94,6 +95,37 @@ def load_passage(
                              [h.layer_rope_inv_freq(i) for i in range(h.num_layers)])
 
 
+@dataclass
+class _PassageIds:
+    token_ids: list[int]
+
+
+def _load_or_recompute(store: PassageStore, hits: Sequence[Hit], km: KVModel, level: str,
+                       opening_tokens: int) -> tuple[list, bool]:
+    """The passages' caches, or (``True``) only their token ids when the model would read
+    the whole context sooner than its caches decode.  That is asked only on an
+    accelerator, from measured speeds: the first passage's decode (the measurement's cost),
+    and the model's prefill (:meth:`KVModel.prefill_rate`); on the CPU recomputing never
+    wins for a real model, and nothing is measured."""
+    if not hits or not is_accelerator(km.device):
+        return load_passages(store, hits, km, level), False
+    decoders = passage_decoders()
+    t0 = time.perf_counter()
+    first = load_passage(store, hits[0], km, level, decoders=decoders)
+    per_token = (time.perf_counter() - t0) / max(1, len(first.token_ids))
+    rest = sum(h.tokens for h in hits[1:])
+    context = opening_tokens + len(first.token_ids) + rest
+    if context / km.prefill_rate() < per_token * (len(first.token_ids) + rest):  # the whole context's decode
+        ids = [first] + [_PassageIds(_artifact_ids(store, h)) for h in hits[1:]]
+        return ids, True
+    return [first] + [load_passage(store, h, km, level, decoders=decoders) for h in hits[1:]], False
+
+
+def _artifact_ids(store: PassageStore, hit: Hit) -> list[int]:
+    with store.artifacts.open(hit.artifact) as reader:
+        return reader.token_ids().tolist()
+
+
 def passage_decoders() -> int:
     """Decoder threads per passage: 1 unless ``KVZIP_DECODE_WORKERS`` asks for more.
 
@@ -149,6 +181,7 @@ class AskResult:
     baseline_identical: bool | None = None
     opening_seconds: float = 0.0  # part of assemble_seconds: reading (or prefilling) the opening
     opening_source: str = ""  # where the opening's cache came from: memory, store or prefill
+    context_source: str = "cache"  # "recompute": the model prefilled the context instead (faster here)
 
     @property
     def speedup(self) -> float | None:
@@ -182,14 +215,19 @@ def ask(
     started = time.perf_counter()
     level, hits = retrieve(store, question, km, top_k=top_k, level=level)
     retrieved = time.perf_counter()
-    passages = load_passages(store, hits, km, level)
-    fetched = time.perf_counter()
     before, after = prompt_ids(km, question)
-    opening_kv, opening_source = load_opening(km, before, store) if before else (None, "")
-    opened = time.perf_counter()
-    context_ids, kv = assemble(km, before, passages, blend_fraction=blend_recompute, prefix_kv=opening_kv,
-                               recompute_window=recompute_window)
-    assembled = time.perf_counter()
+    passages, recompute = _load_or_recompute(store, hits, km, level, len(before))
+    fetched = time.perf_counter()
+    if recompute:  # the model reads the context faster than the rest would decode: exact, sooner
+        context_ids = list(before) + [t for p in passages for t in p.token_ids]
+        kv, opening_source = None, ""
+        opened = assembled = time.perf_counter()
+    else:
+        opening_kv, opening_source = load_opening(km, before, store) if before else (None, "")
+        opened = time.perf_counter()
+        context_ids, kv = assemble(km, before, passages, blend_fraction=blend_recompute, prefix_kv=opening_kv,
+                                   recompute_window=recompute_window)
+        assembled = time.perf_counter()
     ids = context_ids + after
     run = km.generate_timed(ids, kv=kv, max_new_tokens=max_new_tokens)
     offset = assembled - retrieved
@@ -208,6 +246,7 @@ def ask(
         total_seconds=offset + run.total_seconds,
         opening_seconds=opened - fetched,
         opening_source=opening_source,
+        context_source="recompute" if recompute else "cache",
     )
     if compare:
         progress("baseline", 0, 1)
