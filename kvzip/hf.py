@@ -134,7 +134,7 @@ def load(
         km.check_stored_cache(file.header)
         dtype = file.header.dtype
         kv = file.decode_layers(file.level_name(level)).map(lambda a: storage_to_kv(a, dtype))
-    target = device if device is not None else _device(km)
+    target = device if device is not None else km.device
     return km.build_cache(kv, device=target)
 
 
@@ -296,11 +296,3 @@ def _cache_length(cache: Any) -> int:
     if isinstance(keys, torch.Tensor) and keys.ndim == 4 and keys.shape[0] != 1:
         raise InputError(f"the cache holds a batch of {keys.shape[0]} sequences; kvzip stores one")
     return int(cache.get_seq_length())
-
-
-def _device(km: KVModel) -> torch.device:
-    device = getattr(km.model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    first = next(iter(km.model.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")

@@ -21,6 +21,7 @@ import torch
 from kvzip.codecs import ChunkContext, Codec
 from kvzip.codecs.kvzip_profile import KvzipProfileCodec
 from kvzip.codecs.transforms import rope_cos_sin
+from kvzip.model.device import pinned
 
 _CACHE: dict[tuple[int, str, str], torch.Tensor] = {}
 
@@ -68,9 +69,7 @@ def decode_on_device(codec: Codec, payload: bytes, ctx: ChunkContext, device: st
 def _ship(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array on ``device`` (through pinned memory to a CUDA device)."""
     t = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device)
+    return (pinned(t) if device.type == "cuda" else t).to(device)
 
 
 def _dequantize_rows(rows: Any, device: torch.device) -> torch.Tensor:

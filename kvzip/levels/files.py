@@ -184,14 +184,20 @@ class CacheFile:
         its chunks decoded side by side on ``decoders`` threads when the codec releases
         the GIL (default: ``KVZIP_DECODE_WORKERS`` or the CPU count, one for small levels).
         The result is the same either way, bit for bit."""
-        entries = self.kv_entries(level_name)
-        codecs = [self.codecs.codec(entries[0].level)] if entries else []
+        entries, codecs, n = self._plan(level_name, decoders)
         out = self.codecs.level_layers()
-        n = threads_for(codecs, out.elements(), len(entries), decoders)
-        self.check_level_memory(level_name, n)
         decode = self._into_dense(entries, out) if out.is_dense else self._into_layers(entries, out)
         run_on_threads(len(entries), n, decode)
         return out
+
+    def _plan(self, level_name: str, decoders: int | None) -> tuple[list[IndexEntry], list[Codec], int]:
+        """A whole level's chunks, its codec and the threads to decode it on, the memory
+        limit checked for the level and that many chunks in flight."""
+        entries = self.kv_entries(level_name)
+        codecs = [self.codecs.codec(entries[0].level)] if entries else []
+        n = threads_for(codecs, self.level_elements(), len(entries), decoders)
+        self.check_level_memory(level_name, n)
+        return entries, codecs, n
 
     def _into_dense(self, entries: list[IndexEntry], out: LayeredKV) -> Callable[[int], None]:
         """Decode chunk ``i`` straight into its slice of the level's one array."""
@@ -235,10 +241,7 @@ class CacheFile:
         """A whole level written chunk by chunk straight into a cache for ``km`` (on its
         device, in its dtype; :meth:`KVModel.empty_cache`): attaching holds the cache once,
         plus the chunks being decoded, never a second copy of the whole level."""
-        entries = self.kv_entries(level_name)
-        codecs = [self.codecs.codec(entries[0].level)] if entries else []
-        n = threads_for(codecs, self.level_elements(), len(entries), decoders)
-        self.check_level_memory(level_name, n)
+        entries, codecs, n = self._plan(level_name, decoders)
         cache = km.empty_cache(self.header.layout, room)
         dtype = self.header.dtype
         if on_device(km, self.header, codecs):

@@ -15,6 +15,7 @@ stays as it is.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from typing import Any
@@ -86,14 +87,16 @@ class _ReservedMixin:
         super().reset()  # type: ignore[misc]
 
 
-_CLASS: list[type] = []
+@functools.cache
+def _layer_class(mixin: type, name: str) -> type:
+    """``mixin`` over transformers' ``DynamicLayer``, made once (transformers is imported
+    on first use, as everywhere in kvzip)."""
+    return type(name, (mixin, _dynamic_layer()), {})
 
 
 def reserved_layer(capacity: int) -> Any:
     """A full-attention cache layer with room for ``capacity`` positions."""
-    if not _CLASS:
-        _CLASS.append(type("ReservedLayer", (_ReservedMixin, _dynamic_layer()), {}))
-    layer = _CLASS[0]()
+    layer = _layer_class(_ReservedMixin, "ReservedLayer")()
     layer.capacity = max(1, int(capacity))
     layer._k = layer._v = None
     return layer
@@ -189,13 +192,8 @@ class _DiskMixin:
         self._file.close()
 
 
-_DISK: list[type] = []
-
-
 def disk_layer(directory: str | None) -> Any:
     """A full-attention cache layer kept in an unlinked file in ``directory``."""
-    if not _DISK:
-        _DISK.append(type("DiskLayer", (_DiskMixin, _dynamic_layer()), {}))
-    layer = _DISK[0]()
+    layer = _layer_class(_DiskMixin, "DiskLayer")()
     layer.setup(directory)
     return layer

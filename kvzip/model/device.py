@@ -64,6 +64,14 @@ def is_accelerator(device: torch.device) -> bool:
     return device.type in ("cuda", "mps")
 
 
+def pinned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (on the CPU) in page-locked memory, so its copy to a CUDA device is one DMA
+    transfer."""
+    if t.is_pinned():
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+
+
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())

@@ -25,7 +25,7 @@ from kvzip.formats import ChatInfo, KvzHeader, LayeredKV, PositionLayout
 from kvzip.formats.limits import map_large_blocks, release_free_memory
 from kvzip.formats.spec import MAX_TOKEN_COUNT
 from kvzip.model.cache import close_cache, new_cache
-from kvzip.model.device import resolve_device, resolve_model_dtype
+from kvzip.model.device import pinned, resolve_device, resolve_model_dtype
 from kvzip.model.loading import ModelSource, load_pretrained, resolve_model
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -126,8 +126,13 @@ class KVModel:
 
     @property
     def device(self) -> torch.device:
-        """Where the model runs; captured caches come back to the CPU, attached ones go here."""
-        return torch.device(getattr(self.model, "device", None) or "cpu")
+        """Where the model runs (its first parameter's device for a model without a
+        ``device``); captured caches come back to the CPU, attached ones go here."""
+        device = getattr(self.model, "device", None)
+        if isinstance(device, torch.device):
+            return device
+        first = next(iter(self.model.parameters()), None) if hasattr(self.model, "parameters") else None
+        return first.device if first is not None else torch.device("cpu")
 
     def _ids(self, ids: Sequence[int]) -> torch.Tensor:
         """Token ids as the model's [1, n] input, on its device."""
@@ -472,7 +477,7 @@ class KVModel:
         step = max(chunk_tokens, step // chunk_tokens * chunk_tokens)
         if offload is not None:
             map_large_blocks()  # memory is what matters: keep the allocator from hoarding
-        cache = new_cache(self.model.config, total, None if offload is None else os.fspath(offload))
+        cache = self.new_cache(total, offload)
         input_ids = self._ids(ids)
         try:
             for s0 in range(0, total, step):
@@ -601,10 +606,11 @@ class KVModel:
             torch.stack([layer.values[0, :, -n:] for layer in cache.layers]),
         ]).cpu()
 
-    def new_cache(self, capacity: int | None = None) -> Any:
+    def new_cache(self, capacity: int | None = None, offload: str | os.PathLike[str] | None = None) -> Any:
         """An empty DynamicCache for the model; with ``capacity``, its full-attention layers
-        reserve room for that many positions up front (:mod:`kvzip.model.cache`)."""
-        return new_cache(self.model.config, capacity)
+        reserve room for that many positions up front, with ``offload`` (a directory) they
+        live in unlinked files there (:mod:`kvzip.model.cache`)."""
+        return new_cache(self.model.config, capacity, None if offload is None else os.fspath(offload))
 
     def capture(self, cache: Any, n_tokens: int) -> LayeredKV:
         """A DynamicCache of ``n_tokens`` as kvzip's :class:`LayeredKV`, refusing caches that
@@ -670,15 +676,7 @@ class KVModel:
         more positions, for what will be read after it.  ``device``: where the cache goes
         (default: the model's)."""
         kv = as_layered(kv)
-        if (kv.num_layers, kv.kv_heads, kv.head_dim) != (self.num_layers, self.kv_heads, self.head_dim):
-            raise UnsupportedModelError(
-                f"a cache of {kv.num_layers} layers x {kv.kv_heads} kv heads x head_dim {kv.head_dim} "
-                f"does not fit this model ({self.num_layers} layers, {self.kv_heads} kv heads, "
-                f"head_dim {self.head_dim})"
-            )
-        self.check_length(kv.token_count, "the cached context")
-        if not kv.is_dense:
-            self.check_layout(kv.layout)
+        self._check_fits(kv.layout, kv.head_dim)
         cache = self.new_cache(capacity=kv.token_count + room)
         model_dtype, device = self.model.dtype, self.device if device is None else torch.device(device)
         for i, layer in enumerate(kv.layers):
@@ -687,20 +685,25 @@ class KVModel:
                 cache.layers[i].cumulative_length = kv.token_count
         return cache
 
+    def _check_fits(self, layout: PositionLayout, head_dim: int) -> None:
+        """Refuse a cache (its position layout and head_dim) this model's cache cannot hold."""
+        if (layout.num_layers, layout.kv_heads, head_dim) != (self.num_layers, self.kv_heads, self.head_dim):
+            raise UnsupportedModelError(
+                f"a cache of {layout.num_layers} layers x {layout.kv_heads} kv heads x head_dim {head_dim} "
+                f"does not fit this model ({self.num_layers} layers, {self.kv_heads} kv heads, "
+                f"head_dim {self.head_dim})"
+            )
+        self.check_length(layout.token_count, "the cached context")
+        if not layout.is_dense():
+            self.check_layout(layout)
+
     def empty_cache(self, layout: PositionLayout, room: int = 0) -> Any:
         """A DynamicCache on the model's device, in its dtype, holding what ``layout`` holds
         (zeros) and each sliding layer's position counter at the context's length, its
         full-attention layers with ``room`` more positions reserved (for the prompt and the
         new tokens): :meth:`fill_cache` writes a stored cache into it piece by piece, so
         attaching never holds a second copy of the whole cache."""
-        geometry = (layout.num_layers, layout.kv_heads)
-        if geometry != (self.num_layers, self.kv_heads):
-            raise UnsupportedModelError(
-                f"a cache of {geometry[0]} layers x {geometry[1]} kv heads does not fit this model "
-                f"({self.num_layers} layers, {self.kv_heads} kv heads)")
-        self.check_length(layout.token_count, "the cached context")
-        if not layout.is_dense():
-            self.check_layout(layout)
+        self._check_fits(layout, self.head_dim)
         cache = self.new_cache(capacity=layout.token_count + room)
         layers = self._cache_layers(cache)
         dtype, device = self.model.dtype, self.device
@@ -725,7 +728,7 @@ class KVModel:
         (through pinned host memory when the model is on a CUDA device)."""
         target = cache.layers[layer]
         if target.keys.device.type == "cuda" and kv.device.type == "cpu":
-            kv = _pinned(kv)
+            kv = pinned(kv)
         target.keys[0, heads, slots].copy_(kv[0], non_blocking=False)
         target.values[0, heads, slots].copy_(kv[1], non_blocking=False)
 
@@ -827,14 +830,6 @@ class KVModel:
 
     def decode_ids(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-
-def _pinned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in page-locked host memory, so the copy to the GPU is one DMA transfer."""
-    if t.is_pinned():
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return out.copy_(t)
 
 
 def as_layered(kv: torch.Tensor | LayeredKV | None) -> LayeredKV | None:
