@@ -23,7 +23,9 @@ from kvzip.codecs.kvzip_profile import KvzipProfileCodec
 from kvzip.codecs.transforms import rope_cos_sin
 from kvzip.model.device import pinned
 
-_CACHE: dict[tuple[int, str, str], torch.Tensor] = {}
+# (id of a profile array, device) -> (the array, its copy there); holding the array keeps
+# its id from being reused by another while the entry lives.
+_CACHE: dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]] = {}
 
 
 def supports(codec: Codec) -> bool:
@@ -32,19 +34,19 @@ def supports(codec: Codec) -> bool:
 
 
 def _on(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    key = (id(array), str(device), "t")
+    """A profile's array (basis, mean) on ``device``, copied there once."""
+    key = (id(array), str(device))
     hit = _CACHE.get(key)
-    if hit is None:
-        hit = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    if hit is None or hit[0] is not array:
         if len(_CACHE) > 256:
             _CACHE.clear()
-        _CACHE[key] = hit
-    return hit
+        hit = _CACHE[key] = (array, _ship(array, device))
+    return hit[1]
 
 
 def decode_on_device(codec: Codec, payload: bytes, ctx: ChunkContext, device: str | torch.device) -> torch.Tensor:
     """One chunk (``[2, L, H, T, D]`` float32 on ``device``) decoded by ``codec``: the
-    entropy decoding and dequantizing on the CPU, basis and RoPE on ``device``."""
+    entropy decoding on the CPU; dequantizing, basis and RoPE on ``device``."""
     if not supports(codec):
         raise ValueError(f"{type(codec).__name__} has no device decode")
     device = torch.device(device)
