@@ -95,20 +95,15 @@ def load_passage(
                              [h.layer_rope_inv_freq(i) for i in range(h.num_layers)])
 
 
-@dataclass
-class _PassageIds:
-    token_ids: list[int]
-
-
 def _load_or_recompute(store: PassageStore, hits: Sequence[Hit], km: KVModel, level: str,
-                       opening_tokens: int) -> tuple[list, bool]:
-    """The passages' caches, or (``True``) only their token ids when the model would read
-    the whole context sooner than its caches decode.  That is asked only on an
+                       opening_tokens: int) -> tuple[list[CachedPassage], list[int] | None]:
+    """The passages' caches and None, or, when the model would read the whole context
+    sooner than its caches decode, ``([], the passages' token ids)``.  That is asked only on an
     accelerator, from measured speeds: the first passage's decode (the measurement's cost),
     and the model's prefill (:meth:`KVModel.prefill_rate`); on the CPU recomputing never
     wins for a real model, and nothing is measured."""
     if not hits or not is_accelerator(km.device):
-        return load_passages(store, hits, km, level), False
+        return load_passages(store, hits, km, level), None
     decoders = passage_decoders()
     t0 = time.perf_counter()
     first = load_passage(store, hits[0], km, level, decoders=decoders)
@@ -116,9 +111,8 @@ def _load_or_recompute(store: PassageStore, hits: Sequence[Hit], km: KVModel, le
     rest = sum(h.tokens for h in hits[1:])
     context = opening_tokens + len(first.token_ids) + rest
     if context / km.prefill_rate() < per_token * (len(first.token_ids) + rest):  # the whole context's decode
-        ids = [first] + [_PassageIds(_artifact_ids(store, h)) for h in hits[1:]]
-        return ids, True
-    return [first] + [load_passage(store, h, km, level, decoders=decoders) for h in hits[1:]], False
+        return [], first.token_ids + [t for h in hits[1:] for t in _artifact_ids(store, h)]
+    return [first] + [load_passage(store, h, km, level, decoders=decoders) for h in hits[1:]], None
 
 
 def _artifact_ids(store: PassageStore, hit: Hit) -> list[int]:
@@ -216,10 +210,11 @@ def ask(
     level, hits = retrieve(store, question, km, top_k=top_k, level=level)
     retrieved = time.perf_counter()
     before, after = prompt_ids(km, question)
-    passages, recompute = _load_or_recompute(store, hits, km, level, len(before))
+    passages, recomputed = _load_or_recompute(store, hits, km, level, len(before))
+    recompute = recomputed is not None
     fetched = time.perf_counter()
-    if recompute:  # the model reads the context faster than the rest would decode: exact, sooner
-        context_ids = list(before) + [t for p in passages for t in p.token_ids]
+    if recomputed is not None:  # the model reads the context faster than it would decode: exact, sooner
+        context_ids = list(before) + recomputed
         kv, opening_source = None, ""
         opened = assembled = time.perf_counter()
     else:
