@@ -200,5 +200,10 @@ class Codec(ABC):
         larger array); codecs override it to skip the intermediate array."""
         out[...] = self.decode(payload, ctx)
 
+    def codes_heads_apart(self) -> bool:
+        """Whether the codec can code some of a layer's kv heads without the others (a
+        layer whose heads hold different positions is coded head by head)."""
+        return True
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params()})"

@@ -172,6 +172,9 @@ class KvzipProfileCodec(StagedCodec):
             entropy_layout(entropy),
         ])
 
+    def codes_heads_apart(self) -> bool:
+        return self.basis.groups == self.basis.heads  # a per-layer basis maps the heads jointly
+
     def check_chunk(self, ctx: ChunkContext) -> None:
         if ctx.layer_ids is None and ctx.head_ids is None:
             self.profile.check_geometry(ctx.num_layers, ctx.kv_heads, ctx.head_dim)

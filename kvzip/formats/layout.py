@@ -409,6 +409,32 @@ class LayeredKV:
             return LayeredKV([dense[:, i] for i in range(self.num_layers)], self.layout, dense)
         return LayeredKV([fn(layer) for layer in self.layers], self.layout)
 
+    def subset(self, masks: Sequence[np.ndarray], token_count: int | None = None) -> LayeredKV:
+        """The cache holding only the slots ``masks`` (per layer ``[heads, width]`` bool)
+        keep, each head's entries first in its layer's array (a head with fewer padded with
+        zeros at the end), numpy or torch as this cache is.  ``token_count``: the context
+        length of the result (default: this one's)."""
+        t = self.token_count if token_count is None else int(token_count)
+        positions, layers = [], []
+        for i, (layer, mask) in enumerate(zip(self.layers, masks)):
+            held = self.layout.positions[i]
+            idx = [np.flatnonzero(mask[h, : p.size]) for h, p in enumerate(held)]
+            pos = [held[h][ix] for h, ix in enumerate(idx)]
+            if all(np.array_equal(pos[0], p) for p in pos[1:]):
+                pos = [pos[0]] * len(pos)  # shared arrays: the layout codes them once
+            shape = (2, len(held), max(p.size for p in pos), int(layer.shape[-1]))
+            if isinstance(layer, np.ndarray):
+                out = np.zeros(shape, layer.dtype)
+                for h, ix in enumerate(idx):
+                    out[:, h, : ix.size] = layer[:, h, ix]
+            else:  # torch, imported by whoever made the tensor
+                out = layer.new_zeros(shape)
+                for h, ix in enumerate(idx):
+                    out[:, h, : ix.size] = layer[:, h, ix.tolist()]
+            positions.append(pos)
+            layers.append(out)
+        return LayeredKV(layers, PositionLayout(positions, t))
+
     def __repr__(self) -> str:
         kind = "dense" if self.is_dense else "layered"
         return (f"LayeredKV({kind}, {self.num_layers} layers x {self.kv_heads} heads, "

@@ -27,6 +27,7 @@ from kvzip.formats.spec import MAX_TOKEN_COUNT
 from kvzip.model.cache import close_cache, new_cache
 from kvzip.model.device import pinned, resolve_device, resolve_model_dtype
 from kvzip.model.loading import ModelSource, load_pretrained, resolve_model
+from kvzip.model.pruned import pruned_attention, pruned_layer
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -340,24 +341,42 @@ class KVModel:
             self.check_layout(header.layout)
 
     def check_layout(self, layout: PositionLayout) -> None:
-        """Refuse positions this model's cache cannot hold: a full-attention layer holds
-        every position, a sliding layer its last ``window - 1`` (or every one; attaching
-        keeps the window); each layer's heads the same."""
+        """Refuse positions this model's cache cannot hold.  A *windowed* layout (every layer
+        a run of the last positions, its heads alike) must be the model's own: a
+        full-attention layer holds every position, a sliding layer its last ``window - 1``
+        (or every one; attaching keeps the window).  Any other layout is a *pruned* one
+        (:meth:`is_pruned_layout`): each head any subset of what its layer holds."""
         t = layout.token_count
         kept = self.kept_positions(t)
+        pruned = self.is_pruned_layout(layout)
         for i, (window, heads) in enumerate(zip(self.layer_windows(), layout.positions)):
-            if not layout.heads_share(i):
-                raise UnsupportedModelError(
-                    f"layer {i} of this cache keeps different positions per head; kvzip attaches "
-                    "only caches whose heads share their positions")
+            kind = "full-attention" if window is None else f"sliding (window {window})"
+            if pruned:
+                oldest = min((int(p[0]) for p in heads if p.size), default=t)
+                if window is not None and oldest < t - kept[i]:
+                    raise ModelMismatchError(
+                        f"layer {i} of this cache holds position {oldest} of {t}; this model's "
+                        f"{kind} layer keeps only the last {kept[i]}")
+                continue
             p, want = heads[0], kept[i]
-            contiguous = p.size == 0 or int(p[-1]) - int(p[0]) + 1 == p.size
-            if not contiguous or (p.size and int(p[-1]) != t - 1) or not (
-                    p.size == want or (window is not None and p.size >= want)):
-                kind = "full-attention" if window is None else f"sliding (window {window})"
+            if not (p.size == want or (window is not None and p.size >= want)):
                 raise ModelMismatchError(
                     f"layer {i} of this cache holds {p.size} positions of {t}; this model's "
                     f"{kind} layer keeps the last {want}")
+
+    @staticmethod
+    def is_pruned_layout(layout: PositionLayout) -> bool:
+        """Whether some layer holds positions that are not one run ending at the context's
+        last, or holds different ones per head: a cache pruned by importance, attached as
+        a pruned cache (:mod:`kvzip.model.pruned`)."""
+        t = layout.token_count
+        for i, heads in enumerate(layout.positions):
+            p = heads[0]
+            if not layout.heads_share(i):
+                return True
+            if p.size and (int(p[-1]) != t - 1 or int(p[-1]) - int(p[0]) + 1 != p.size):
+                return True
+        return False
 
     # -------------------------------------------------------------- tokenizing
     def chat_template(self) -> ChatTemplate | None:
@@ -677,6 +696,12 @@ class KVModel:
         (default: the model's)."""
         kv = as_layered(kv)
         self._check_fits(kv.layout, kv.head_dim)
+        if not kv.is_dense and self.is_pruned_layout(kv.layout):
+            cache = self._pruned_cache(kv.layout, room)
+            for i, layer in enumerate(kv.layers):
+                for h, p in enumerate(kv.layout.positions[i]):
+                    self.fill_cache(cache, i, h, slice(0, p.size), layer[:, h, : p.size])
+            return cache
         cache = self.new_cache(capacity=kv.token_count + room)
         model_dtype, device = self.model.dtype, self.device if device is None else torch.device(device)
         for i, layer in enumerate(kv.layers):
@@ -704,9 +729,11 @@ class KVModel:
         new tokens): :meth:`fill_cache` writes a stored cache into it piece by piece, so
         attaching never holds a second copy of the whole cache."""
         self._check_fits(layout, self.head_dim)
+        dtype, device = self.model.dtype, self.device
+        if not layout.is_dense() and self.is_pruned_layout(layout):
+            return self._pruned_cache(layout, room)
         cache = self.new_cache(capacity=layout.token_count + room)
         layers = self._cache_layers(cache)
-        dtype, device = self.model.dtype, self.device
         for i, layer in enumerate(layers):
             width = layout.layer_width(i)
             reserved = hasattr(layer, "adopt")
@@ -727,10 +754,29 @@ class KVModel:
         ``heads`` and ``slots`` of layer ``layer`` of a cache from :meth:`empty_cache`
         (through pinned host memory when the model is on a CUDA device)."""
         target = cache.layers[layer]
-        if target.keys.device.type == "cuda" and kv.device.type == "cpu":
+        device = target.device if hasattr(target, "write") else target.keys.device
+        if device.type == "cuda" and kv.device.type == "cpu":
             kv = pinned(kv)
+        if hasattr(target, "write"):  # a pruned layer: each head holds its own entries
+            if isinstance(heads, int):
+                target.write(heads, slots, kv[0], kv[1])
+            else:
+                for h in range(kv.shape[1]):
+                    target.write(h, slots, kv[0, h], kv[1, h])
+            return
         target.keys[0, heads, slots].copy_(kv[0], non_blocking=False)
         target.values[0, heads, slots].copy_(kv[1], non_blocking=False)
+
+    def _pruned_cache(self, layout: PositionLayout, room: int) -> Any:
+        """A cache of :mod:`kvzip.model.pruned` layers holding what ``layout`` holds (zeros
+        until :meth:`fill_cache`), ``room`` more entries per head for new tokens."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, window in enumerate(self.layer_windows()):
+            cache.layers[i] = pruned_layer(layout.positions[i], layout.token_count, window, self.head_dim,
+                                           room, self.model.dtype, self.device)
+        return cache
 
     def crop_last(self, kv: LayeredKV) -> LayeredKV:
         """The cache of the context without its last token, so that token can be read again
@@ -739,6 +785,8 @@ class KVModel:
         t = kv.token_count
         if kv.is_dense:
             return LayeredKV.from_dense(kv.dense[:, :, :, : t - 1])
+        if self.is_pruned_layout(kv.layout):
+            return self._crop_pruned(kv)
         layers = []
         kept = self.kept_positions(t - 1)
         for i, (layer, window) in enumerate(zip(kv.layers, self.layer_windows())):
@@ -749,11 +797,24 @@ class KVModel:
             layers.append(layer[:, :, :-1])
         return LayeredKV(layers, PositionLayout.from_counts([x.shape[2] for x in layers], kv.kv_heads, t - 1))
 
+    def _crop_pruned(self, kv: LayeredKV) -> LayeredKV:
+        """A pruned cache without the context's last position (which ``--keep`` always keeps)."""
+        last = kv.token_count - 1
+        masks = []
+        for i, heads in enumerate(kv.layout.positions):
+            width = kv.layout.layer_width(i)
+            m = np.zeros((len(heads), width), bool)
+            for h, p in enumerate(heads):
+                m[h, : p.size] = p != last
+            masks.append(m)
+        return kv.subset(masks, token_count=last)
+
     @torch.inference_mode()
     def teacher_force(self, kv: torch.Tensor | LayeredKV, ids: Sequence[int]) -> torch.Tensor:
         """Logits [len(ids), vocab] (float32) for ``ids`` read after the cached context ``kv``."""
         cache = self.build_cache(kv, room=len(ids))
-        out = self.model(input_ids=self._ids(ids), cache=cache, use_cache=True)
+        with pruned_attention(self.model, cache):
+            out = self.model(input_ids=self._ids(ids), cache=cache, use_cache=True)
         return out.logits[0].float().cpu()
 
     # --------------------------------------------------------------- generate
@@ -794,15 +855,16 @@ class KVModel:
             if kv.token_count == len(ids):
                 kv = self.crop_last(kv)
             kwargs["cache"] = self.build_cache(kv, room=len(ids) - kv.token_count + max_new_tokens)
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self._pad_id(),
-            streamer=_TokenClock(on_token) if on_token is not None else None,
-            **kwargs,
-        )
+        with pruned_attention(self.model, kwargs.get("cache")):
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self._pad_id(),
+                streamer=_TokenClock(on_token) if on_token is not None else None,
+                **kwargs,
+            )
         return out[0, len(ids) :].cpu().tolist()
 
     def generate_timed(
