@@ -24,6 +24,7 @@ from kvzip.codecs import STORAGE_DTYPES
 from kvzip.errors import ContextTooLongError, InputError, KvzipError
 from kvzip.formats import ChatInfo, SourceInfo, open_kvz
 from kvzip.formats.limits import memory_limit
+from kvzip.importance.keep import DEFAULT_KEEP_RULE, DEFAULT_KEEP_SCORER, check_keep
 from kvzip.levels import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_LEVEL,
@@ -145,6 +146,8 @@ def encode(
     profile: str | os.PathLike[str] | None = None,
     if_no_profile: str = "calibrate",
     importance: str | None = None,
+    keep: float | None = None,
+    keep_rule: str = DEFAULT_KEEP_RULE,
     device: str | torch.device | None = None,
     model_dtype: str | torch.dtype | None = None,
     prefill_cache: str = "auto",
@@ -155,6 +158,11 @@ def encode(
     ``importance`` names a scorer (``kvzip.importance``: ``reconstruct``, ``prefill``,
     ``keynorm``): every entry is scored and the lossy levels code the most important ones
     at a finer step and the least at a coarser one, at about the level's size.
+
+    ``keep`` (a fraction in (0, 1]) drops entries: the file keeps that fraction of them by
+    score (``importance``'s scorer, else ``prefill``), the attention sinks and the last
+    position always; ``keep_rule``: ``"shared"`` (one budget across heads and layers) or
+    ``"head"`` (the same fraction in every head); see :mod:`kvzip.importance.keep`.
 
     Lossy levels use the model's calibration profile (``profile``: a file or a
     digest; by default the newest one for the model in the profile directories).
@@ -171,6 +179,7 @@ def encode(
     check_if_missing(if_no_profile)
     if importance is not None:
         scoring.scorer(importance)  # an unknown scorer is refused before the model loads
+    check_keep(keep, keep_rule)
     if chunk_tokens <= 0:
         raise InputError(f"--chunk-tokens must be positive, got {chunk_tokens}")
     if dtype is not None and dtype not in STORAGE_DTYPES:
@@ -188,17 +197,17 @@ def encode(
     started = time.perf_counter()
     classes = extra = None
     pairs = resolved.pairs()
-    if importance is None:
+    if importance is None and keep is None:
         # coded chunk by chunk as the model produces it: the host holds a few chunks
         offload = Path(out).resolve().parent if _offload_prefill(km, len(ids), prefill_cache) else None
         kv = stream_prefill(km, ids, chunk_tokens, progress, offload=offload)
     else:
         progress("score", 0, 1)
-        scored = scoring.score(km, ids, importance)
+        scored = scoring.score(km, ids, importance or DEFAULT_KEEP_SCORER)
         progress("score", 1, 1)
-        kv, classes = scored.kv, scoring.classes(scored.scores)
-        pairs = [(name, scoring.weighted(codec, resolved.profile)) for name, codec in pairs]
-        extra = {"importance": scoring.header_record(importance)}
+        used = scoring.apply(scored, pairs, resolved.profile, weigh=importance is not None,
+                             keep=keep, keep_rule=keep_rule)
+        kv, classes, pairs, extra = used.kv, used.classes, used.pairs, used.header
     prefill_seconds = time.perf_counter() - started
     chat_info = None if template is None else ChatInfo(template.prefix, template.separator, template.suffix)
     source = None if not source_name else SourceInfo(source_name, hashlib.sha256(text.encode()).hexdigest())
@@ -272,6 +281,7 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "context_elements": context_elements,
             "layout": _layout_info(h),
             "importance": h.raw.get("importance") if isinstance(h.raw.get("importance"), dict) else None,
+            "keep": h.raw.get("keep") if isinstance(h.raw.get("keep"), dict) else None,
             "source": None if h.source is None else {"name": h.source.name, "sha256": h.source.sha256},
             "profile": _profile_info(h.levels),
         }

@@ -38,7 +38,15 @@ def info_command(
         ("file", f"{human_bytes(data['file_bytes'])}  ratio {data['ratio']:.2f}x, {data['bits_per_element']:.3f} bits/element"),
     ]
     layout = data["layout"]
-    if not layout["dense"]:
+    keep = data.get("keep")
+    if keep:
+        scored, held = keep.get("entries_scored") or 0, keep.get("entries_kept") or 0
+        heads = "a layer's heads together" if keep.get("heads") == "layer" else "each head its own"
+        rows.insert(6, ("kept", f"{held / max(scored, 1):.1%} of {scored} entries (--keep {keep.get('fraction'):g}, "
+                                f"by {keep.get('scorer')}, {keep.get('rule')} budget, {heads}); "
+                                f"{data['bits_per_context_element']:.3f} bits per context element, "
+                                f"{data['file_bytes'] / data['tokens']:.0f} bytes per token"))
+    elif not layout["dense"]:
         kept = ", ".join(f"{g['layers']} {g['type'].replace('_attention', '')} "
                          f"{'layers keep' if g['layers'] != 1 else 'layer keeps'} {g['tokens_stored']}"
                          for g in layout["by_type"])

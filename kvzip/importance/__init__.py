@@ -32,6 +32,7 @@ from kvzip.codecs import Codec, codec_from_config
 from kvzip.codecs.profile import Profile
 from kvzip.errors import InputError
 from kvzip.formats import LayeredKV
+from kvzip.importance import keep as dropping
 from kvzip.model import KVModel
 from kvzip.model.attention import AttentionRecorder, recording
 
@@ -159,3 +160,39 @@ def weighted(codec: Codec, profile: Profile | None, factors: Sequence[float] = D
 def header_record(name: str) -> dict:
     """What a file's header records of the importance it was coded with (``importance``)."""
     return {"scorer": scorer(name).name, "shares": list(DEFAULT_SHARES), "factors": list(DEFAULT_FACTORS)}
+
+
+@dataclass
+class Applied:
+    """A scored cache made ready to write: the entries kept, their importance classes (or
+    None), the codecs (weighted by class when asked), and the header's records."""
+
+    kv: LayeredKV
+    classes: list[np.ndarray] | None
+    pairs: list[tuple[str, Codec]]
+    header: dict
+
+
+def apply(scored: Scored, pairs: Sequence[tuple[str, Codec]], profile: Profile | None, *, weigh: bool,
+          keep: float | None = None, keep_rule: str = "shared") -> Applied:
+    """What ``kvzip encode --importance/--keep`` writes from ``scored``: with ``keep``, the
+    fraction of entries :mod:`kvzip.importance.keep` keeps (a layer's heads together when
+    a codec maps them jointly); with ``weigh``, the levels' steps scaled by importance
+    class, the classes drawn among the entries kept."""
+    kv, scores, header = scored.kv, scored.scores, {}
+    if keep is not None:
+        together = kv.kv_heads > 1 and not all(codec.codes_heads_apart() for _, codec in pairs)
+        before = kv.layout.stored()
+        if keep < 1:
+            masks = dropping.choose(scores, kv.layout, keep, keep_rule, heads_together=together)
+            scores = dropping.prune_aligned(scores, kv.layout, masks)
+            kv = kv.subset(masks)
+        header["keep"] = dropping.header_record(keep, keep_rule, scored.scorer, together, before,
+                                                kv.layout.stored())
+    per_entry = None
+    out = list(pairs)
+    if weigh:
+        per_entry = classes(scores)
+        out = [(name, weighted(codec, profile)) for name, codec in pairs]
+        header["importance"] = header_record(scored.scorer)
+    return Applied(kv, per_entry, out, header)

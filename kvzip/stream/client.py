@@ -30,7 +30,7 @@ import torch
 
 from kvzip.codecs import one_blas_thread
 from kvzip.errors import FetchError, InputError, UnknownLevelError
-from kvzip.formats import IndexEntry, KvzReader, LayeredKV, PositionLayout
+from kvzip.formats import IndexEntry, KvzHeader, KvzReader, LayeredKV, PositionLayout
 from kvzip.levels import LevelCodecs, Progress, default_threads, no_progress, storage_to_kv
 from kvzip.levels.chunks import chunk_elements
 from kvzip.model import TORCH_DTYPES, ChatTemplate, KVModel
@@ -160,6 +160,27 @@ def recompute_layers(km: KVModel, layout: PositionLayout, previous: Sequence[lis
         held = layout.in_range(i, 0, start, end)
         out.append(fresh[:, i, :, torch.from_numpy(held - first)])
     return out
+
+
+def join_chunks(header: KvzHeader, chunks: Sequence[ChunkInfo], parts: Sequence[list[torch.Tensor]]) -> LayeredKV:
+    """The chunks' layers (each ``[2, H, n, D]``, a head with fewer entries in the chunk
+    padded at the end) as the file's :class:`LayeredKV`: a layer whose heads share their
+    positions end to end, one whose heads differ head by head, each padded once at the end."""
+    layout = header.layout
+    layers = []
+    for i in range(header.num_layers):
+        if layout.heads_share(i):
+            layers.append(torch.cat([p[i] for p in parts], dim=2))
+            continue
+        out = parts[0][i].new_zeros((2, layout.kv_heads, layout.layer_width(i), header.head_dim))
+        for h in range(layout.kv_heads):
+            at = 0
+            for chunk, p in zip(chunks, parts):
+                n = layout.in_range(i, h, chunk.token_start, chunk.token_start + chunk.token_count).size
+                out[:, h, at : at + n] = p[i][:, h, :n]
+                at += n
+        layers.append(out)
+    return LayeredKV(layers, layout)
 
 
 def _chunk_elements(manifest: ContextManifest, chunk: ChunkInfo) -> int:
@@ -330,10 +351,19 @@ def stream_generate(
         meter = ThroughputMeter(initial_mbps * 1e6 / 8 if initial_mbps else estimate)
         downloader = _Downloader(manifest, source, allowed, meter, DecodeMeter(decode_prior),
                                  deadline, started)
-        if not recompute_tokens_per_second and is_accelerator(model.device):
+        pruned = not header.is_dense and model.is_pruned_layout(header.layout)
+        if pruned:
+            # Entries dropped by --keep: a chunk recomputed from its text would hold other
+            # entries than the file's, so every chunk is fetched (the fastest level when
+            # none fits the deadline).
+            if not allowed:
+                raise InputError("this file keeps only some of its entries (--keep): its chunks cannot be "
+                                 "recomputed from the text; stream at least one of its levels")
+            downloader.recompute_seconds_per_token = math.inf
+        elif not recompute_tokens_per_second and is_accelerator(model.device):
             # an accelerator may recompute faster than any link delivers: measure it first
             recompute_tokens_per_second = model.prefill_rate()
-        if recompute_tokens_per_second:
+        if recompute_tokens_per_second and not pruned:
             downloader.recompute_seconds_per_token = 1 / recompute_tokens_per_second
         downloader.start()
         try:
@@ -346,11 +376,7 @@ def stream_generate(
         if own_client:
             client.close()
     ready = time.perf_counter()
-    if header.is_dense:
-        kv = torch.cat(parts, dim=3)
-    else:
-        kv = LayeredKV([torch.cat([p[i] for p in parts], dim=2) for i in range(header.num_layers)],
-                       header.layout)
+    kv = torch.cat(parts, dim=3) if header.is_dense else join_chunks(header, manifest.chunks, parts)
     chat = ChatTemplate.from_info(header.chat)
     doc_ids = manifest.token_ids
     prompt_ids = model.prompt_ids(prompt, chat)
