@@ -8,6 +8,7 @@ passphrase.  The uncompressed reference is the ``lossless`` level (the exact cac
 
     python benchmarks/needle.py                       # GPL-3, ~3,000 tokens, the default model
     python benchmarks/needle.py --tokens 6000 --json
+    python benchmarks/needle.py --methods lossless,"balanced keep 0.5 shared"
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ NEEDLE = "The secret passphrase for the archive room is BLUE HARBOR FORTY-TWO."
 QUESTION = "What is the secret passphrase for the archive room? Answer with the passphrase only."
 KEY = "BLUE HARBOR"
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-METHODS = {  # name -> (level, importance)
-    "lossless": ("lossless", None),
-    "balanced": ("balanced", None),
-    "balanced + importance prefill": ("balanced", "prefill"),
+METHODS = {  # name -> (level, importance, keep, keep rule)
+    "lossless": ("lossless", None, None, None),
+    "balanced": ("balanced", None, None, None),
+    "balanced + importance prefill": ("balanced", "prefill", None, None),
+    "balanced keep 0.5 shared": ("balanced", None, 0.5, "shared"),
+    "balanced keep 0.5 head": ("balanced", None, 0.5, "head"),
+    "balanced keep 0.3 shared": ("balanced", None, 0.3, "shared"),
 }
 
 
@@ -51,17 +55,20 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     ap.add_argument("--tokens", type=int, default=3000)
+    ap.add_argument("--methods", default=None, help="comma-separated names of METHODS (default: all)")
     ap.add_argument("--json", action="store_true")
     opts = ap.parse_args()
+    methods = {n: METHODS[n] for n in opts.methods.split(",")} if opts.methods else METHODS
     km = api.load_model(opts.model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for depth in DEPTHS:
             doc = haystack(km, opts.text, opts.tokens, depth)
-            for name, (level, importance) in METHODS.items():
+            for name, (level, importance, keep, rule) in methods.items():
                 out = Path(tmp) / "n.kvz"
                 t0 = time.perf_counter()
-                summary = api.encode(doc, out, model=km, levels=[level], chat=True, importance=importance)
+                summary = api.encode(doc, out, model=km, levels=[level], chat=True, importance=importance,
+                                     keep=keep, keep_rule=rule or "shared")
                 encode_s = time.perf_counter() - t0
                 result = api.generate(out, QUESTION, model=km, max_new_tokens=16)
                 elements = 2 * km.num_layers * km.kv_heads * km.head_dim * summary.tokens
@@ -74,7 +81,7 @@ def main() -> None:
                 print(f"depth {depth:.1f} {name:<30} found={rows[-1]['found']!s:<5} "
                       f"{rows[-1]['bits_per_context_element']:.3f} bits  {rows[-1]['answer'][:60]!r}",
                       file=sys.stderr, flush=True)
-    summary_rows = {name: sum(r["found"] for r in rows if r["method"] == name) for name in METHODS}
+    summary_rows = {name: sum(r["found"] for r in rows if r["method"] == name) for name in methods}
     if opts.json:
         print(json.dumps({"model": km.name, "text": opts.text, "needle": NEEDLE, "question": QUESTION,
                           "found_of_5": summary_rows, "rows": rows}, indent=2))

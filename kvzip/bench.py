@@ -46,12 +46,14 @@ from typing import Any
 import torch
 
 from kvzip import api
+from kvzip import importance as scoring
 from kvzip.atomic import write_atomic
 from kvzip.codecs import Codec, codec_from_config, codec_ids
 from kvzip.codecs.entropy import clear_model_caches
 from kvzip.codecs.profile import Profile
 from kvzip.errors import InputError
 from kvzip.formats import LayeredKV
+from kvzip.importance.keep import check_keep
 from kvzip.levels import (
     DEFAULT_LEVEL,
     LEVELS,
@@ -154,6 +156,33 @@ class SpeedRow:
 
 
 @dataclass
+class ImportanceRow:
+    """One level coded by importance: its steps weighted by a scorer's classes
+    (``mode="importance"``) or its entries dropped to a fraction by the scorer
+    (``mode="keep"``), on the quality protocol."""
+
+    text: str
+    level: str
+    scorer: str
+    mode: str  # "importance" | "keep"
+    keep: float | None  # the fraction kept (keep rows)
+    rule: str | None  # the budget rule (keep rows)
+    bits_per_element: float  # file bits per element the file stores
+    bits_per_context_element: float  # file bits per element of the whole context's cache
+    kl: float
+    dppl_pct: float
+    top1: float
+    file_bytes: int
+    kept_fraction: float  # entries stored / entries the cache held
+
+    @property
+    def method(self) -> str:
+        if self.mode == "importance":
+            return f"{self.level} +{self.scorer}"
+        return f"{self.level} keep {self.keep:g} {self.rule} by {self.scorer}"
+
+
+@dataclass
 class ProfileReport:
     """The calibration profile the levels used, and what it costs to ship."""
 
@@ -173,6 +202,7 @@ class BenchResult:
     profile: ProfileReport | None
     texts: list[str]  # file names of the texts the quality rows scored
     speed_texts: list[str] = field(default_factory=list)  # put end to end for the speed section
+    importance: list[ImportanceRow] = field(default_factory=list)
 
 
 @dataclass
@@ -250,6 +280,11 @@ class BenchConfig:
     lengths: Sequence[int] = ()  # the speed section's context lengths (none: no speed section)
     speed_level: str = DEFAULT_LEVEL
     decoders: int | None = None  # decode threads in the speed section (None: kvzip's default)
+    # The importance section: per scorer, each level with importance-weighted steps, and
+    # with its entries dropped to each fraction of ``keeps`` under each rule of ``keep_rules``.
+    scorers: Sequence[str] = ()
+    keeps: Sequence[float] = ()
+    keep_rules: Sequence[str] = ("shared",)
 
 
 def resolve_codecs(names: Sequence[str], profile: Profile | None = None) -> list[tuple[str, Codec]]:
@@ -342,6 +377,13 @@ def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None
     sweep: list[SweepPoint] = []
     uncal_sizes: dict[str, list[tuple[int, int]]] = {}  # level -> [(cal bytes, uncal bytes)] per text
     used_texts: list[str] = []
+    importance_rows: list[ImportanceRow] = []
+    for name in config.scorers:
+        scoring.scorer(name)
+    for f in config.keeps:
+        check_keep(f, "shared")
+    for rule in config.keep_rules:
+        check_keep(None, rule)
     with tempfile.TemporaryDirectory(prefix="kvzip-bench-") as tmp:
         if config.quality:
             methods = resolve_codecs(config.codecs) + resolve_codecs(config.levels, profile)
@@ -361,13 +403,16 @@ def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None
                     f"continuation {config.cont} + 1)"
                 )
             per_text = (len(methods) + len(uncal) + (4 if config.baselines else 0)
-                        + (len(sweeps) + len(KIVI_SWEEP_BITS) if config.sweep else 0))
+                        + (len(sweeps) + len(KIVI_SWEEP_BITS) if config.sweep else 0)
+                        + len(config.scorers) * len(config.levels)
+                        * (1 + len(config.keeps) * len(config.keep_rules)))
             ticker = _Ticker(progress, "bench", len(usable) * per_text)
             for path, ids in usable:
                 used_texts.append(path.name)
-                text_rows, points, sizes = _bench_text(
-                    km, config, path, ids, methods, uncal, sweeps, Path(tmp), ticker.tick)
+                text_rows, points, sizes, weighed = _bench_text(
+                    km, config, path, ids, methods, uncal, sweeps, Path(tmp), ticker.tick, profile)
                 rows.extend(text_rows)
+                importance_rows.extend(weighed)
                 sweep.extend(points)
                 for level, pair in sizes.items():
                     uncal_sizes.setdefault(level, []).append(pair)
@@ -381,7 +426,7 @@ def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None
             break_even={level: break_even(profile.size, pairs, config.prefix)
                         for level, pairs in uncal_sizes.items()},
         )
-    return BenchResult(rows, sweep, speed, report, used_texts, speed_texts)
+    return BenchResult(rows, sweep, speed, report, used_texts, speed_texts, importance_rows)
 
 
 def break_even(profile_bytes: int, pairs: Sequence[tuple[int, int]], tokens: int) -> dict[str, Any]:
@@ -417,7 +462,8 @@ def _bench_text(
     sweeps: list[tuple[str, float, str, Codec]],
     tmp: Path,
     tick: Callable[[], None],
-) -> tuple[list[BenchRow], list[SweepPoint], dict[str, tuple[int, int]]]:
+    profile: Profile | None = None,
+) -> tuple[list[BenchRow], list[SweepPoint], dict[str, tuple[int, int]], list[ImportanceRow]]:
     P = config.prefix
     started = time.perf_counter()
     kv = km.prefill(ids[:P])
@@ -508,7 +554,49 @@ def _bench_text(
             s = quality(decoded)
             points.append(SweepPoint(name, "kivi", float(bits), f"int{bits}", bpe,
                                      s.kl, s.dppl_pct, s.top1, None))
-    return rows, points, sizes
+
+    weighed: list[ImportanceRow] = []
+    context_elements = 2 * kv.num_layers * kv.kv_heads * kv.head_dim * P
+    for scorer in config.scorers:
+        # the scores, applied to the reference prefill's cache (a scorer's own prefill may
+        # differ from it by float rounding: its attention is computed another way)
+        scored = scoring.score(km, ids[:P], scorer)
+        scored = scoring.Scored(kv, scored.scores, scored.scorer, scored.seconds)
+        for level in config.levels:
+            pair = [(level, codec_for_level(level, profile))]
+            runs = [("importance", None, None)] + [
+                ("keep", f, rule) for f in config.keeps for rule in config.keep_rules]
+            for mode, f, rule in runs:
+                used = scoring.apply(scored, pair, profile, weigh=mode == "importance", keep=f,
+                                     keep_rule=rule or "shared")
+                out = tmp / f"{name}.{scorer}.{level}.kvz"
+                api.write_kvz(used.kv, ids[:P], out, km, levels=used.pairs, chunk_tokens=config.chunk_tokens,
+                              dtype="float32", importance=used.classes, extra_header=used.header)
+                file_bytes = out.stat().st_size
+                s = quality(api.load_kv(out).kv)
+                out.unlink()
+                weighed.append(ImportanceRow(
+                    name, level, scorer, mode, f, rule, file_bytes * 8 / (2 * used.kv.layout.stored() * kv.head_dim),
+                    file_bytes * 8 / context_elements, s.kl, s.dppl_pct, s.top1, file_bytes,
+                    used.kv.layout.stored() / scored.kv.layout.stored()))
+    return rows, points, sizes, weighed
+
+
+def summarize_importance(rows: Sequence[ImportanceRow]) -> list[ImportanceRow]:
+    """Means over texts of each (level, scorer, mode, keep, rule), in first-seen order."""
+    groups: dict[str, list[ImportanceRow]] = {}
+    for r in rows:
+        groups.setdefault(r.method, []).append(r)
+    out = []
+    for group in groups.values():
+        first = group[0]
+        mean = {f.name: statistics.fmean(getattr(r, f.name) for r in group)
+                for f in fields(ImportanceRow) if f.name in (
+                    "bits_per_element", "bits_per_context_element", "kl", "dppl_pct", "top1", "kept_fraction")}
+        out.append(ImportanceRow(
+            text="mean", level=first.level, scorer=first.scorer, mode=first.mode, keep=first.keep,
+            rule=first.rule, file_bytes=round(statistics.fmean(r.file_bytes for r in group)), **mean))
+    return out
 
 
 # ------------------------------------------------------------------- speed

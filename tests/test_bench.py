@@ -248,3 +248,29 @@ def test_no_profile_error_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
     assert result.exit_code != 0
     assert "no calibration profile" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_importance_section_rows_per_scorer_mode_and_fraction(tiny_model_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 3)
+    result = CliRunner().invoke(app, [
+        "bench", str(text), "--model", str(tiny_model_dir), "--levels", "lossless", "--codecs", "",
+        "--no-baselines", "--prefix", "300", "--cont", "64", "--importance", "prefill,keynorm",
+        "--keep", "0.9,0.5", "--keep-rule", "shared,head", "--json", "-q",
+    ])
+    assert result.exit_code == 0, result.output
+    section = json.loads(result.stdout)["importance"]
+    rows = section["means"]
+    assert len(rows) == 2 * (1 + 2 * 2) and len(section["rows"]) == len(rows)
+    by = {(r["scorer"], r["mode"], r["keep"], r["rule"]): r for r in rows}
+    for scorer in ("prefill", "keynorm"):
+        only = by[(scorer, "importance", None, None)]
+        assert only["kl"] == 0.0 and only["kept_fraction"] == 1.0  # lossless: weights change nothing
+        for rule in ("shared", "head"):
+            half, most = by[(scorer, "keep", 0.5, rule)], by[(scorer, "keep", 0.9, rule)]
+            assert half["kept_fraction"] == pytest.approx(0.5, abs=0.01)
+            assert half["bits_per_context_element"] < most["bits_per_context_element"]
+            assert half["bits_per_context_element"] == pytest.approx(0.5 * half["bits_per_element"], rel=0.05)
+            assert half["kl"] > 0
+    bad = CliRunner().invoke(app, ["bench", str(text), "--model", str(tiny_model_dir), "--keep", "0.5", "-q"])
+    assert bad.exit_code != 0 and "--importance" in bad.stderr

@@ -89,6 +89,26 @@ def _profile_line(report: bench.ProfileReport) -> str:
     return f"profile {report.digest[:12]}: {report.bytes:,} bytes{even}"
 
 
+def _importance_table(rows: list[bench.ImportanceRow], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("text", "method", "kept", "bits/stored elem", "bits/context elem", "KL nats/tok", "Δppl %", "top-1"):
+        table.add_column(col, justify="left" if col in ("text", "method") else "right")
+    for r in rows:
+        table.add_row(r.text, r.method, f"{r.kept_fraction:.3f}", f"{r.bits_per_element:.3f}",
+                      f"{r.bits_per_context_element:.3f}", f"{r.kl:.5f}", f"{r.dppl_pct:+.2f}", f"{r.top1:.3f}")
+    return table
+
+
+def _fractions(value: str | None) -> list[float]:
+    out = []
+    for x in _split(value) or []:
+        try:
+            out.append(float(x))
+        except ValueError:
+            raise InputError(f"--keep takes comma-separated fractions (e.g. 0.9,0.5), got {x!r}") from None
+    return out
+
+
 @handle_errors
 def bench_command(
     texts: list[Path] = typer.Argument(None, help="Text files (default: licenses and Python sources on this machine)."),
@@ -105,6 +125,9 @@ def bench_command(
     lengths: str = typer.Option(None, "--lengths", help="Speed section at these context lengths, e.g. 2048,4096,8192."),
     speed_level: str = typer.Option(DEFAULT_LEVEL, "--speed-level", help="Level the speed section encodes."),
     speed_only: bool = typer.Option(False, "--speed-only", help="Only the speed section (needs --lengths)."),
+    importance: str = typer.Option(None, "--importance", help="Importance section: comma-separated scorers (reconstruct, prefill, keynorm); each level with its steps weighted by each scorer, and with --keep, its entries dropped by it."),
+    keep: str = typer.Option(None, "--keep", help="With --importance: comma-separated fractions of entries kept, e.g. 0.9,0.7,0.5,0.3."),
+    keep_rule: str = typer.Option("shared", "--keep-rule", help="With --keep: comma-separated budget rules (shared, head)."),
     model: str = typer.Option(None, "--model", "-m", help="Model (default: embedded SmolLM2-135M-Instruct)."),
     device: str = device_option(),
     model_dtype: str = model_dtype_option(),
@@ -129,7 +152,12 @@ def bench_command(
         quality=not speed_only,
         lengths=_lengths(lengths),
         speed_level=speed_level,
+        scorers=_split(importance) or [],
+        keeps=_fractions(keep),
+        keep_rules=_split(keep_rule) or ["shared"],
     )
+    if config.keeps and not config.scorers:
+        raise InputError("--keep is part of the importance section: give --importance SCORERS")
     if plot is not None and speed_only:
         raise InputError("--plot draws the quality rows; drop --speed-only")
     with status("loading model…", not quiet):
@@ -139,6 +167,7 @@ def bench_command(
     rows = result.rows
     means = bench.summarize(rows)
     sweep_means = bench.summarize_sweep(result.sweep)
+    importance_means = bench.summarize_importance(result.importance)
     title = (
         f"{km.name}: prefix {prefix}, continuation {cont}, chunk {chunk_tokens} tokens, "
         f"{len(result.texts)} texts"
@@ -157,12 +186,20 @@ def bench_command(
             "rows": bench.rows_to_json(rows), "means": bench.rows_to_json(means),
             "sweep": {"points": bench.rows_to_json(result.sweep), "means": bench.rows_to_json(sweep_means)},
             "speed": bench.rows_to_json(result.speed),
+            "importance": {"rows": bench.rows_to_json(result.importance),
+                           "means": bench.rows_to_json(importance_means)},
         }))
         return
     if per_text and rows:
         out_console.print(_table(rows, "per text"))
     if means:
         out_console.print(_table(means, title))
+    if importance_means:
+        if per_text:
+            out_console.print(_importance_table(result.importance, "importance and dropping, per text"))
+        out_console.print(_importance_table(
+            importance_means, f"importance and dropping (means over {len(result.texts)} texts; "
+            "kept: entries stored / entries the cache held)"))
     if sweep_means:
         out_console.print(_sweep_table(sweep_means, f"rate–quality sweep (means over {len(result.texts)} texts)"))
     if result.speed:
