@@ -50,6 +50,10 @@ class AttentionRecorder:
         self.reduce = reduce
         self._seen = [start] * num_layers  # tokens each layer has read so far
 
+    def rewind(self, seen: int) -> None:
+        """Every layer has read ``seen`` tokens again (a pass whose cache was put back)."""
+        self._seen = [seen] * len(self._seen)
+
     def result(self) -> list[np.ndarray]:
         """Each layer's ``[kv_heads, token_count]`` scores."""
         if self.reduce == "max":
@@ -86,41 +90,43 @@ class AttentionRecorder:
             seen.sum(dim=0).float().cpu().numpy()[None, lo - key_start :] * (hq // heads))
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return x
-    b, h, n, d = x.shape
-    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
-
-
 def record_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None,
                      dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Eager attention that hands its weights to the active recorder."""
-    groups = query.shape[1] // key.shape[1]
-    k, v = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
-    scores = torch.matmul(query, k.transpose(2, 3)) * scale
+    """Eager attention that hands its weights to the active recorder.
+
+    Each kv head's query group is one matrix (``[g * q, D]`` against the head's keys), so
+    keys and values are never repeated per query head, and the scores matrix, the largest
+    array, is scaled, masked and soft-capped in place."""
+    b, hq, q, d = query.shape
+    heads, n = key.shape[1], key.shape[-2]
+    groups = hq // heads
+    scale = scaling if scaling is not None else getattr(module, "scaling", d ** -0.5)
+    grouped = (query * scale).reshape(b, heads, groups * q, d)
+    scores = torch.matmul(grouped, key.transpose(-1, -2))  # [b, heads, groups * q, n]
+    if scores.dtype != torch.float32:
+        scores = scores.float()
     softcap = kwargs.get("softcap")
     if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores.div_(softcap).tanh_().mul_(softcap)
     visible = None
     if attention_mask is not None:
-        mask = attention_mask[:, :, :, : k.shape[-2]]
-        scores = scores + mask
+        mask = attention_mask[:, :, :, :n]
+        scores.view(b, heads, groups, q, n).add_(mask[:, :, None].to(scores.dtype))
         visible = mask[0, 0] == 0
     sinks = kwargs.get("s_aux")
     if sinks is not None:  # GPT-OSS: a learned logit per head that takes part in the softmax
-        sink = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[-2], 1).to(scores.dtype)
-        scores = torch.cat([scores, sink], dim=-1)
-        probs = torch.softmax(scores.float(), dim=-1)[..., :-1]
+        sink = sinks.reshape(1, heads, groups, 1, 1).expand(b, heads, groups, q, 1).to(scores.dtype)
+        full = torch.cat([scores.view(b, heads, groups, q, n), sink], dim=-1)
+        probs = torch.softmax(full, dim=-1)[..., :-1].reshape(b, heads, groups * q, n)
     else:
-        probs = torch.softmax(scores.float(), dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+    del scores
     recorder = _ACTIVE.get()
     if recorder is not None:
-        recorder.observe(module.layer_idx, probs, visible)
-    out = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).contiguous()
-    return out, None
+        recorder.observe(module.layer_idx, probs.view(b, hq, q, n), visible)
+    out = torch.matmul(probs.to(value.dtype), value)  # [b, heads, groups * q, d]
+    return out.view(b, hq, q, d).transpose(1, 2).contiguous(), None
 
 
 _REGISTERED = False
