@@ -11,9 +11,11 @@ interface (:class:`Scorer`), kvzip's own code (the papers are cited, no code cop
   number of queries that could see it so late tokens are not penalised).  No extra pass:
   the prefill itself runs with kvzip's recording attention.
 * ``reconstruct``: KVzip (Kim et al., NeurIPS 2025).  After the prefill, the model reads
-  "Repeat the previous context:" and the context again, from its own cache, chunk by chunk;
-  an entry's score is the largest attention any query of that pass (in its kv head's query
-  group) gave it.  The pass costs about one more prefill over twice the keys.
+  "Repeat the previous context:" and the context again from its own cache, in pieces of
+  512 tokens, each piece (after the prompt) on its own: it attends to the whole context
+  and to itself, and is dropped before the next (KVzip's chunked scoring).  An entry's
+  score is the largest attention any query of the pass (in its kv head's query group) gave
+  it.  The pass costs about one more prefill, its queries reading the whole context.
 
 :func:`score` runs the prefill with the scorer and returns the cache with its scores;
 :func:`classes` turns scores into a few importance classes per layer, the input of the
@@ -99,11 +101,12 @@ class Reconstruct(Scorer):
         kv = km.prefill(ids)
         bos = getattr(km.tokenizer, "bos_token_id", None) if km.tokenizer is not None else None
         body = list(ids[1:]) if ids and bos is not None and ids[0] == bos else list(ids)
-        repeat = km.encode_text(REPEAT_PROMPT, special_tokens=False) + body
-        recorder = AttentionRecorder(km.num_layers, km.kv_heads, len(ids), start=len(ids),
-                                     record_from=len(ids))
-        with recording(km.model, recorder):  # chunk by chunk: attention memory stays bounded
-            km.read_after(kv, repeat, step=self.step)
+        prompt = km.encode_text(REPEAT_PROMPT, special_tokens=False)
+        pieces = [prompt + body[i : i + self.step] for i in range(0, len(body), self.step)]
+        n = len(ids)
+        recorder = AttentionRecorder(km.num_layers, km.kv_heads, n, start=n, record_from=n)
+        with recording(km.model, recorder):  # piece by piece: attention memory stays bounded
+            km.read_pieces_after(kv, pieces, before_each=lambda: recorder.rewind(n))
         return Scored(kv, _aligned(kv, recorder.result()), self.name, time.perf_counter() - t0)
 
 

@@ -541,15 +541,24 @@ class KVModel:
         return self._prefill_rate
 
     @torch.inference_mode()
-    def read_after(self, kv: torch.Tensor | LayeredKV, ids: Sequence[int], *, step: int = 512) -> None:
-        """Read ``ids`` after the cached context in ``step``-token pieces and keep nothing:
-        for what the forwards observe (kvzip.importance's reconstruction pass).  Only the
-        last position's logits are computed."""
-        cache = self.build_cache(as_layered(kv), room=len(ids))
-        input_ids = self._ids(ids)
-        for start in range(0, input_ids.shape[1], step):
-            self.model(input_ids=input_ids[:, start : start + step], cache=cache, use_cache=True,
-                       logits_to_keep=1)
+    def read_pieces_after(self, kv: torch.Tensor | LayeredKV, pieces: Sequence[Sequence[int]], *,
+                          before_each: Callable[[], None] | None = None) -> None:
+        """Read each of ``pieces`` after the cached context, each on its own: the cache is
+        put back to the context before the next one, so a piece attends to the context and
+        itself only.  Keeps nothing (for what the forwards observe); only the last
+        position's logits are computed.  ``before_each()`` runs before each piece."""
+        if not pieces:
+            return
+        cache = self.build_cache(as_layered(kv), room=max(len(p) for p in pieces))
+        saved = [(layer.keys, layer.values, getattr(layer, "cumulative_length", None)) for layer in cache.layers]
+        for piece in pieces:
+            if before_each is not None:
+                before_each()
+            self.model(input_ids=self._ids(piece), cache=cache, use_cache=True, logits_to_keep=1)
+            for layer, (keys, values, seen) in zip(cache.layers, saved):
+                layer.keys, layer.values = keys, values  # a reserved layer's buffer keeps its start
+                if seen is not None:
+                    layer.cumulative_length = seen
 
     @torch.inference_mode()
     def extend_at(
