@@ -316,3 +316,18 @@ def test_streaming_a_kept_file_serves_true_chunk_sizes_and_attaches_it(tmp_path)
         # its chunks cannot be recomputed from text: said in one line, not guessed
         with pytest.raises(errors.InputError, match="cannot be recomputed"):
             stream_generate(manifest_url, prompt, km, levels=[], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("entropy", ["rans", "param", "param2", "hist"])
+def test_a_block_holding_only_attention_sinks_codes_and_decodes(entropy):
+    """A heavily pruned layer may hold nothing but its sinks in a chunk: the quantiser's
+    body then has no token (it used to fail to reshape an empty array)."""
+    from kvzip.codecs import ChunkContext, codec_from_config
+
+    codec = codec_from_config({"id": "kvzip-lossy", "key_step": 0.27, "value_step": 0.5, "sink_tokens": 4,
+                               "value_token_exp": 0.5, "entropy": entropy})
+    for pos in (np.array([0, 1, 2, 3]), np.array([1, 3])):
+        ctx = ChunkContext(0, pos.size, 1, 2, 8, "float32", None, positions=pos)
+        x = np.random.default_rng(0).standard_normal((2, 1, 2, pos.size, 8)).astype(np.float32)
+        y = codec.decode(codec.encode(x, ctx), ctx)
+        assert np.abs(x - y).max() < 0.05  # sinks: a 16 times finer step

@@ -34,7 +34,7 @@ def _check_finite(x: np.ndarray) -> None:
 def _to_rows(x: np.ndarray) -> np.ndarray:
     """[2, L, H, T, D] -> [2*L*H*D, T] (rows: K/V, layer, head, channel)."""
     two, layers, heads, tokens, dim = x.shape
-    return np.ascontiguousarray(x.transpose(0, 1, 2, 4, 3)).reshape(-1, tokens)
+    return np.ascontiguousarray(x.transpose(0, 1, 2, 4, 3)).reshape(two * layers * heads * dim, tokens)
 
 
 def _from_rows(rows: np.ndarray, shape) -> np.ndarray:
