@@ -129,30 +129,39 @@ def record_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     return out.view(b, hq, q, d).transpose(1, 2).contiguous(), None
 
 
-_REGISTERED = False
+_REGISTERED: set[str] = set()
 
 
-def _register() -> None:
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+@contextlib.contextmanager
+def attending_with(model: Any, name: str, function: Any, mask_function: Any = None) -> Iterator[None]:
+    """Inside the block ``model`` attends with ``function``, registered once through
+    transformers' attention interface as ``name`` (with ``mask_function`` as its mask
+    builder; without one the mask builders hand over None), and as before afterwards."""
+    if name not in _REGISTERED:
+        from transformers import AttentionInterface
 
-    AttentionInterface.register(NAME, record_attention)
-    AttentionMaskInterface.register(NAME, eager_mask)  # else the mask builders hand over None
-    _REGISTERED = True
+        AttentionInterface.register(name, function)
+        if mask_function is not None:
+            from transformers.masking_utils import AttentionMaskInterface
+
+            AttentionMaskInterface.register(name, mask_function)
+        _REGISTERED.add(name)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 @contextlib.contextmanager
 def recording(model: Any, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
     """``model``'s forwards inside the block run :func:`record_attention` into ``recorder``."""
-    _register()
-    before = model.config._attn_implementation
+    from transformers.masking_utils import eager_mask
+
     token = _ACTIVE.set(recorder)
-    model.set_attn_implementation(NAME)
     try:
-        yield recorder
+        with attending_with(model, NAME, record_attention, eager_mask):
+            yield recorder
     finally:
-        model.set_attn_implementation(before)
         _ACTIVE.reset(token)

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvzip.model.attention import attending_with
+
 NAME = "kvzip-pruned"
 
 
@@ -196,32 +198,13 @@ def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return out, None
 
 
-_REGISTERED = False
-
-
-def _register() -> None:
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers import AttentionInterface
-
-    # No mask function is registered: the mask builders then hand over None, and
-    # attend() masks by the true positions the layer holds.
-    AttentionInterface.register(NAME, attend)
-    _REGISTERED = True
-
-
 @contextlib.contextmanager
 def pruned_attention(model: Any, cache: Any) -> Iterator[None]:
     """Inside the block, ``model`` attends with :func:`attend` when ``cache`` is pruned
-    (and as before otherwise)."""
+    (and as before otherwise).  No mask function goes with it: the mask builders then hand
+    over None, and :func:`attend` masks by the true positions the layer holds."""
     if not is_pruned(cache):
         yield
         return
-    _register()
-    before = model.config._attn_implementation
-    model.set_attn_implementation(NAME)
-    try:
+    with attending_with(model, NAME, attend):
         yield
-    finally:
-        model.set_attn_implementation(before)
