@@ -24,7 +24,7 @@ from kvzip.codecs import STORAGE_DTYPES
 from kvzip.errors import ContextTooLongError, InputError, KvzipError
 from kvzip.formats import ChatInfo, SourceInfo, open_kvz
 from kvzip.formats.limits import memory_limit
-from kvzip.importance.keep import DEFAULT_KEEP_RULE, DEFAULT_KEEP_SCORER, check_keep
+from kvzip.importance.keep import DEFAULT_KEEP_RULE, check_keep, check_keep_by
 from kvzip.levels import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_LEVEL,
@@ -148,6 +148,7 @@ def encode(
     importance: str | None = None,
     keep: float | None = None,
     keep_rule: str = DEFAULT_KEEP_RULE,
+    keep_by: str | None = None,
     device: str | torch.device | None = None,
     model_dtype: str | torch.dtype | None = None,
     prefill_cache: str = "auto",
@@ -160,9 +161,10 @@ def encode(
     at a finer step and the least at a coarser one, at about the level's size.
 
     ``keep`` (a fraction in (0, 1]) drops entries: the file keeps that fraction of them by
-    score (``importance``'s scorer, else ``prefill``), the attention sinks and the last
-    position always; ``keep_rule``: ``"shared"`` (one budget across heads and layers) or
-    ``"head"`` (the same fraction in every head); see :mod:`kvzip.importance.keep`.
+    score (``keep_by``, else ``importance``'s scorer, else ``reconstruct``), the attention
+    sinks and the last position always; ``keep_rule``: ``"shared"`` (one budget across heads
+    and layers) or ``"head"`` (the same fraction in every head); see
+    :mod:`kvzip.importance.keep`.
 
     Lossy levels use the model's calibration profile (``profile``: a file or a
     digest; by default the newest one for the model in the profile directories).
@@ -180,6 +182,7 @@ def encode(
     if importance is not None:
         scoring.scorer(importance)  # an unknown scorer is refused before the model loads
     check_keep(keep, keep_rule)
+    scorer_name = check_keep_by(keep_by, importance)
     if chunk_tokens <= 0:
         raise InputError(f"--chunk-tokens must be positive, got {chunk_tokens}")
     if dtype is not None and dtype not in STORAGE_DTYPES:
@@ -203,7 +206,7 @@ def encode(
         kv = stream_prefill(km, ids, chunk_tokens, progress, offload=offload)
     else:
         progress("score", 0, 1)
-        scored = scoring.score(km, ids, importance or DEFAULT_KEEP_SCORER)
+        scored = scoring.score(km, ids, scorer_name)
         progress("score", 1, 1)
         used = scoring.apply(scored, pairs, resolved.profile, weigh=importance is not None,
                              keep=keep, keep_rule=keep_rule)

@@ -59,6 +59,18 @@ def test_the_shared_budget_gives_heads_that_spread_their_attention_more():
     assert per_head[0].sum() == per_head[1].sum() == 50
 
 
+def test_the_shared_budget_does_not_favour_small_layers():
+    """A sliding layer holds fewer entries than a full one, so each of its entries carries a
+    larger share of its head's attention; the shared budget compares entries against their
+    own head's mean, so two layers with the same pattern keep the same fraction."""
+    layout = PositionLayout([[np.arange(400 - 100, 400)], [np.arange(400)]], 400)
+    rng = np.random.default_rng(0)
+    pattern = lambda n: np.exp(3 * rng.permutation(np.linspace(0, 1, n)))[None]  # noqa: E731 - one distribution
+    kept = choose([pattern(100), pattern(400)], layout, 0.5, "shared")
+    small, big = kept[0][0, :100].mean(), kept[1][0].mean()
+    assert abs(small - big) < 0.05
+
+
 def test_heads_kept_together_share_their_positions():
     layout = _layout([60, 60], heads=3)
     rng = np.random.default_rng(0)
@@ -277,10 +289,17 @@ def test_cli_keep(tmp_path):
     assert res.exit_code == 0, res.output
     info = json.loads(run("info", out, "--json").stdout)
     assert info["keep"]["rule"] == "head" and info["keep"]["fraction"] == 0.5
+    assert info["keep"]["scorer"] == "reconstruct" and info["importance"] is None  # the default; no weighting
+    by = tmp_path / "by.kvz"
+    assert run("encode", doc, "-o", by, "--model", model, "--level", "lossless", "--keep", "0.5",
+               "--keep-by", "prefill", "-q").exit_code == 0
+    assert json.loads(run("info", by, "--json").stdout)["keep"]["scorer"] == "prefill"
     shown = run("info", out).stdout
     assert "kept" in shown and "50.0%" in shown
     for bad, needle in ((["--keep", "0"], "--keep"), (["--keep", "2"], "--keep"),
-                        (["--keep", "0.5", "--keep-rule", "x"], "--keep-rule")):
+                        (["--keep", "0.5", "--keep-rule", "x"], "--keep-rule"),
+                        (["--keep", "0.5", "--keep-by", "nope"], "unknown importance scorer"),
+                        (["--keep", "0.5", "--keep-by", "prefill", "--importance", "keynorm"], "same scorer")):
         bad_out = tmp_path / "bad.kvz"
         assert_one_line_error(run("encode", doc, "-o", bad_out, "--model", model, *bad), needle)
         assert not bad_out.exists()

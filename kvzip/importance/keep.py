@@ -29,7 +29,9 @@ from kvzip.formats import PositionLayout
 
 KEEP_RULES = ("shared", "head")
 DEFAULT_KEEP_RULE = "shared"
-DEFAULT_KEEP_SCORER = "prefill"  # the best of the three on both models measured (docs/benchmarks.md)
+# The scorer --keep drops by when none is named: the best of the three at dropping on both
+# models measured (docs/benchmarks.md, "Dropping entries").
+DEFAULT_KEEP_SCORER = "reconstruct"
 SINK_TOKENS = 4
 
 
@@ -41,6 +43,18 @@ def check_keep(fraction: float | None, rule: str) -> None:
         raise InputError(f"--keep-rule must be one of {', '.join(KEEP_RULES)}, got {rule!r}")
 
 
+def check_keep_by(keep_by: str | None, importance: str | None) -> str:
+    """The scorer a file's entries are scored with: ``--keep-by``, else ``--importance``'s,
+    else :data:`DEFAULT_KEEP_SCORER` (one scoring pass serves both, so two different
+    names are refused)."""
+    if keep_by is not None and importance is not None and keep_by != importance:
+        raise InputError(f"--keep-by {keep_by} and --importance {importance} must name the same scorer "
+                         "(one scoring pass serves both)")
+    from kvzip.importance import scorer  # the package's scorers (imported late: it imports this module)
+
+    return scorer(keep_by or importance or DEFAULT_KEEP_SCORER).name
+
+
 def _shares(layer_scores: np.ndarray, counts: Sequence[int]) -> np.ndarray:
     """Per head, its scores over its held entries as a distribution (padding: -1)."""
     out = np.full(layer_scores.shape, -1.0)
@@ -50,7 +64,7 @@ def _shares(layer_scores: np.ndarray, counts: Sequence[int]) -> np.ndarray:
             continue
         s = s - s.min()
         total = s.sum()
-        out[h, :n] = s / total if total > 0 else 1.0 / n
+        out[h, :n] = s * (n / total) if total > 0 else 1.0
     return out
 
 
