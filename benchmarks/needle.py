@@ -29,13 +29,14 @@ NEEDLE = "The secret passphrase for the archive room is BLUE HARBOR FORTY-TWO."
 QUESTION = "What is the secret passphrase for the archive room? Answer with the passphrase only."
 KEY = "BLUE HARBOR"
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-METHODS = {  # name -> (level, importance, keep, keep rule)
-    "lossless": ("lossless", None, None, None),
-    "balanced": ("balanced", None, None, None),
-    "balanced + importance prefill": ("balanced", "prefill", None, None),
-    "balanced keep 0.5 shared": ("balanced", None, 0.5, "shared"),
-    "balanced keep 0.5 head": ("balanced", None, 0.5, "head"),
-    "balanced keep 0.3 shared": ("balanced", None, 0.3, "shared"),
+METHODS = {  # name -> (level, importance, keep, keep rule, keep by)
+    "lossless": ("lossless", None, None, None, None),
+    "balanced": ("balanced", None, None, None, None),
+    "balanced + importance prefill": ("balanced", "prefill", None, None, None),
+    "balanced keep 0.5 shared": ("balanced", None, 0.5, "shared", "reconstruct"),
+    "balanced keep 0.5 head": ("balanced", None, 0.5, "head", "reconstruct"),
+    "balanced keep 0.5 shared by prefill": ("balanced", None, 0.5, "shared", "prefill"),
+    "balanced keep 0.3 shared": ("balanced", None, 0.3, "shared", "reconstruct"),
 }
 
 
@@ -64,11 +65,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for depth in DEPTHS:
             doc = haystack(km, opts.text, opts.tokens, depth)
-            for name, (level, importance, keep, rule) in methods.items():
+            for name, (level, importance, keep, rule, keep_by) in methods.items():
                 out = Path(tmp) / "n.kvz"
                 t0 = time.perf_counter()
                 summary = api.encode(doc, out, model=km, levels=[level], chat=True, importance=importance,
-                                     keep=keep, keep_rule=rule or "shared")
+                                     keep=keep, keep_rule=rule or "shared", keep_by=keep_by)
                 encode_s = time.perf_counter() - t0
                 result = api.generate(out, QUESTION, model=km, max_new_tokens=16)
                 elements = 2 * km.num_layers * km.kv_heads * km.head_dim * summary.tokens
