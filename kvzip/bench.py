@@ -582,23 +582,6 @@ def _bench_text(
     return rows, points, sizes, weighed
 
 
-def summarize_importance(rows: Sequence[ImportanceRow]) -> list[ImportanceRow]:
-    """Means over texts of each (level, scorer, mode, keep, rule), in first-seen order."""
-    groups: dict[str, list[ImportanceRow]] = {}
-    for r in rows:
-        groups.setdefault(r.method, []).append(r)
-    out = []
-    for group in groups.values():
-        first = group[0]
-        mean = {f.name: statistics.fmean(getattr(r, f.name) for r in group)
-                for f in fields(ImportanceRow) if f.name in (
-                    "bits_per_element", "bits_per_context_element", "kl", "dppl_pct", "top1", "kept_fraction")}
-        out.append(ImportanceRow(
-            text="mean", level=first.level, scorer=first.scorer, mode=first.mode, keep=first.keep,
-            rule=first.rule, file_bytes=round(statistics.fmean(r.file_bytes for r in group)), **mean))
-    return out
-
-
 # ------------------------------------------------------------------- speed
 def _status_kib(pid: int, key: str) -> int:
     try:
@@ -743,40 +726,43 @@ def run_speed(km: KVModel, config: BenchConfig, profile: Profile | None, tmp: Pa
 
 
 # ----------------------------------------------------------------- summaries
-def summarize(rows: Sequence[BenchRow]) -> list[BenchRow]:
-    """One row per method: the mean of each metric over the texts."""
-    by_method: dict[str, list[BenchRow]] = {}
+def _means(rows: Sequence[Any], key: Callable[[Any], Any], same: Sequence[str],
+           rounded: Sequence[str] = ()) -> list[Any]:
+    """One row per ``key``, in first-seen order: the fields in ``same`` as the group's first
+    row has them, every other field the mean over the group's texts (None when a row lacks
+    it; the ``rounded`` ones to whole numbers)."""
+    groups: dict[Any, list[Any]] = {}
     for r in rows:
-        by_method.setdefault(r.method, []).append(r)
+        groups.setdefault(key(r), []).append(r)
     means = []
-    for method, group in by_method.items():
-        values: dict[str, Any] = {"text": f"mean of {len(group)}", "method": method}
-        for f in fields(BenchRow):
-            if f.name in values:
+    for group in groups.values():
+        values: dict[str, Any] = {"text": f"mean of {len(group)}"}
+        for f in fields(group[0]):
+            if f.name == "text":
+                continue
+            if f.name in same:
+                values[f.name] = getattr(group[0], f.name)
                 continue
             xs = [getattr(r, f.name) for r in group]
-            values[f.name] = None if any(x is None for x in xs) else statistics.fmean(xs)
-        means.append(BenchRow(**values))
+            mean = None if any(x is None for x in xs) else statistics.fmean(xs)
+            values[f.name] = round(mean) if mean is not None and f.name in rounded else mean
+        means.append(type(group[0])(**values))
     return means
+
+
+def summarize(rows: Sequence[BenchRow]) -> list[BenchRow]:
+    """One row per method: the mean of each metric over the texts."""
+    return _means(rows, lambda r: r.method, ("method",))
 
 
 def summarize_sweep(points: Sequence[SweepPoint]) -> list[SweepPoint]:
     """One point per (curve, setting): the mean over the texts."""
-    groups: dict[tuple[str, float], list[SweepPoint]] = {}
-    for p in points:
-        groups.setdefault((p.curve, p.setting), []).append(p)
-    means = []
-    for (curve, setting), group in groups.items():
-        sizes = [p.file_bytes for p in group]
-        means.append(SweepPoint(
-            text=f"mean of {len(group)}", curve=curve, setting=setting, label=group[0].label,
-            bits_per_element=statistics.fmean(p.bits_per_element for p in group),
-            kl=statistics.fmean(p.kl for p in group),
-            dppl_pct=statistics.fmean(p.dppl_pct for p in group),
-            top1=statistics.fmean(p.top1 for p in group),
-            file_bytes=None if any(s is None for s in sizes) else round(statistics.fmean(sizes)),
-        ))
-    return means
+    return _means(points, lambda p: (p.curve, p.setting), ("curve", "setting", "label"), ("file_bytes",))
+
+
+def summarize_importance(rows: Sequence[ImportanceRow]) -> list[ImportanceRow]:
+    """One row per (level, scorer, mode, keep, rule): the mean over the texts."""
+    return _means(rows, lambda r: r.method, ("level", "scorer", "mode", "keep", "rule"), ("file_bytes",))
 
 
 def rows_to_json(rows: Sequence[Any]) -> list[dict[str, Any]]:

@@ -6,10 +6,11 @@ first ``sink_tokens`` positions) and the context's last position (which a prompt
 generation reads again).  Two budget rules:
 
 * ``shared`` (the default): one budget across every head and layer.  Each (layer, head)'s
-  scores are made a distribution (shifted to a minimum of 0, divided by their sum), and the
-  entries with the largest shares are kept wherever they are, so a head whose attention is
-  spread out keeps more entries than one that looks at a few (the rule of AdaKV, Feng et
-  al., 2024, taken across layers as well as heads).
+  scores are shifted to a minimum of 0 and divided by their mean, and the entries with the
+  largest such shares are kept wherever they are, so a head whose attention is spread out
+  keeps more entries than one that looks at a few (the rule of AdaKV, Feng et al., 2024,
+  taken across layers as well as heads), and a layer holding few entries (a sliding
+  window) does not outweigh one holding many.
 * ``head``: every (layer, head) keeps the same fraction of its entries (SnapKV-style).
 
 When a level's codec maps a layer's heads jointly (a ``pca-layer`` calibration profile
@@ -29,8 +30,9 @@ from kvzip.formats import PositionLayout
 
 KEEP_RULES = ("shared", "head")
 DEFAULT_KEEP_RULE = "shared"
-# The scorer --keep drops by when none is named: the best of the three at dropping on both
-# models measured (docs/benchmarks.md, "Dropping entries").
+# The scorer --keep drops by when none is named: the best of the three at dropping on the
+# default (instruct) model; on a base model prefill attention dropped better
+# (docs/benchmarks.md, "Dropping entries").
 DEFAULT_KEEP_SCORER = "reconstruct"
 SINK_TOKENS = 4
 
@@ -56,7 +58,8 @@ def check_keep_by(keep_by: str | None, importance: str | None) -> str:
 
 
 def _shares(layer_scores: np.ndarray, counts: Sequence[int]) -> np.ndarray:
-    """Per head, its scores over its held entries as a distribution (padding: -1)."""
+    """Per head, its scores over its held entries relative to their mean, after a shift to
+    a minimum of 0 (padding: -1)."""
     out = np.full(layer_scores.shape, -1.0)
     for h, n in enumerate(counts):
         s = np.asarray(layer_scores[h, :n], np.float64)

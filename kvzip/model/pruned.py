@@ -66,10 +66,6 @@ class _PrunedMixin:
         self.keys = torch.empty(shape, dtype=dtype, device="meta")
         self.values = torch.empty(shape, dtype=dtype, device="meta")
 
-    def entries(self) -> int:
-        """(head, position) entries held."""
-        return sum(self.count)
-
     def write(self, head: int, slots: slice, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Fill ``slots`` of head ``head`` (``keys``/``values`` ``[n, head_dim]``)."""
         self.k[head][slots].copy_(keys)
@@ -104,13 +100,10 @@ class _PrunedMixin:
         for h in range(len(self.k)):
             n = self.count[h]
             if n + q > self.k[h].shape[0]:
-                grow = max(n + q, 2 * self.k[h].shape[0])
-                for name in ("pos", "k", "v"):
-                    old = getattr(self, name)[h]
-                    new = torch.full((grow, *old.shape[1:]), -1, dtype=old.dtype, device=old.device) \
-                        if name == "pos" else torch.zeros((grow, *old.shape[1:]), dtype=old.dtype, device=old.device)
-                    new[:n] = old[:n]
-                    getattr(self, name)[h] = new
+                size = max(n + q, 2 * self.k[h].shape[0])
+                self.pos[h] = _grown(self.pos[h], size, n, -1)
+                self.k[h] = _grown(self.k[h], size, n, 0)
+                self.v[h] = _grown(self.v[h], size, n, 0)
             self.pos[h][n : n + q] = new_pos
             self.k[h][n : n + q] = key_states[0, h]
             self.v[h][n : n + q] = value_states[0, h]
@@ -134,6 +127,13 @@ class _PrunedMixin:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise RuntimeError("a pruned cache holds one sequence (no beam search)")
+
+
+def _grown(t: torch.Tensor, size: int, filled: int, fill: float) -> torch.Tensor:
+    """``t`` with room for ``size`` rows, its first ``filled`` kept, the rest ``fill``."""
+    out = t.new_full((size, *t.shape[1:]), fill)
+    out[:filled] = t[:filled]
+    return out
 
 
 @functools.cache

@@ -351,8 +351,7 @@ def stream_generate(
         meter = ThroughputMeter(initial_mbps * 1e6 / 8 if initial_mbps else estimate)
         downloader = _Downloader(manifest, source, allowed, meter, DecodeMeter(decode_prior),
                                  deadline, started)
-        pruned = not header.is_dense and model.is_pruned_layout(header.layout)
-        if pruned:
+        if not header.is_dense and model.is_pruned_layout(header.layout):
             # Entries dropped by --keep: a chunk recomputed from its text would hold other
             # entries than the file's, so every chunk is fetched (the fastest level when
             # none fits the deadline).
@@ -360,11 +359,12 @@ def stream_generate(
                 raise InputError("this file keeps only some of its entries (--keep): its chunks cannot be "
                                  "recomputed from the text; stream at least one of its levels")
             downloader.recompute_seconds_per_token = math.inf
-        elif not recompute_tokens_per_second and is_accelerator(model.device):
-            # an accelerator may recompute faster than any link delivers: measure it first
-            recompute_tokens_per_second = model.prefill_rate()
-        if recompute_tokens_per_second and not pruned:
-            downloader.recompute_seconds_per_token = 1 / recompute_tokens_per_second
+        else:
+            if not recompute_tokens_per_second and is_accelerator(model.device):
+                # an accelerator may recompute faster than any link delivers: measure it first
+                recompute_tokens_per_second = model.prefill_rate()
+            if recompute_tokens_per_second:
+                downloader.recompute_seconds_per_token = 1 / recompute_tokens_per_second
         downloader.start()
         try:
             parts, reports, wait, decode_s, recompute_s = _assemble(
