@@ -1,18 +1,19 @@
 """kvzip: prefill once, store the KV cache small, attach it later.
 
 For a ``transformers`` model and its cache: :func:`kvzip.save`, :func:`kvzip.load` and
-:func:`kvzip.open` (defined in :mod:`kvzip.hf`); for text in and text out: :mod:`kvzip.api`.
+:func:`kvzip.open` (defined in :mod:`kvzip.hf`; :func:`kvzip.pruned_attention` to generate
+from a loaded cache with dropped entries); for text in and text out: :mod:`kvzip.api`.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "open", "save"]
+__all__ = ["__version__", "load", "open", "pruned_attention", "save"]
 
 # save/load/open are imported on first use, so `import kvzip` (which every kvzip module
 # does, for __version__) stays free of torch.  importlib rather than an import statement:
 # the root package then declares no import of kvzip.hf, which imports kvzip modules that
 # import the root package (import-linter would see a cycle).
-_LAZY = frozenset({"save", "load", "open"})
+_LAZY = frozenset({"save", "load", "open", "pruned_attention"})
 
 
 def __getattr__(name: str):

@@ -44,8 +44,9 @@ from kvzip.levels import (
 )
 from kvzip.model import KVModel
 from kvzip.model.plain import as_kv_model
+from kvzip.model.pruned import pruned_attention
 
-__all__ = ["Chunk", "KvzFile", "load", "open", "save"]
+__all__ = ["Chunk", "KvzFile", "load", "open", "pruned_attention", "save"]
 
 # The library face defaults to a bit-exact round trip (what save/load means elsewhere in
 # Python), and a lossy level never starts a calibration unasked: see save().
@@ -128,6 +129,11 @@ def load(
     no sliding layer's window is full (a full window keeps only what the next new
     token needs).  ``generate`` extends the cache in place, so load a fresh one (or
     ``copy.deepcopy`` it) for each generation.
+
+    A file written with ``--keep`` holds a different set of positions per kv head; its
+    cache is a pruned one, which the model must read with kvzip's attention:
+    ``with kvzip.pruned_attention(model, cache): model.generate(...)`` (outside that block
+    it refuses to run rather than attend to the new tokens alone).
     """
     km = as_kv_model(model, tokenizer)
     with open_cache(path) as file:

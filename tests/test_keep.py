@@ -124,7 +124,7 @@ def test_a_pruned_cache_holding_everything_attends_exactly_as_the_model(family, 
     prompt, follow = ids[:100], ids[100:140]
     kv = km.prefill(prompt)
     ref = km.teacher_force(kv, follow)
-    cache = km._pruned_cache(kv.layout, len(follow))
+    cache = km._pruned_cache(kv.layout, len(follow), km.device)
     assert is_pruned(cache)
     for i, layer in enumerate(kv.layers):
         km.fill_cache(cache, i, slice(None), slice(0, layer.shape[2]), layer)
@@ -350,3 +350,24 @@ def test_a_block_holding_only_attention_sinks_codes_and_decodes(entropy):
         x = np.random.default_rng(0).standard_normal((2, 1, 2, pos.size, 8)).astype(np.float32)
         y = codec.decode(codec.encode(x, ctx), ctx)
         assert np.abs(x - y).max() < 0.05  # sinks: a 16 times finer step
+
+
+def test_kvzip_load_of_a_kept_file_runs_only_under_kvzip_attention(tmp_path):
+    """The library face: the loaded cache is a pruned one, on the device asked for; the
+    model's own attention would read only the new tokens, so it is refused, and inside
+    kvzip.pruned_attention generation is the same as kvzip's own."""
+    import kvzip
+
+    km = tiny_model("llama")
+    out = _encode(km, tmp_path, 0.5, "head")
+    ids = km.document_ids(TEXT, None) + km.prompt_ids(" and then", None)
+    input_ids = torch.tensor([ids])
+    cache = kvzip.load(out, model=km.model, device="cpu")
+    assert is_pruned(cache) and all(layer.device.type == "cpu" for layer in cache.layers)
+    with pytest.raises(RuntimeError, match="pruned_attention"):
+        km.model(input_ids=input_ids[:, -3:], cache=cache, use_cache=True)
+    cache = kvzip.load(out, model=km.model)
+    with kvzip.pruned_attention(km.model, cache):
+        got = km.model.generate(input_ids=input_ids, cache=cache, max_new_tokens=5, do_sample=False,
+                                pad_token_id=256)
+    assert got[0, len(ids):].tolist() == km.generate(ids, kv=api.load_kv(out).kv, max_new_tokens=5)

@@ -18,6 +18,7 @@ kvzip does so whenever a cache it built is a pruned one (:func:`is_pruned`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -28,6 +29,8 @@ import torch
 from kvzip.model.attention import attending_with
 
 NAME = "kvzip-pruned"
+# Set inside pruned_attention(): a pruned layer refuses to be read by any other attention.
+_ATTENDING: contextvars.ContextVar[bool] = contextvars.ContextVar("kvzip_pruned_attending", default=False)
 
 
 def _mixin_base() -> type:
@@ -94,6 +97,10 @@ class _PrunedMixin:
         :func:`attend`, which reads every head's entries from here."""
         if key_states.shape[0] != 1:
             raise ValueError("a pruned cache holds one sequence")
+        if not _ATTENDING.get():
+            # the model's own attention would read only the new states handed back here
+            raise RuntimeError("a pruned cache (a .kvz written with --keep) needs kvzip's attention: "
+                               "run the model inside kvzip.pruned_attention(model, cache)")
         self._evict()
         q = key_states.shape[-2]
         new_pos = torch.arange(self.next_position, self.next_position + q, device=self.device)
@@ -206,5 +213,9 @@ def pruned_attention(model: Any, cache: Any) -> Iterator[None]:
     if not is_pruned(cache):
         yield
         return
-    with attending_with(model, NAME, attend):
-        yield
+    token = _ATTENDING.set(True)
+    try:
+        with attending_with(model, NAME, attend):
+            yield
+    finally:
+        _ATTENDING.reset(token)

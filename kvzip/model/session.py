@@ -705,14 +705,14 @@ class KVModel:
         (default: the model's)."""
         kv = as_layered(kv)
         self._check_fits(kv.layout, kv.head_dim)
+        model_dtype, device = self.model.dtype, self.device if device is None else torch.device(device)
         if not kv.is_dense and self.is_pruned_layout(kv.layout):
-            cache = self._pruned_cache(kv.layout, room)
+            cache = self._pruned_cache(kv.layout, room, device)
             for i, layer in enumerate(kv.layers):
                 for h, p in enumerate(kv.layout.positions[i]):
                     self.fill_cache(cache, i, h, slice(0, p.size), layer[:, h, : p.size])
             return cache
         cache = self.new_cache(capacity=kv.token_count + room)
-        model_dtype, device = self.model.dtype, self.device if device is None else torch.device(device)
         for i, layer in enumerate(kv.layers):
             cache.update(layer[0].unsqueeze(0).to(device, model_dtype), layer[1].unsqueeze(0).to(device, model_dtype), i)
             if hasattr(cache.layers[i], "cumulative_length"):
@@ -738,11 +738,11 @@ class KVModel:
         new tokens): :meth:`fill_cache` writes a stored cache into it piece by piece, so
         attaching never holds a second copy of the whole cache."""
         self._check_fits(layout, self.head_dim)
-        dtype, device = self.model.dtype, self.device
         if not layout.is_dense() and self.is_pruned_layout(layout):
-            return self._pruned_cache(layout, room)
+            return self._pruned_cache(layout, room, self.device)
         cache = self.new_cache(capacity=layout.token_count + room)
         layers = self._cache_layers(cache)
+        dtype, device = self.model.dtype, self.device
         for i, layer in enumerate(layers):
             width = layout.layer_width(i)
             reserved = hasattr(layer, "adopt")
@@ -776,15 +776,15 @@ class KVModel:
         target.keys[0, heads, slots].copy_(kv[0], non_blocking=False)
         target.values[0, heads, slots].copy_(kv[1], non_blocking=False)
 
-    def _pruned_cache(self, layout: PositionLayout, room: int) -> Any:
-        """A cache of :mod:`kvzip.model.pruned` layers holding what ``layout`` holds (zeros
-        until :meth:`fill_cache`), ``room`` more entries per head for new tokens."""
+    def _pruned_cache(self, layout: PositionLayout, room: int, device: torch.device) -> Any:
+        """A cache of :mod:`kvzip.model.pruned` layers on ``device`` holding what ``layout``
+        holds (zeros until :meth:`fill_cache`), ``room`` more entries per head for new tokens."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
         for i, window in enumerate(self.layer_windows()):
             cache.layers[i] = pruned_layer(layout.positions[i], layout.token_count, window, self.head_dim,
-                                           room, self.model.dtype, self.device)
+                                           room, self.model.dtype, device)
         return cache
 
     def crop_last(self, kv: LayeredKV) -> LayeredKV:
