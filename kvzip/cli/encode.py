@@ -16,7 +16,15 @@ from kvzip.cli.console import (
     status,
 )
 from kvzip.cli.errors import handle_errors
-from kvzip.cli.options import apply_max_memory, device_option, max_memory_option, model_dtype_option
+from kvzip.cli.options import (
+    apply_max_memory,
+    device_option,
+    keep_by_option,
+    keep_option,
+    keep_rule_option,
+    max_memory_option,
+    model_dtype_option,
+)
 from kvzip.errors import ContextTooLongError, InputError
 from kvzip.importance.keep import check_keep, check_keep_by
 from kvzip.levels import DEFAULT_LEVEL
@@ -50,9 +58,9 @@ def encode_command(
     profile: str = typer.Option(None, "--profile", help="Calibration profile (.kvzprofile file or digest) for the lossy levels (default: the newest one for the model in the profile directory)."),
     if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="When the model has no profile yet: calibrate (build one now, once), uncalibrated (use the uncalibrated codec) or error."),
     importance: str = typer.Option(None, "--importance", help="Score every entry (reconstruct | prefill | keynorm) and spend the lossy levels' bits by importance, at about the same size."),
-    keep: float = typer.Option(None, "--keep", help="Drop entries: keep this fraction (0-1] of them by importance score; attention sinks and the last position always kept."),
-    keep_by: str = typer.Option(None, "--keep-by", help="The scorer --keep drops by (reconstruct | prefill | keynorm; default: --importance's, else reconstruct)."),
-    keep_rule: str = typer.Option("shared", "--keep-rule", help="How --keep spreads its budget: shared (one budget across heads and layers, by score) or head (the same fraction in every head)."),
+    keep: float = keep_option(),
+    keep_by: str = keep_by_option(),
+    keep_rule: str = keep_rule_option(),
     prefill_cache: str = typer.Option("auto", "--prefill-cache", help="Where the model keeps its cache while it reads the text: memory, disk (unlinked files beside the output, for a CPU whose memory cannot hold it; the .kvz is the same) or auto (disk when the model runs on the CPU and its cache would take more than half of --max-memory)."),
     max_memory: str = max_memory_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),

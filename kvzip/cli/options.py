@@ -35,3 +35,27 @@ def model_dtype_option() -> str | None:
         help="The model's weights: float32, bfloat16 or float16 (default: float32 on the CPU, "
         "bfloat16 on an accelerator); independent of the dtype a .kvz stores.",
     )
+
+
+def keep_option() -> float | None:
+    return typer.Option(
+        None, "--keep",
+        help="Drop entries: keep this fraction (0-1] of them by importance score; attention sinks "
+        "and the last position always kept.",
+    )
+
+
+def keep_by_option() -> str | None:
+    return typer.Option(
+        None, "--keep-by",
+        help="The scorer --keep drops by (reconstruct | prefill | keynorm; default: --importance's, "
+        "else reconstruct).",
+    )
+
+
+def keep_rule_option() -> str:
+    return typer.Option(
+        "shared", "--keep-rule",
+        help="How --keep spreads its budget: shared (one budget across heads and layers, by score) "
+        "or head (the same fraction in every head).",
+    )
