@@ -31,7 +31,7 @@ for name, cfg in [(n, LEVELS[n]) for n in ("high", "balanced", "small")] + [("ca
         t0 = time.perf_counter()
         payloads = [codec.encode(x, c) for x, c in chunks]
         t1 = time.perf_counter()
-        for p, (x, c) in zip(payloads, chunks):
+        for p, (_x, c) in zip(payloads, chunks):
             codec.decode(p, c)
         t2 = time.perf_counter()
         best_e, best_d = min(best_e, t1 - t0), min(best_d, t2 - t1)

@@ -229,7 +229,7 @@ def _setup_container() -> OneInput:
                 feedback(f"verify:{outcome(problem.message)}")
             calls = [reader.token_ids, reader.chunk_texts]
             # decoders=1: on this thread only
-            calls += [lambda n=n: reader.decode_layers(n, decoders=1) for n in reader.header.level_names]
+            calls += [lambda n=n, reader=reader: reader.decode_layers(n, decoders=1) for n in reader.header.level_names]
             for call in calls:
                 try:
                     call()
