@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvzip.formats import LayeredKV, PositionLayout
 from kvzip.model.attention import attending_with
 
 NAME = "kvzip-pruned"
@@ -58,6 +59,8 @@ class _PrunedMixin:
             self.pos[h][: p.size].copy_(torch.from_numpy(np.asarray(p, np.int64)))
         self.k = [torch.zeros((n + room, head_dim), dtype=dtype, device=device) for n in self.count]
         self.v = [torch.zeros((n + room, head_dim), dtype=dtype, device=device) for n in self.count]
+        self.insert_positions: torch.Tensor | None = None  # set by inserting()
+        self.query_positions = torch.zeros(0, dtype=torch.long, device=device)  # the last update's
         self.is_initialized = True
         self._shape_only()
 
@@ -90,20 +93,34 @@ class _PrunedMixin:
                     buf[: n - gone] = buf[gone:n].clone()
                 self.count[h] = n - gone
 
+    def _sort(self) -> None:
+        """Each head's entries back in position order (after :func:`inserting`)."""
+        for h in range(len(self.k)):
+            n = self.count[h]
+            order = torch.argsort(self.pos[h][:n])
+            for buf in (self.pos[h], self.k[h], self.v[h]):
+                buf[:n] = buf[:n][order]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``key_states``/``value_states`` ([1, H, q, D]) to every head at the next
-        positions.  Returns the new states, marked with this layer for
-        :func:`attend`, which reads every head's entries from here."""
+        positions (inside :func:`inserting`, at the positions it gives).  Returns the new
+        states, marked with this layer for :func:`attend`, which reads every head's
+        entries from here."""
         if key_states.shape[0] != 1:
             raise ValueError("a pruned cache holds one sequence")
         if not _ATTENDING.get():
             # the model's own attention would read only the new states handed back here
             raise RuntimeError("a pruned cache (a .kvz written with --keep) needs kvzip's attention: "
                                "run the model inside kvzip.pruned_attention(model, cache)")
-        self._evict()
         q = key_states.shape[-2]
-        new_pos = torch.arange(self.next_position, self.next_position + q, device=self.device)
+        if self.insert_positions is None:
+            self._evict()
+            new_pos = torch.arange(self.next_position, self.next_position + q, device=self.device)
+        else:  # tokens read inside the context: nothing is evicted, the context's length stays
+            new_pos = self.insert_positions
+            if new_pos.numel() != q:
+                raise ValueError(f"{new_pos.numel()} insert positions for {q} new tokens")
         for h in range(len(self.k)):
             n = self.count[h]
             if n + q > self.k[h].shape[0]:
@@ -115,7 +132,9 @@ class _PrunedMixin:
             self.k[h][n : n + q] = key_states[0, h]
             self.v[h][n : n + q] = value_states[0, h]
             self.count[h] = n + q
-        self.next_position += q
+        self.query_positions = new_pos
+        if self.insert_positions is None:
+            self.next_position += q
         self._shape_only()
         key_states._kvzip_pruned = self  # noqa: SLF001 - read by attend()
         return key_states, value_states
@@ -175,7 +194,7 @@ def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     heads = len(layer.k)
     group = hq // heads
     scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
-    q_pos = torch.arange(layer.next_position - q, layer.next_position, device=query.device)
+    q_pos = layer.query_positions
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     out = torch.empty((1, q, hq, query.shape[-1]), dtype=query.dtype, device=query.device)
     for h in range(heads):
@@ -203,6 +222,42 @@ def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                 v[None, None].expand(1, group, n, v.shape[-1]), attn_mask=visible[None, None], scale=scale)[0]
         out[0, :, h * group : (h + 1) * group] = o.transpose(0, 1)
     return out, None
+
+
+@contextlib.contextmanager
+def inserting(cache: Any, positions: torch.Tensor) -> Iterator[None]:
+    """Inside the block, the tokens a forward reads go to ``positions`` (a [q] tensor, none
+    of them held yet) in every pruned layer of ``cache``, each seeing the entries at or
+    before its position (in a sliding layer, inside its window), instead of going after
+    the context; afterwards each head's entries are in position order again.  The model
+    must be given the same positions (``position_ids``) for its RoPE."""
+    layers = [layer for layer in cache.layers if isinstance(layer, _PrunedMixin)]
+    for layer in layers:
+        layer.insert_positions = positions.to(layer.device)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.insert_positions = None
+            layer._sort()  # noqa: SLF001
+
+
+def captured(cache: Any, token_count: int) -> LayeredKV:
+    """What a pruned cache holds, as a :class:`LayeredKV` on the CPU (each head's entries
+    in position order, a shorter head padded at the end)."""
+    positions, layers = [], []
+    for layer in cache.layers:
+        pos = [layer.pos[h][:n].cpu().numpy() for h, n in enumerate(layer.count)]
+        if all(np.array_equal(pos[0], p) for p in pos[1:]):
+            pos = [pos[0]] * len(pos)  # shared arrays: the layout codes them once
+        k0 = layer.k[0]
+        out = torch.zeros((2, len(pos), max(layer.count, default=0), k0.shape[-1]), dtype=k0.dtype)
+        for h, n in enumerate(layer.count):
+            out[0, h, :n] = layer.k[h][:n].cpu()
+            out[1, h, :n] = layer.v[h][:n].cpu()
+        positions.append(pos)
+        layers.append(out)
+    return LayeredKV(layers, PositionLayout(positions, token_count))
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from kvzip.formats.spec import MAX_TOKEN_COUNT
 from kvzip.model.cache import close_cache, new_cache
 from kvzip.model.device import pinned, resolve_device, resolve_model_dtype
 from kvzip.model.loading import ModelSource, load_pretrained, resolve_model
-from kvzip.model.pruned import pruned_attention, pruned_layer
+from kvzip.model.pruned import captured, inserting, pruned_attention, pruned_layer
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -633,6 +633,36 @@ class KVModel:
             torch.stack([layer.keys[0, :, -n:] for layer in cache.layers]),
             torch.stack([layer.values[0, :, -n:] for layer in cache.layers]),
         ]).cpu()
+
+    @torch.inference_mode()
+    def insert_at(self, kv: LayeredKV, ids: Sequence[int], positions: Sequence[int]) -> LayeredKV:
+        """``kv`` with the entries of ``ids`` read at ``positions`` added to every (layer, kv
+        head), in one forward pass: token i sees what ``kv`` holds before its position (in a
+        sliding layer, inside its window) and the tokens of ``ids`` at or before it.  What
+        :meth:`extend_at` does for a cache whose heads hold different positions (a pruned
+        one); ``kv`` holds none of ``positions``, all of them inside its context.  The result
+        is a CPU cache in the model's dtype."""
+        pos = np.asarray(list(positions), np.int64)
+        if pos.shape != (len(ids),) or np.unique(pos).size != pos.size:
+            raise InputError(f"insert_at needs one distinct position per token, got {len(positions)} for {len(ids)}")
+        if kv.head_dim != self.head_dim or kv.num_layers != self.num_layers or kv.kv_heads != self.kv_heads:
+            raise UnsupportedModelError("the cache does not fit this model")
+        if not len(ids):
+            return kv
+        if int(pos.min()) < 0 or int(pos.max()) >= kv.token_count:
+            raise InputError(f"insert_at positions must lie inside the context of {kv.token_count} tokens")
+        for i, heads in enumerate(kv.layout.positions):
+            if any(np.isin(pos, p).any() for p in heads):
+                raise InputError(f"layer {i} of the cache already holds some of the positions to insert")
+        cache = self._pruned_cache(kv.layout, len(ids), self.device)
+        for i, layer in enumerate(kv.layers):
+            for h, p in enumerate(kv.layout.positions[i]):
+                self.fill_cache(cache, i, h, slice(0, p.size), layer[:, h, : p.size])
+        at = torch.from_numpy(pos)
+        with pruned_attention(self.model, cache), inserting(cache, at):
+            self.model(input_ids=self._ids(ids), position_ids=at[None].to(self.device), cache=cache,
+                       use_cache=True, logits_to_keep=1)
+        return captured(cache, kv.token_count)
 
     def new_cache(self, capacity: int | None = None, offload: str | os.PathLike[str] | None = None) -> Any:
         """An empty DynamicCache for the model; with ``capacity``, its full-attention layers
