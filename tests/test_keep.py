@@ -371,3 +371,60 @@ def test_kvzip_load_of_a_kept_file_runs_only_under_kvzip_attention(tmp_path):
         got = km.model.generate(input_ids=input_ids, cache=cache, max_new_tokens=5, do_sample=False,
                                 pad_token_id=256)
     assert got[0, len(ids):].tolist() == km.generate(ids, kv=api.load_kv(out).kv, max_new_tokens=5)
+
+
+# ----------------------------------------------------------------- RAG: kept passages
+def _freqs(km):
+    tables, index = km.rope_tables()
+    return [km.rope_inv_freq()] * km.num_layers if tables is None else [tables[i] for i in index]
+
+
+@pytest.mark.parametrize("family,window", [("llama", None), ("gemma3", 16), ("gpt_oss", 16)])
+def test_insert_at_reads_tokens_inside_a_pruned_context_as_extend_at_does(family, window):
+    """Tokens read at positions inside the context of a cache whose heads hold different
+    entries: each sees what precedes it, as extend_at computes it with those slots hidden."""
+    km = _model(family, window)
+    ids = km.document_ids(TEXT, None)[:120]
+    kv = km.prefill(ids)
+    slots = [30, 31, 32, 33, 70, 71, 118]
+    hidden = torch.ones(kv.token_count, dtype=torch.bool)
+    hidden[slots] = False
+    ref = km.extend_at(kv, [ids[p] for p in slots], slots, visible=hidden)
+    masks = [np.stack([~np.isin(heads[0], slots)] * kv.kv_heads) for heads in kv.layout.positions]
+    got = km.insert_at(kv.subset(masks), [ids[p] for p in slots], slots)
+    for i in range(km.num_layers):
+        for h in range(km.kv_heads):
+            held = got.layout.positions[i][h]
+            assert np.all(np.diff(held) > 0)  # in position order again
+            for j, p in enumerate(slots):
+                at = int(np.flatnonzero(held == p)[0])
+                torch.testing.assert_close(got.layers[i][:, h, at], ref[:, i, h, j], atol=1e-5, rtol=1e-5)
+    with pytest.raises(errors.InputError, match="already holds"):
+        km.insert_at(kv, [ids[118]], [118])
+
+
+@pytest.mark.parametrize("family,window", [("llama", None), ("gemma3", 16), ("gpt_oss", 16)])
+@pytest.mark.parametrize("blend,recompute_window", [(0.0, False), (0.3, False), (0.3, True)])
+def test_assembling_passages_as_pruned_caches_matches_the_dense_assembly(family, window, blend, recompute_window):
+    """The assembly kept passages take (each head its own entries), given every entry,
+    builds the cache the dense assembly builds: moved keys, boundary recompute and the
+    sliding layers' recomputed window alike."""
+    from kvzip.store.assemble import CachedPassage, _assemble_pruned, assemble
+
+    km = _model(family, window)
+    ids = km.document_ids(TEXT, None)
+    size = 12 if window else 30
+    parts = [ids[i * size : (i + 1) * size] for i in range(3)]
+    cached = [CachedPassage(p, km.prefill(p).dense_array(), _freqs(km)) for p in parts]
+    prefix = ids[200:205]
+    context, dense = assemble(km, prefix, cached, blend_fraction=blend, recompute_window=recompute_window)
+    same, layered = _assemble_pruned(km, list(prefix), cached, blend, km.prefill(prefix).dense_array(),
+                                     recompute_window)
+    assert same == context
+    for i, heads in enumerate(layered.layout.positions):
+        for h, held in enumerate(heads):
+            torch.testing.assert_close(layered.layers[i][:, h, : held.size], dense[:, i, h, held],
+                                       atol=1e-5, rtol=1e-5)
+    follow = ids[300:310]
+    torch.testing.assert_close(km.teacher_force(layered, follow), km.teacher_force(dense, follow),
+                               atol=1e-5, rtol=1e-5)

@@ -347,3 +347,53 @@ def test_ask_recomputes_when_the_model_reads_faster_than_the_caches_decode(km, d
         assert fast.context_tokens == on_cpu.context_tokens
         monkeypatch.setattr(type(km), "prefill_rate", lambda self, tokens=256: 1e-3)
         assert ask(store, "Why does bread rise?", km, max_new_tokens=4, top_k=3).context_source == "cache"
+
+
+def test_precache_keep_stores_kept_entries_and_ask_moves_them(km, docs, tmp_path):
+    """--keep drops entries of each passage: its own artifacts (the header records the
+    rule and scorer), and the assembled context holds exactly the kept entries, moved to
+    their offsets as the whole passages' entries are."""
+    import numpy as np
+
+    from kvzip.store.ask import load_passages, prompt_ids, retrieve
+    from kvzip.store.assemble import assemble
+
+    kwargs = dict(passage_tokens=PASSAGE_TOKENS, level="lossless")
+    question = "Why does bread rise?"
+    with PassageStore(tmp_path / "s", create=True) as store:
+        plain = precache([docs], store, km, **kwargs)
+        kept = precache([docs], store, km, keep=0.5, keep_by="prefill", **kwargs)
+        assert kept.cached == plain.cached == plain.unique_passages  # distinct artifacts
+        assert kept.written_bytes < 0.7 * plain.written_bytes
+        assert precache([docs], store, km, keep=0.5, keep_by="prefill", **kwargs).cached == 0
+        names = store.index.artifact_names()
+        records = []
+        for name in names:
+            with store.artifacts.open(name) as reader:
+                records.append(reader.header.raw.get("keep"))
+        assert sum(r is not None and r["scorer"] == "prefill" and r["fraction"] == 0.5 for r in records) \
+            == plain.unique_passages
+    before, _ = prompt_ids(km, question)
+    # the same passages, once kept and once whole: the kept entries are the whole ones' subset
+    with PassageStore(tmp_path / "k", create=True) as only_kept, PassageStore(tmp_path / "p", create=True) as only_plain:
+        precache([docs], only_kept, km, keep=0.5, keep_by="prefill", **kwargs)
+        precache([docs], only_plain, km, **kwargs)
+        _, hits_k = retrieve(only_kept, question, km, top_k=3)
+        _, hits_p = retrieve(only_plain, question, km, top_k=3)
+        assert [h.token_sha256 for h in hits_k] == [h.token_sha256 for h in hits_p]
+        pruned = load_passages(only_kept, hits_k, km, "lossless")
+        whole = load_passages(only_plain, hits_p, km, "lossless")
+        assert all(p.is_pruned for p in pruned) and not any(p.is_pruned for p in whole)
+        context, kv = assemble(km, before, pruned)
+        same, dense = assemble(km, before, whole)
+        assert context == same
+        assert kv.layout.stored() < 0.75 * km.num_layers * km.kv_heads * len(context)
+        for i, heads in enumerate(kv.layout.positions):
+            for h, held in enumerate(heads):
+                assert np.all(held[: len(before)] == np.arange(len(before)))  # the opening, whole
+                torch.testing.assert_close(kv.layers[i][:, h, : held.size], dense[:, i, h, held])
+        result = ask(only_kept, question, km, max_new_tokens=4, blend_recompute=0.2)
+        assert len(result.new_token_ids) == 4 and result.baseline_identical is not None
+    with PassageStore(tmp_path / "t", create=True) as store:
+        with pytest.raises(InputError, match="--keep must be a fraction"):
+            precache([docs], store, km, keep=1.5, **kwargs)

@@ -9,7 +9,8 @@ import typer
 from kvzip import api
 from kvzip.cli.console import err_console, human_bytes, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
-from kvzip.cli.options import device_option, model_dtype_option
+from kvzip.cli.options import device_option, keep_by_option, keep_option, keep_rule_option, model_dtype_option
+from kvzip.importance.keep import check_keep, check_keep_by
 from kvzip.store import DEFAULT_PASSAGE_TOKENS, ENGINES, PassageStore, check_level, precache
 
 
@@ -27,11 +28,16 @@ def precache_command(
     profile: str = typer.Option(None, "--profile", help="Calibration profile (.kvzprofile file or digest) for a lossy level (default: the newest one for the model)."),
     if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="When the model has no profile yet: calibrate, uncalibrated or error."),
     importance: str = typer.Option(None, "--importance", help="Score each passage's entries (reconstruct | prefill | keynorm) and spend the lossy level's bits by importance, as encode --importance does."),
+    keep: float = keep_option(),
+    keep_by: str = keep_by_option(),
+    keep_rule: str = keep_rule_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Split documents into passages, prefill each once on its own, and store its cache."""
     level = check_level(level)
+    check_keep(keep, keep_rule)  # before the model loads
+    check_keep_by(keep_by, importance)
     with PassageStore(store, artifacts=artifacts, create=True) as passage_store:
         with status("loading model…", not quiet):
             km = api.load_model(model, device=device, model_dtype=model_dtype)
@@ -39,7 +45,7 @@ def precache_command(
             summary = precache(
                 docs, passage_store, km, passage_tokens=passage_tokens, level=level,
                 engine=engine, profile=profile, if_no_profile=if_no_profile, importance=importance,
-                progress=progress,
+                keep=keep, keep_rule=keep_rule, keep_by=keep_by, progress=progress,
             )
     if json_out:
         out_console.print_json(data=summary.to_json())

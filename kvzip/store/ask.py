@@ -86,13 +86,17 @@ def load_passage(
                 f"artifact {hit.artifact} has rope: null (the model's positions are not a plain "
                 "RoPE), so its keys cannot be moved to a new position"
             )
-        if not h.is_dense:
+        freqs = [h.layer_rope_inv_freq(i) for i in range(h.num_layers)]
+        if h.is_dense:
+            kv = storage_to_kv(reader.decode_level(level, decoders=decoders), h.dtype)
+            return CachedPassage(reader.token_ids().tolist(), kv, freqs)
+        if not km.is_pruned_layout(h.layout):
             raise UnsupportedModelError(
                 f"artifact {hit.artifact} is longer than the model's attention window; "
                 "passages must fit it to be moved")
-        kv = storage_to_kv(reader.decode_level(level, decoders=decoders), h.dtype)
-        return CachedPassage(reader.token_ids().tolist(), kv,
-                             [h.layer_rope_inv_freq(i) for i in range(h.num_layers)])
+        # entries kept per (layer, kv head) (precache --keep): moved as they are
+        kv = reader.decode_layers(level, decoders=decoders).map(lambda a: storage_to_kv(a, h.dtype))
+        return CachedPassage(reader.token_ids().tolist(), kv, freqs)
 
 
 def _load_or_recompute(store: PassageStore, hits: Sequence[Hit], km: KVModel, level: str,

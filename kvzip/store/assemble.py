@@ -17,9 +17,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvzip.errors import InputError
+from kvzip.formats import LayeredKV, PositionLayout
 from kvzip.model import KVModel
 
 
@@ -61,12 +63,17 @@ def move_kv(kv: torch.Tensor, delta: int, layer_freqs: Sequence[Sequence[float]]
 
 @dataclass
 class CachedPassage:
-    """A passage's token ids and its cache at positions 0..n-1 (every layer holds every
-    position: a passage fits every attention window), with each layer's RoPE frequencies."""
+    """A passage's token ids and its cache at positions 0..n-1, with each layer's RoPE
+    frequencies: ``[2, L, H, n, D]`` when every layer holds every position (a passage fits
+    every attention window), or the entries each (layer, kv head) kept (``--keep``)."""
 
     token_ids: list[int]
-    kv: torch.Tensor  # [2, L, H, n, D]
+    kv: torch.Tensor | LayeredKV
     layer_freqs: Sequence[Sequence[float]]
+
+    @property
+    def is_pruned(self) -> bool:
+        return isinstance(self.kv, LayeredKV) and not self.kv.is_dense
 
 
 def assemble(
@@ -104,6 +111,8 @@ def assemble(
         prefix_kv = km.prefill(ids).dense_array("a RAG prefix")
     if prefix_kv is not None and prefix_kv.shape[3] != len(ids):
         raise InputError(f"a prefix cache of {prefix_kv.shape[3]} tokens for {len(ids)} prefix ids")
+    if any(p.is_pruned for p in passages):
+        return _assemble_pruned(km, ids, passages, blend_fraction, prefix_kv, recompute_window)
     total = len(ids) + sum(len(p.token_ids) for p in passages)
     like = prefix_kv if prefix_kv is not None else passages[0].kv
     kv = torch.empty((*like.shape[:3], total, like.shape[4]), dtype=like.dtype)
@@ -141,3 +150,88 @@ def assemble(
                 if w is not None:
                     kv[:, i, :, start:] = fresh[:, i].to(kv.dtype)
     return ids, kv
+
+
+def _assemble_pruned(
+    km: KVModel,
+    prefix_ids: list[int],
+    passages: Sequence[CachedPassage],
+    blend_fraction: float,
+    prefix_kv: torch.Tensor | None,
+    recompute_window: bool,
+) -> tuple[list[int], LayeredKV]:
+    """:func:`assemble` when some passage kept only some entries per (layer, kv head): the
+    result is a pruned cache (each head its own positions), the same steps on it.  The
+    recomputed tokens (``blend_fraction``, ``recompute_window``) are read in every head
+    (:meth:`KVModel.insert_at`), as a full prefill would hold them."""
+    L, H = km.num_layers, km.kv_heads
+    ids = list(prefix_ids)
+    first = passages[0].kv
+    dtype = prefix_kv.dtype if prefix_kv is not None else (first.layers[0] if isinstance(first, LayeredKV) else first).dtype
+    pos: list[list[list[np.ndarray]]] = [[[] for _ in range(H)] for _ in range(L)]
+    ent: list[list[list[torch.Tensor]]] = [[[] for _ in range(H)] for _ in range(L)]  # [2, n, D] each
+    if prefix_kv is not None:
+        for i in range(L):
+            for h in range(H):
+                pos[i][h].append(np.arange(len(ids), dtype=np.int64))
+                ent[i][h].append(prefix_kv[:, i, h].to(dtype))
+    redo_ids: list[int] = []
+    redo_positions: list[int] = []
+    for passage in passages:
+        offset, n = len(ids), len(passage.token_ids)
+        redo = math.ceil(blend_fraction * n) if offset else 0
+        redo_ids += passage.token_ids[:redo]
+        redo_positions += range(offset, offset + redo)
+        kv = passage.kv if isinstance(passage.kv, LayeredKV) else LayeredKV.from_dense(passage.kv)
+        for i, layer in enumerate(kv.layers):
+            for h, held in enumerate(kv.layout.positions[i]):
+                first = int(np.searchsorted(held, redo))  # held is sorted: the rest is kept
+                part = layer[:, h, first : held.size].to(dtype)
+                keys = rotate_keys(part[0], offset, passage.layer_freqs[i])
+                pos[i][h].append(held[first:] + offset)
+                ent[i][h].append(torch.stack([keys, part[1]]))
+        ids.extend(passage.token_ids)
+    total = len(ids)
+    kv = _layered(pos, ent, total)
+    if redo_ids:
+        kv = km.insert_at(kv, redo_ids, redo_positions)
+    window = km.sliding_window
+    if recompute_window and window is not None:
+        start = max(len(prefix_ids), total - (window - 1))  # the prefix is its own prefill already
+        if start < total:
+            earlier = [np.stack([np.pad(p < start, (0, kv.layout.layer_width(i) - p.size)) for p in heads])
+                       for i, heads in enumerate(kv.layout.positions)]
+            fresh = km.insert_at(kv.subset(earlier), ids[start:], range(start, total))
+            sliding = [w is not None for w in km.layer_windows()]
+            layers = [f if s else k for f, k, s in zip(fresh.layers, kv.layers, sliding)]
+            positions = [f if s else k for f, k, s in
+                         zip(fresh.layout.positions, kv.layout.positions, sliding)]
+            kv = LayeredKV(layers, PositionLayout(positions, total))
+    # what each sliding layer keeps of the assembled context: its last window - 1 positions
+    kept = km.kept_positions(total)
+    if all(k >= total for k in kept):
+        return ids, kv
+    inside = [np.stack([np.pad(p >= total - kept[i], (0, kv.layout.layer_width(i) - p.size)) for p in heads])
+              for i, heads in enumerate(kv.layout.positions)]
+    return ids, kv.subset(inside)
+
+
+def _layered(pos: list[list[list[np.ndarray]]], ent: list[list[list[torch.Tensor]]], total: int) -> LayeredKV:
+    """A :class:`LayeredKV` from each (layer, head)'s runs of positions and entries, in
+    order, each run copied once into its layer's array."""
+    positions, layers = [], []
+    for heads_pos, heads_ent in zip(pos, ent):
+        p = [np.concatenate(runs) if runs else np.zeros(0, np.int64) for runs in heads_pos]
+        like = next(run for runs in heads_ent for run in runs)
+        out = like.new_empty((2, len(p), max(x.size for x in p), like.shape[-1]))
+        for h, runs in enumerate(heads_ent):
+            at = 0
+            for run in runs:
+                out[:, h, at : at + run.shape[1]] = run
+                at += run.shape[1]
+            out[:, h, at:] = 0
+        if all(np.array_equal(p[0], x) for x in p[1:]):
+            p = [p[0]] * len(p)
+        positions.append(p)
+        layers.append(out)
+    return LayeredKV(layers, PositionLayout(positions, total))

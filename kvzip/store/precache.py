@@ -14,6 +14,7 @@ in a loop and the Ray engine runs it as Ray tasks (``kvzip[ray]``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 from kvzip import importance as scoring
 from kvzip.errors import InputError, KvzipError, ModelMismatchError
+from kvzip.importance.keep import DEFAULT_KEEP_RULE, check_keep, check_keep_by
 from kvzip.levels import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_LEVEL,
@@ -71,24 +73,54 @@ class PassageJob:
     model: str  # fingerprint the artifact must be written under
     profile: str | None = None  # digest of the calibration profile behind the level
     importance: str | None = None  # the scorer whose classes weigh the level's steps
+    keep: Keep | None = None  # the entries kept, as `kvzip encode --keep`
+
+
+@dataclass(frozen=True)
+class Keep:
+    """``--keep``'s fraction and rule and the scorer that ranks the entries."""
+
+    fraction: float
+    rule: str
+    scorer: str
+
+    def record(self) -> dict:
+        return {"fraction": self.fraction, "rule": self.rule, "scorer": self.scorer}
 
 
 def make_job(passage_ids: Sequence[int], km: KVModel, level: str, profile: str | None = None,
-             importance: str | None = None) -> PassageJob:
+             importance: str | None = None, keep: Keep | None = None) -> PassageJob:
     model = km.identity()["fingerprint"]
-    name = artifact_name(model, level, km.dtype, token_sha256(passage_ids), profile, _importance(importance))
-    return PassageJob(tuple(passage_ids), name, level, km.dtype, model, profile, importance)
+    job = PassageJob(tuple(passage_ids), "", level, km.dtype, model, profile, importance, keep)
+    name = artifact_name(model, level, km.dtype, token_sha256(passage_ids), profile, _treatment(job))
+    return dataclasses.replace(job, name=name)
+
+
+def _treatment(job: PassageJob) -> dict | None:
+    """What the artifact's name and codec hash record besides the level: the importance
+    scorer (as its header records it) and what ``--keep`` kept; None for plain artifacts."""
+    record = None if job.importance is None else scoring.header_record(job.importance)
+    if job.keep is not None:
+        record = {**(record or {}), "keep": job.keep.record()}
+    return record
+
+
+def _record(job: PassageJob, size: int) -> ArtifactRecord:
+    return ArtifactRecord(
+        job.name, job.model, job.level, codec_sha256(job.level, job.profile, _treatment(job)),
+        job.dtype, token_sha256(job.token_ids), len(job.token_ids), size,
+    )
 
 
 def _importance(name: str | None) -> dict | None:
     return None if name is None else scoring.header_record(name)
 
 
-def _record(job: PassageJob, size: int) -> ArtifactRecord:
-    return ArtifactRecord(
-        job.name, job.model, job.level, codec_sha256(job.level, job.profile, _importance(job.importance)),
-        job.dtype, token_sha256(job.token_ids), len(job.token_ids), size,
-    )
+def _kept(record: dict | None) -> Keep | None:
+    """The :class:`Keep` a file's header ``keep`` record describes."""
+    if not isinstance(record, dict):
+        return None
+    return Keep(record.get("fraction"), record.get("rule"), record.get("scorer"))
 
 
 def cache_passage(km: KVModel, job: PassageJob, artifacts: ArtifactStore) -> ArtifactRecord:
@@ -98,13 +130,14 @@ def cache_passage(km: KVModel, job: PassageJob, artifacts: ArtifactStore) -> Art
     profile = None if job.profile is None else find_profile(job.profile)
     levels: list = [job.level]
     classes = extra = None
-    if job.importance is None:
+    if job.importance is None and job.keep is None:
         kv = km.prefill(job.token_ids)
-    else:  # scored, and the level's steps weighed by the classes, as `kvzip encode --importance`
-        scored = scoring.score(km, job.token_ids, job.importance)
-        kv, classes = scored.kv, scoring.classes(scored.scores)
-        levels = [(job.level, scoring.weighted(codec_for_level(job.level, profile), profile))]
-        extra = {"importance": scoring.header_record(job.importance)}
+    else:  # scored, then weighed by class and/or pruned, as `kvzip encode --importance/--keep`
+        scored = scoring.score(km, job.token_ids, job.keep.scorer if job.keep else job.importance)
+        used = scoring.apply(scored, [(job.level, codec_for_level(job.level, profile))], profile,
+                             weigh=job.importance is not None, keep=job.keep and job.keep.fraction,
+                             keep_rule=job.keep.rule if job.keep else "shared")
+        kv, classes, levels, extra = used.kv, used.classes, used.pairs, used.header
     size = artifacts.write(
         job.name,
         lambda path: write_kvz(
@@ -125,6 +158,7 @@ def adopt_artifact(job: PassageJob, artifacts: ArtifactStore) -> ArtifactRecord 
                 and job.level in reader.header.level_names
                 and tuple(reader.token_ids().tolist()) == job.token_ids
                 and reader.header.raw.get("importance") == _importance(job.importance)
+                and _kept(reader.header.raw.get("keep")) == job.keep
             )
             size = reader.source.size()
     except KvzipError:
@@ -171,6 +205,7 @@ def plan(
     level: str,
     profile: str | None = None,
     importance: str | None = None,
+    keep: Keep | None = None,
     progress: Progress = no_progress,
 ) -> tuple[list[Passage], list[PassageJob]]:
     """Split every document, record its passages, and list the passages' jobs (deduplicated)."""
@@ -198,7 +233,7 @@ def plan(
         raise InputError("the documents hold no text to pre-cache")
     jobs = {}
     for passage in passages:
-        job = make_job(passage.token_ids, km, level, profile, importance)
+        job = make_job(passage.token_ids, km, level, profile, importance, keep)
         jobs.setdefault(job.name, job)
     return passages, list(jobs.values())
 
@@ -214,12 +249,17 @@ def precache(
     profile: str | os.PathLike[str] | None = None,
     if_no_profile: str = "calibrate",
     importance: str | None = None,
+    keep: float | None = None,
+    keep_rule: str = DEFAULT_KEEP_RULE,
+    keep_by: str | None = None,
     progress: Progress = no_progress,
 ) -> PrecacheSummary:
     """Pre-cache every passage of ``inputs`` into ``store`` that is not cached yet.
 
     A lossy level uses the model's calibration profile, found or built as
-    :func:`kvzip.levels.resolve` does (``profile``, ``if_no_profile``).
+    :func:`kvzip.levels.resolve` does (``profile``, ``if_no_profile``).  ``importance``,
+    ``keep``, ``keep_rule`` and ``keep_by`` score each passage and weigh or drop its
+    entries as :func:`kvzip.api.encode` does; ``kvzip ask`` moves the kept entries.
     """
     if engine not in ENGINES:
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -229,13 +269,15 @@ def precache(
         scoring.scorer(importance)  # an unknown scorer is refused before any work
         if not is_calibrated(level):
             raise InputError(f"--importance weighs a lossy level's steps; level {level!r} codes every entry alike")
+    check_keep(keep, keep_rule)
+    kept = None if keep is None else Keep(float(keep), keep_rule, check_keep_by(keep_by, importance))
     started = time.perf_counter()
     passages, jobs = plan(inputs, store, km, passage_tokens=passage_tokens, level=level,
-                          importance=importance, progress=progress)
+                          importance=importance, keep=kept, progress=progress)
     if is_calibrated(level):  # found or built once the documents are known to hold text
         prof = resolve([level], km, profile, if_no_profile, progress).profile
         if prof is not None:
-            jobs = [make_job(job.token_ids, km, level, prof.digest, importance) for job in jobs]
+            jobs = [make_job(job.token_ids, km, level, prof.digest, importance, kept) for job in jobs]
     save_opening(store, km)  # the prompt's fixed opening, so that ask need not prefill it
     known = store.index.artifact_names()
     todo, adopted = [], 0
