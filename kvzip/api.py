@@ -28,6 +28,7 @@ from kvzip.importance.keep import DEFAULT_KEEP_RULE, check_keep, check_keep_by
 from kvzip.levels import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_LEVEL,
+    CacheFile,
     EncodeSummary,
     LoadedKV,
     Progress,
@@ -249,6 +250,12 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
         levels = []
         for level in h.levels:
             payload = sum(e.length for e in reader.kv_entries(level.name))
+            classes = None
+            if level.codec.get("importance_factors"):
+                try:  # entropy-decodes the level's chunks: only files coded by class pay for it
+                    classes = CacheFile(reader).class_bits(level.name)
+                except KvzipError:  # e.g. its calibration profile is not on this machine
+                    classes = None
             levels.append(
                 {
                     "name": level.name,
@@ -257,6 +264,7 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
                     "bits_per_element": round(payload * 8 / elements, 4),
                     "bits_per_context_element": round(payload * 8 / context_elements, 4),
                     "ratio": round(raw / payload, 4) if payload else None,
+                    "importance_classes": classes,
                 }
             )
         return {

@@ -107,8 +107,21 @@ def test_encode_with_importance(tmp_path, tiny_model_dir):
         assert f.header.levels[1].codec["importance_factors"] == list(importance.DEFAULT_FACTORS)
         assert "importance_factors" not in f.header.levels[0].codec  # lossless codes every entry alike
     assert api.verify(out).ok
-    size = api.info(out)["levels"][1]["payload_bytes"]
+    info = api.info(out)
+    size = info["levels"][1]["payload_bytes"]
     assert 0.9 < size / api.info(plain)["levels"][0]["payload_bytes"] < 1.1  # about the level's size
+    # info splits the payload by class, as the entropy coder's own models price the symbols
+    assert info["levels"][0]["importance_classes"] is None
+    assert api.info(plain)["levels"][0]["importance_classes"] is None
+    classes = info["levels"][1]["importance_classes"]
+    assert [c["step_factor"] for c in classes] == list(importance.DEFAULT_FACTORS)
+    assert sum(c["elements"] for c in classes) == info["stored_elements"]
+    for c, share in zip(classes, importance.DEFAULT_SHARES):
+        assert abs(c["share"] - share) < 0.05
+    coded = sum(c["elements"] * c["bits_per_element"] for c in classes)
+    assert 0.8 * size * 8 < coded < size * 8  # the rest: side info and framing
+    by_factor = sorted(classes, key=lambda c: c["step_factor"])
+    assert by_factor[0]["bits_per_element"] > by_factor[1]["bits_per_element"] > by_factor[2]["bits_per_element"]
     res = api.generate(out, " and", model=km, max_new_tokens=3, level="balanced")
     assert len(res.new_token_ids) == 3
     with pytest.raises(errors.InputError, match="unknown importance scorer"):

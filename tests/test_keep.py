@@ -239,6 +239,9 @@ def test_every_lossy_level_stores_kept_entries_with_importance(level, tmp_path):
     assert info["importance"]["scorer"] == "prefill"
     assert info["keep"]["entries_kept"] == pytest.approx(0.5 * info["keep"]["entries_scored"], abs=1)
     assert info["stored_elements"] == 2 * info["keep"]["entries_kept"] * km.head_dim
+    classes = info["levels"][0]["importance_classes"]  # the kept entries, by class, block by block
+    assert sum(c["elements"] for c in classes) == info["stored_elements"]
+    assert classes[0]["bits_per_element"] > classes[2]["bits_per_element"]
     assert api.verify(out).ok
     assert len(api.generate(out, " and", model=km, max_new_tokens=3).new_token_ids) == 3
 

@@ -58,6 +58,12 @@ def info_command(
         parts = ", ".join(f"{share:.0%} at ×{factor:g}" for share, factor in
                           zip(imp.get("shares", []), imp.get("factors", [])))
         rows.append(("importance", f"{imp.get('scorer')}: each head's entries {parts} of the level's step"))
+        for level in data["levels"]:
+            classes = level.get("importance_classes")
+            if classes:
+                split = ", ".join(f"×{c['step_factor']:g}: {c['share']:.0%} of elements at "
+                                  f"{c['bits_per_element']:.2f} bits" for c in classes if c["elements"])
+                rows.append((f"bits by class ({level['name']})", split))
     if data.get("source"):
         rows.append(("source", data["source"]["name"]))
     prof = data.get("profile")

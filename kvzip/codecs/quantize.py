@@ -200,6 +200,20 @@ class UniformStepQuantizer(Quantizer):
             raise CodecError("kvzip-lossy importance classes name a class the codec does not have")
         return cls.reshape(ctx.num_layers, ctx.kv_heads, ctx.token_count)
 
+    def class_count(self) -> int:
+        return 0 if self.factors is None else int(self.factors.size)
+
+    def element_classes(self, side: bytes, ctx) -> list[np.ndarray] | None:
+        if self.factors is None:
+            return None
+        L, H, T, D = ctx.num_layers, ctx.kv_heads, ctx.token_count, ctx.head_dim
+        cls = self._unpack_classes(side[sum(self._side_sizes(ctx)):], ctx)
+        ns = self._sinks(ctx)
+        out = [np.broadcast_to(cls[None, :, :, None, ns:], (2, L, H, D, T - ns)).reshape(2 * L * H * D, T - ns)]
+        if ns:
+            out.append(np.broadcast_to(cls[None, :, :, :ns, None], (2, L, H, ns, D)).reshape(2 * L, H * ns * D))
+        return out
+
     def _steps(self, ref, kcode, vcode, ctx, cls=None) -> np.ndarray:
         """Step per element, broadcastable to [2, L, H, T, D] (float32)."""
         L, H, T, D = ctx.num_layers, ctx.kv_heads, ctx.token_count, ctx.head_dim

@@ -64,6 +64,14 @@ class Quantizer(ABC):
     @abstractmethod
     def dequantize(self, blocks: SymbolBlocks, ctx: ChunkContext) -> np.ndarray: ...
 
+    def element_classes(self, side: bytes, ctx: ChunkContext) -> list[np.ndarray] | None:
+        """Each symbol matrix's importance class per element (shaped as the matrices), from
+        the quantizer's side info; None when it codes without classes."""
+        return None
+
+    def class_count(self) -> int:
+        return 0
+
 
 class SymbolCoder(ABC):
     """symbol matrices -> bytes, and back (lossless)."""
@@ -75,6 +83,10 @@ class SymbolCoder(ABC):
 
     @abstractmethod
     def decode(self, data: bytes, shape: tuple[int, int]) -> np.ndarray: ...
+
+    def code_lengths(self, data: bytes, shape: tuple[int, int]) -> np.ndarray | None:
+        """Bits per element of the decoded matrix, where the coder can say (else None)."""
+        return None
 
 
 _FRAME_VERSION = 1
@@ -149,6 +161,25 @@ class StagePipeline:
         sections = unpack_sections(payload, 1 + len(shapes))
         mats = [self.coder.decode(s, shape) for s, shape in zip(sections[1:], shapes)]
         return SymbolBlocks(mats, sections[0], shapes)
+
+    def class_bits(self, payload: bytes, ctx: ChunkContext) -> tuple[np.ndarray, np.ndarray] | None:
+        """(elements, bits) per importance class of a chunk coded with classes: each class's
+        share of the payload, as the entropy coder's own models price its symbols; None when
+        the chunk has no classes or the coder cannot price symbols."""
+        shapes = self.quantizer.symbol_shapes(ctx)
+        sections = unpack_sections(payload, 1 + len(shapes))
+        classes = self.quantizer.element_classes(sections[0], ctx)
+        if classes is None:
+            return None
+        k = self.quantizer.class_count()
+        elements, bits = np.zeros(k, np.int64), np.zeros(k)
+        for section, shape, cls in zip(sections[1:], shapes, classes):
+            lengths = self.coder.code_lengths(section, shape)
+            if lengths is None:
+                return None
+            elements += np.bincount(cls.reshape(-1), minlength=k)
+            bits += np.bincount(cls.reshape(-1), weights=lengths.reshape(-1), minlength=k)
+        return elements, bits
 
     def decode(self, payload: bytes, ctx: ChunkContext) -> np.ndarray:
         x = self.quantizer.dequantize(self.decode_blocks(payload, ctx), ctx)

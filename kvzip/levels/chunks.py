@@ -106,6 +106,33 @@ class LevelCodecs:
                 out[layer][:, list(block.heads), at : at + block.count] = kv[:, j]
         return out
 
+    def class_bits(self, entry: IndexEntry, payload: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+        """(elements, payload bits) per importance class of a chunk whose level codes by
+        class (``--importance``), else None (see :meth:`StagePipeline.class_bits`)."""
+        _require_kv(entry)
+        self.check_chunk_memory(entry)
+        codec = self.codec(entry.level)
+        pipeline_for = getattr(codec, "pipeline_for", None)
+        if pipeline_for is None:
+            return None
+        if self.header.is_dense:
+            pieces = [(payload, self.context(entry))]
+        else:
+            blocks = self.blocks(entry)
+            parts = unframe_blocks(payload, len(blocks), describe_entry(entry, self.header.level_names))
+            pieces = [(part, ctx) for (_, ctx), part in zip(blocks, parts)]
+        k = len(codec.params().get("importance_factors") or ())
+        if not k:
+            return None
+        elements, bits = np.zeros(k, np.int64), np.zeros(k)  # a chunk may hold no kept entry
+        for part, ctx in pieces:
+            codec.check_chunk(ctx)
+            got = pipeline_for(ctx).class_bits(part, ctx)
+            if got is None:
+                return None
+            elements, bits = elements + got[0], bits + got[1]
+        return elements, bits
+
     def _decode(self, entry: IndexEntry, payload: bytes, ctx: ChunkContext) -> np.ndarray:
         kv = self.codec(entry.level).decode(payload, ctx)
         if kv.shape != ctx.shape:

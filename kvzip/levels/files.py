@@ -153,6 +153,27 @@ class CacheFile:
         """:meth:`decode_chunk` straight into ``out`` (e.g. the chunk's slice of a level)."""
         self.codecs.decode_into(entry, self.read_payload(entry), out)
 
+    def class_bits(self, level_name: str) -> list[dict[str, Any]] | None:
+        """For a level coded by importance class (``--importance``): per class, its step
+        factor, the K and V elements it holds and the bits per element the entropy coder's
+        models give its symbols (the payload but for side info and framing); None for a
+        level without classes or whose coder cannot price symbols."""
+        factors = self.header.levels[self.header.level_names.index(level_name)].codec.get("importance_factors")
+        if not factors:
+            return None
+        elements = bits = None
+        for entry in self.kv_entries(level_name):
+            got = self.codecs.class_bits(entry, self.read_payload(entry))
+            if got is None:
+                return None
+            elements, bits = got if elements is None else (elements + got[0], bits + got[1])
+        if elements is None:
+            return None
+        total = max(int(elements.sum()), 1)
+        return [{"class": c, "step_factor": float(f), "elements": int(n), "share": round(int(n) / total, 4),
+                 "bits_per_element": round(float(b) / int(n), 4) if n else None}
+                for c, (f, n, b) in enumerate(zip(factors, elements, bits))]
+
     def level_elements(self) -> int:
         """K and V elements of one decoded level, as the header declares it."""
         h = self.header

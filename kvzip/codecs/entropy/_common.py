@@ -22,7 +22,7 @@ import struct
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import zstandard
@@ -182,16 +182,30 @@ class EntropyLayout(SymbolCoder):
         g, n = shape
         if g * n == 0:
             return np.zeros(shape, np.int32)
+        return self._guarded(lambda: self._decode(*self._parts(data, g, n), g, n))
+
+    def code_lengths(self, data: bytes, shape: tuple[int, int]) -> np.ndarray | None:
+        """Bits each element of the block's matrix costs under the block's own models
+        (``[g, n]`` float64, the side info not counted), or None where the layout cannot
+        say (``kvzip info`` splits a payload by importance class with it)."""
+        return None
+
+    def _parts(self, data: bytes, g: int, n: int) -> tuple[bytes, np.ndarray, np.ndarray]:
+        """(side info, code words, trailing bytes) of a block, its framing checked."""
+        side_len, nwords = _HEAD.unpack_from(data, 0)
+        start = _HEAD.size + side_len
+        end = start + self.word.itemsize * nwords
+        if end > len(data) or (not self.trailing and end != len(data)):
+            raise CodecError("entropy block lengths do not match its size")
+        side = zstd_decompress_bounded(data[_HEAD.size : start], g * (14 + MAX_SPAN), "entropy side info")
+        words = np.frombuffer(data, self.word, nwords, start)
+        tail = np.frombuffer(data, np.uint8, len(data) - end, end)
+        return side, words, tail
+
+    @staticmethod
+    def _guarded(work: Callable[[], Any]) -> Any:
         try:
-            side_len, nwords = _HEAD.unpack_from(data, 0)
-            start = _HEAD.size + side_len
-            end = start + self.word.itemsize * nwords
-            if end > len(data) or (not self.trailing and end != len(data)):
-                raise CodecError("entropy block lengths do not match its size")
-            side = zstd_decompress_bounded(data[_HEAD.size : start], g * (14 + MAX_SPAN), "entropy side info")
-            words = np.frombuffer(data, self.word, nwords, start)
-            tail = np.frombuffer(data, np.uint8, len(data) - end, end)
-            return self._decode(side, words, tail, g, n)
+            return work()
         except CodecError:
             raise
         except Exception as exc:

@@ -20,6 +20,7 @@ import numpy as np
 
 from kvzip.codecs import _rans
 from kvzip.codecs.entropy._common import (
+    _CONST_ROW,
     EntropyLayout,
     Rows,
     _param_weights,
@@ -120,3 +121,27 @@ class RansLayout(EntropyLayout):
         freqs, params, rows = _rans_model(c_frac, c_sidx, c_shape, c_lo, c_span, rows_by_c, bounds)
         _rans.decode(words, freqs, params, rows, center, out, n)
         return out
+
+    def code_lengths(self, data: bytes, shape: tuple[int, int]) -> np.ndarray | None:
+        """Per element: PREC - log2(its high part's frequency) + raw (its uniform low bits);
+        a constant row costs nothing.  Sums to the stream's length but for the coder's
+        final states (16 bytes a block)."""
+        g, n = shape
+        if g * n == 0:
+            return np.zeros(shape)
+
+        def lengths() -> np.ndarray:
+            side, words, tail = self._parts(data, g, n)
+            matrix = self._decode(side, words, tail, g, n)
+            nc, center, cid, (c_frac, c_sidx, c_shape, c_lo, c_span), _ = parse_cluster_side(side, g, 11)
+            bits = np.zeros((g, n))
+            if not nc:
+                return bits
+            raw, _, freqs, foff = _rans_tables(c_frac, c_sidx, c_shape, c_lo, c_span)
+            coded = np.flatnonzero(cid != _CONST_ROW)
+            c = cid[coded][:, None]
+            high = (matrix[coded].astype(np.int64) - center[coded][:, None] - c_lo[c]) >> raw[c]
+            bits[coded] = RANS_PREC - np.log2(freqs[foff[c] + high].astype(np.float64)) + raw[c]
+            return bits
+
+        return self._guarded(lengths)
