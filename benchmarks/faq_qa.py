@@ -37,14 +37,15 @@ import os
 import re
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from methods import encode_with  # noqa: E402
 
 from kvzip import api  # noqa: E402
 from kvzip.levels import load_kv  # noqa: E402
@@ -168,13 +169,9 @@ def main() -> None:
     reference: dict[str, torch.Tensor] = {}  # the uncompressed cache's answer, log-probabilities
     with tempfile.TemporaryDirectory() as tmp:
         for page, doc, asked in docs:
-            for name, (level, importance, keep, rule, keep_by) in methods.items():
+            for name, method in methods.items():
                 out = Path(tmp) / "d.kvz"
-                t0 = time.perf_counter()
-                summary = api.encode(doc, out, model=km, levels=[level], chat=True, importance=importance,
-                                     keep=keep, keep_rule=rule or "shared", keep_by=keep_by)
-                encode_s = time.perf_counter() - t0
-                elements = 2 * km.num_layers * km.kv_heads * km.head_dim * summary.tokens
+                summary, encode_s, bits = encode_with(km, doc, out, method)
                 kv = load_kv(out).kv
                 for e in asked:
                     result = api.generate(out, e.question, model=km, max_new_tokens=opts.new_tokens)
@@ -191,7 +188,7 @@ def main() -> None:
                     rows.append({
                         "page": page, "question": e.question, "keywords": e.keywords, "method": name,
                         "doc_tokens": summary.tokens,
-                        "bits_per_context_element": round(summary.file_bytes * 8 / elements, 3),
+                        "bits_per_context_element": round(bits, 3),
                         "encode_seconds": round(encode_s, 2),
                         "answer": result.text, "answer_ids": list(result.new_token_ids),
                         "identical": ids == answer,

@@ -17,11 +17,13 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from methods import encode_with  # noqa: E402
 
 from kvzip import api  # noqa: E402
 
@@ -65,17 +67,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for depth in DEPTHS:
             doc = haystack(km, opts.text, opts.tokens, depth)
-            for name, (level, importance, keep, rule, keep_by) in methods.items():
+            for name, method in methods.items():
                 out = Path(tmp) / "n.kvz"
-                t0 = time.perf_counter()
-                summary = api.encode(doc, out, model=km, levels=[level], chat=True, importance=importance,
-                                     keep=keep, keep_rule=rule or "shared", keep_by=keep_by)
-                encode_s = time.perf_counter() - t0
+                summary, encode_s, bits = encode_with(km, doc, out, method)
                 result = api.generate(out, QUESTION, model=km, max_new_tokens=16)
-                elements = 2 * km.num_layers * km.kv_heads * km.head_dim * summary.tokens
                 rows.append({
                     "depth": depth, "method": name, "tokens": summary.tokens,
-                    "bits_per_context_element": round(summary.file_bytes * 8 / elements, 3),
+                    "bits_per_context_element": round(bits, 3),
                     "answer": result.text.strip(), "found": KEY.lower() in result.text.lower(),
                     "encode_seconds": round(encode_s, 2),
                 })
