@@ -260,3 +260,42 @@ def test_the_device_decode_matches_the_codecs_and_attaches(tmp_path, monkeypatch
     with open_cache(path) as f:
         assert files.on_device(km, f.header, [f.codecs.codec(0)])  # so the next attach takes it
     assert km.generate(ids + prompt, cache=attach_kv(path, km, room=10).cache, max_new_tokens=5) == plain
+
+
+@pytest.mark.parametrize("keep", [None, 0.5], ids=["windows", "kept"])
+def test_the_device_decode_attaches_files_whose_layers_hold_different_positions(tmp_path, monkeypatch, keep):
+    """Block by block (a hybrid model's windows; entries kept per head): the device path,
+    taken on the CPU, fills the cache the numpy path fills."""
+    import kvzip.levels.files as files
+    from kvzip import api
+    from kvzip.levels.calibrate import CalibrationOptions, calibrate
+    from kvzip.levels.profiles import write_profile
+
+    monkeypatch.setenv("KVZIP_PROFILE_DIR", str(tmp_path / "profiles"))
+    km = windowed_model("gemma3", 16, seed=3)
+    data, _ = calibrate(km, [("t", TEXT)], CalibrationOptions(tokens_per_text=300, continuation=64,
+                                                              sensitivity_texts=1, basis="pca"))
+    write_profile(data)
+    path = tmp_path / "w.kvz"
+    api.encode(TEXT, path, model=km, levels=["balanced"], chunk_tokens=64, if_no_profile="error", keep=keep,
+               keep_by="prefill" if keep else None)
+    with files.open_cache(path) as f:
+        assert not f.header.is_dense
+    ids = km.encode_text(TEXT, special_tokens=True)
+    prompt = km.encode_text(" Again:", special_tokens=False)
+    plain = km.generate(ids + prompt, cache=attach_kv(path, km, room=10).cache, max_new_tokens=5)
+    numpy_cache = attach_kv(path, km, room=10).cache
+    monkeypatch.setattr(files, "is_accelerator", lambda device: True)  # take the device path on the CPU
+    with files.open_cache(path) as f:
+        assert files.on_device(km, f.header, [f.codecs.codec(0)])
+    device_cache = attach_kv(path, km, room=10).cache
+    for a, b in zip(numpy_cache.layers, device_cache.layers):
+        if hasattr(a, "k"):  # pruned layers: each head its entries
+            assert a.count == b.count
+            for h in range(len(a.k)):
+                torch.testing.assert_close(a.k[h][: a.count[h]], b.k[h][: b.count[h]], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(a.v[h][: a.count[h]], b.v[h][: b.count[h]], rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
+    assert km.generate(ids + prompt, cache=attach_kv(path, km, room=10).cache, max_new_tokens=5) == plain

@@ -13,6 +13,7 @@ quantizer, basis and RoPE tables) and reproduces its decode, up to float roundin
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -94,3 +95,32 @@ def decode_chunk_on_device(file: Any, entry: Any, device: torch.device) -> torch
     codecs = file.codecs
     codecs.check_chunk_memory(entry)
     return decode_on_device(codecs.codec(entry.level), file.read_payload(entry), codecs.context(entry), device)
+
+
+def decode_parts_on_device(file: Any, entry: Any, device: torch.device) -> Iterator[tuple[int, Any, slice, torch.Tensor]]:
+    """A 2.x chunk (a file whose layers or heads hold different positions) decoded block
+    by block on ``device``: ``(layer, heads, slots, kv)`` for each layer of each block,
+    ``heads`` a slice of the layer's heads (``kv`` ``[2, heads, n, D]``) or one head (``kv``
+    ``[2, n, D]``, a layer whose heads hold different positions), ``slots`` where its
+    entries go among the layer's (head's) own, as :meth:`KVModel.fill_cache` takes them."""
+    from kvzip.formats import describe_entry
+    from kvzip.levels.chunks import unframe_blocks
+
+    codecs = file.codecs
+    codecs.check_chunk_memory(entry)
+    header = file.header
+    layout = header.layout
+    blocks = codecs.blocks(entry)
+    parts = unframe_blocks(file.read_payload(entry), len(blocks), describe_entry(entry, header.level_names))
+    codec = codecs.codec(entry.level)
+    for (block, ctx), part in zip(blocks, parts):
+        kv = decode_on_device(codec, part, ctx, device)  # [2, layers, heads, n, D]
+        first = int(block.positions[0]) if block.count else 0
+        for j, layer in enumerate(block.layers):
+            if layout.heads_share(layer) and len(block.heads) == layout.kv_heads:
+                at = int(np.searchsorted(layout.positions[layer][0], first))
+                yield layer, slice(None), slice(at, at + block.count), kv[:, j]
+                continue
+            for k, head in enumerate(block.heads):
+                at = int(np.searchsorted(layout.positions[layer][head], first))
+                yield layer, head, slice(at, at + block.count), kv[:, j, k]

@@ -57,7 +57,7 @@ from kvzip.levels.chunks import (
     encode_dense_chunk,
     encode_layered_chunk,
 )
-from kvzip.levels.device_decode import decode_chunk_on_device
+from kvzip.levels.device_decode import decode_chunk_on_device, decode_parts_on_device
 from kvzip.levels.device_decode import supports as supports_device
 from kvzip.levels.executor import run_on_threads, threads_for
 from kvzip.levels.progress import Progress, no_progress
@@ -268,6 +268,10 @@ class CacheFile:
         if on_device(km, self.header, codecs):
             # an accelerator: the basis and RoPE run there, the chunk crosses once
             def decode(i: int) -> None:
+                if not self.header.is_dense:  # block by block (windows, kept entries)
+                    for layer, heads, slots, kv in decode_parts_on_device(self, entries[i], km.device):
+                        km.fill_cache(cache, layer, heads, slots, kv)
+                    return
                 start, end = entries[i].token_range
                 kv = decode_chunk_on_device(self, entries[i], km.device)
                 for layer in range(kv.shape[1]):
@@ -327,11 +331,11 @@ def load_kv(
 
 
 def on_device(km: KVModel, header: KvzHeader, codecs: Sequence[Codec]) -> bool:
-    """Whether attaching decodes the last stages on the model's device: an accelerator, a
-    dense file, a codec with a device form (:mod:`kvzip.levels.device_decode`).  On the CPU
-    numpy is faster (89 against 59 M elements/s, ``benchmarks/decode_device.py``)."""
-    return (is_accelerator(km.device) and header.is_dense and bool(codecs)
-            and all(supports_device(c) for c in codecs))
+    """Whether attaching decodes the last stages on the model's device: an accelerator and
+    a codec with a device form (:mod:`kvzip.levels.device_decode`); any file, dense or
+    block by block.  On the CPU numpy is faster (89 against 59 M elements/s,
+    ``benchmarks/decode_device.py``)."""
+    return is_accelerator(km.device) and bool(codecs) and all(supports_device(c) for c in codecs)
 
 
 @dataclass
