@@ -166,8 +166,8 @@ def _assemble_pruned(
     (:meth:`KVModel.insert_at`), as a full prefill would hold them."""
     L, H = km.num_layers, km.kv_heads
     ids = list(prefix_ids)
-    first = passages[0].kv
-    dtype = prefix_kv.dtype if prefix_kv is not None else (first.layers[0] if isinstance(first, LayeredKV) else first).dtype
+    lead = passages[0].kv
+    dtype = prefix_kv.dtype if prefix_kv is not None else (lead.layers[0] if isinstance(lead, LayeredKV) else lead).dtype
     pos: list[list[list[np.ndarray]]] = [[[] for _ in range(H)] for _ in range(L)]
     ent: list[list[list[torch.Tensor]]] = [[[] for _ in range(H)] for _ in range(L)]  # [2, n, D] each
     if prefix_kv is not None:
@@ -185,10 +185,10 @@ def _assemble_pruned(
         kv = passage.kv if isinstance(passage.kv, LayeredKV) else LayeredKV.from_dense(passage.kv)
         for i, layer in enumerate(kv.layers):
             for h, held in enumerate(kv.layout.positions[i]):
-                first = int(np.searchsorted(held, redo))  # held is sorted: the rest is kept
-                part = layer[:, h, first : held.size].to(dtype)
+                kept_from = int(np.searchsorted(held, redo))  # held is sorted: the rest is kept
+                part = layer[:, h, kept_from : held.size].to(dtype)
                 keys = rotate_keys(part[0], offset, passage.layer_freqs[i])
-                pos[i][h].append(held[first:] + offset)
+                pos[i][h].append(held[kept_from:] + offset)
                 ent[i][h].append(torch.stack([keys, part[1]]))
         ids.extend(passage.token_ids)
     total = len(ids)
@@ -199,9 +199,8 @@ def _assemble_pruned(
     if recompute_window and window is not None:
         start = max(len(prefix_ids), total - (window - 1))  # the prefix is its own prefill already
         if start < total:
-            earlier = [np.stack([np.pad(p < start, (0, kv.layout.layer_width(i) - p.size)) for p in heads])
-                       for i, heads in enumerate(kv.layout.positions)]
-            fresh = km.insert_at(kv.subset(earlier), ids[start:], range(start, total))
+            fresh = km.insert_at(kv.subset(_where(kv.layout, lambda i, p: p < start)), ids[start:],
+                                 range(start, total))
             sliding = [w is not None for w in km.layer_windows()]
             layers = [f if s else k for f, k, s in zip(fresh.layers, kv.layers, sliding)]
             positions = [f if s else k for f, k, s in
@@ -211,9 +210,14 @@ def _assemble_pruned(
     kept = km.kept_positions(total)
     if all(k >= total for k in kept):
         return ids, kv
-    inside = [np.stack([np.pad(p >= total - kept[i], (0, kv.layout.layer_width(i) - p.size)) for p in heads])
-              for i, heads in enumerate(kv.layout.positions)]
-    return ids, kv.subset(inside)
+    return ids, kv.subset(_where(kv.layout, lambda i, p: p >= total - kept[i]))
+
+
+def _where(layout: PositionLayout, test) -> list[np.ndarray]:  # noqa: ANN001 - (layer, positions) -> bool array
+    """Per layer, the ``[heads, width]`` mask :meth:`LayeredKV.subset` takes: the slots whose
+    positions pass ``test(layer, positions)`` (padding never)."""
+    return [np.stack([np.pad(test(i, p), (0, layout.layer_width(i) - p.size)) for p in heads])
+            for i, heads in enumerate(layout.positions)]
 
 
 def _layered(pos: list[list[list[np.ndarray]]], ent: list[list[list[torch.Tensor]]], total: int) -> LayeredKV:
