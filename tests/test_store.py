@@ -373,6 +373,21 @@ def test_precache_keep_stores_kept_entries_and_ask_moves_them(km, docs, tmp_path
                 records.append(reader.header.raw.get("keep"))
         assert sum(r is not None and r["scorer"] == "prefill" and r["fraction"] == 0.5 for r in records) \
             == plain.unique_passages
+        # both ways cached in one store: ask uses the plain caches unless told --keep
+        def kept_by(result):
+            out = []
+            for source in result.sources:
+                with store.artifacts.open(source.artifact) as reader:
+                    out.append((reader.header.raw.get("keep") or {}).get("fraction"))
+            return out
+
+        default = ask(store, question, km, max_new_tokens=2, top_k=3, compare=False)
+        assert kept_by(default) == [None] * len(default.sources)
+        chosen = ask(store, question, km, max_new_tokens=2, top_k=3, compare=False, keep=0.5)
+        assert kept_by(chosen) == [0.5] * len(chosen.sources)
+        assert [s.passage for s in chosen.sources] == [s.passage for s in default.sources]
+        with pytest.raises(InputError, match="stored with --keep 0.3"):
+            ask(store, question, km, max_new_tokens=2, compare=False, keep=0.3)
     before, _ = prompt_ids(km, question)
     # the same passages, once kept and once whole: the kept entries are the whole ones' subset
     with PassageStore(tmp_path / "k", create=True) as only_kept, PassageStore(tmp_path / "p", create=True) as only_plain:

@@ -27,6 +27,8 @@ def ask_command(
     device: str = device_option(),
     model_dtype: str = model_dtype_option(),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Also time a full prefill of the same prompt."),
+    keep: float = typer.Option(None, "--keep", help="Use the passages' caches stored with precache --keep F (default: the plain ones where the store has them)."),
+    importance: str = typer.Option(None, "--importance", help="Use the passages' caches stored with precache --importance SCORER."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     max_memory: str = max_memory_option(),
@@ -40,7 +42,7 @@ def ask_command(
             result = ask(
                 passage_store, question, km, top_k=top_k, max_new_tokens=max_new_tokens,
                 level=level, blend_recompute=blend_recompute, recompute_window=recompute_window,
-                compare=compare, progress=progress,
+                compare=compare, keep=keep, importance=importance, progress=progress,
             )
     if json_out:
         out_console.print_json(data={**asdict(result), "speedup": result.speedup})

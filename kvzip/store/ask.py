@@ -9,6 +9,7 @@ are the baseline, for time to first token and for fidelity.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -58,20 +59,55 @@ def choose_level(store: PassageStore, model: str, level: str | None) -> str:
 
 
 def retrieve(
-    store: PassageStore, question: str, km: KVModel, *, top_k: int, level: str | None = None
+    store: PassageStore, question: str, km: KVModel, *, top_k: int, level: str | None = None,
+    keep: float | None = None, importance: str | None = None,
 ) -> tuple[str, list[Hit]]:
-    """(level, the ``top_k`` best passages that have a cache for ``km`` at that level)."""
+    """(level, the ``top_k`` best passages that have a cache for ``km`` at that level), each
+    hit's ``artifact`` the cache to use: stored with ``keep`` / ``importance`` when they are
+    given (``precache --keep`` / ``--importance``), else the passage's plain cache where the
+    store has one (a passage cached only one way uses that)."""
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {top_k}")
     identity = km.identity()
     level = choose_level(store, identity["fingerprint"], level)
+    wanted = keep is not None or importance is not None
     hits = store.index.search(
-        query_terms(question), k=top_k, model=identity["fingerprint"],
+        query_terms(question), k=4 * top_k if wanted else top_k, model=identity["fingerprint"],
         tokenizer=identity["tokenizer_fingerprint"], level=level,
     )
     if not hits:
         raise InputError("no stored passage shares a word with the question")
-    return level, hits
+    chosen = []
+    for hit in hits:
+        name = _artifact_for(store, hit, keep, importance)
+        if name is not None:
+            chosen.append(dataclasses.replace(hit, artifact=name))
+    if not chosen:
+        how = " and ".join(x for x in (keep is not None and f"--keep {keep:g}",
+                                         importance is not None and f"--importance {importance}") if x)
+        raise InputError(f"no retrieved passage has a cache stored with {how}; precache it so")
+    return level, chosen[:top_k]
+
+
+def _treatment(store: PassageStore, name: str) -> tuple[str | None, float | None]:
+    """(importance scorer, keep fraction) an artifact was stored with (None: not)."""
+    with store.artifacts.open(name) as reader:
+        raw = reader.header.raw
+    imp, kept = raw.get("importance"), raw.get("keep")
+    return (imp.get("scorer") if isinstance(imp, dict) else None,
+            kept.get("fraction") if isinstance(kept, dict) else None)
+
+
+def _artifact_for(store: PassageStore, hit: Hit, keep: float | None, importance: str | None) -> str | None:
+    """The artifact of ``hit`` to use (see :func:`retrieve`), or None when none was stored so."""
+    names = hit.artifacts or (hit.artifact,)
+    if keep is None and importance is None and len(names) == 1:
+        return names[0]
+    ways = {name: _treatment(store, name) for name in names}
+    if keep is None and importance is None:
+        return next((n for n, way in ways.items() if way == (None, None)), names[0])
+    return next((n for n, (imp, kept) in ways.items()
+                 if (importance is None or imp == importance) and (keep is None or kept == keep)), None)
 
 
 def load_passage(
@@ -159,6 +195,7 @@ class Source:
     passage: int
     tokens: int
     bm25: float
+    artifact: str = ""  # the cache used
 
 
 @dataclass
@@ -199,19 +236,23 @@ def ask(
     blend_recompute: float = 0.0,
     recompute_window: bool = False,
     compare: bool = True,
+    keep: float | None = None,
+    importance: str | None = None,
     progress: Progress = no_progress,
 ) -> AskResult:
     """Answer ``question`` from the store's passages (greedy), timing it against a full prefill.
 
     ``recompute_window``: on a model with sliding-window layers, recompute their last
     window from the text instead of using the passages' moved keys there
-    (:func:`~kvzip.store.assemble.assemble`)."""
+    (:func:`~kvzip.store.assemble.assemble`).  ``keep`` / ``importance``: use the passages'
+    caches stored with ``precache --keep`` / ``--importance`` (default: the plain ones where
+    the store has them; :func:`retrieve`)."""
     if max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
     if not 0.0 <= blend_recompute <= 1.0:
         raise InputError(f"--blend-recompute must be between 0 and 1, got {blend_recompute}")
     started = time.perf_counter()
-    level, hits = retrieve(store, question, km, top_k=top_k, level=level)
+    level, hits = retrieve(store, question, km, top_k=top_k, level=level, keep=keep, importance=importance)
     retrieved = time.perf_counter()
     before, after = prompt_ids(km, question)
     passages, recomputed = _load_or_recompute(store, hits, km, level, len(before))
@@ -234,7 +275,7 @@ def ask(
         answer=km.decode_ids(run.new_ids),
         new_token_ids=run.new_ids,
         level=level,
-        sources=[Source(h.doc_key, h.source, h.number, h.tokens, h.score) for h in hits],
+        sources=[Source(h.doc_key, h.source, h.number, h.tokens, h.score, h.artifact) for h in hits],
         context_tokens=len(context_ids),
         prompt_tokens=len(after),
         blend_recompute=blend_recompute,

@@ -87,6 +87,8 @@ class Hit:
     tokens: int
     score: float
     artifact: str
+    # every artifact of the passage for the model and level (plain, --importance, --keep), sorted
+    artifacts: tuple[str, ...] = ()
 
 
 class StoreIndex:
@@ -265,7 +267,9 @@ class StoreIndex:
             "SELECT p.doc_key, p.source, p.number, p.text, p.token_sha256, p.tokens, "
             "bm25(passage_fts) AS score, "
             "(SELECT MIN(a.name) FROM artifacts a WHERE a.token_sha256 = p.token_sha256 "
-            " AND a.model = ?3 AND a.level = ?4) AS artifact "
+            " AND a.model = ?3 AND a.level = ?4) AS artifact, "
+            "(SELECT GROUP_CONCAT(a.name, char(10)) FROM artifacts a WHERE a.token_sha256 = p.token_sha256 "
+            " AND a.model = ?3 AND a.level = ?4) AS artifacts "
             "FROM passage_fts JOIN passages p ON p.id = passage_fts.rowid "
             "WHERE passage_fts MATCH ?1 AND p.tokenizer = ?2 AND artifact IS NOT NULL "
             "ORDER BY score LIMIT ?5",
@@ -274,7 +278,7 @@ class StoreIndex:
         hits: list[Hit] = []
         seen: set[str] = set()
         for row in rows:
-            hit = Hit(*row)
+            hit = Hit(*row[:-1], tuple(sorted(row[-1].split("\n"))))
             if hit.token_sha256 not in seen:
                 seen.add(hit.token_sha256)
                 hits.append(hit)
