@@ -304,6 +304,12 @@ def test_rag_assembly_on_a_hybrid_model(tmp_path):
         for recompute in (False, True):
             result = ask(store, "freedom software", km, top_k=3, max_new_tokens=4, recompute_window=recompute)
             assert len(result.new_token_ids) == 4 and result.context_tokens > 64
+        # kept entries (precache --keep): assembled as a pruned cache, the windows cut to size
+        precache([doc], store, km, level="lossless", keep=0.5, keep_by="prefill")
+        for recompute in (False, True):
+            result = ask(store, "freedom software", km, top_k=3, max_new_tokens=4, recompute_window=recompute,
+                         keep=0.5, blend_recompute=0.2)
+            assert len(result.new_token_ids) == 4 and result.context_tokens > 64
     with PassageStore(tmp_path / "t", create=True) as store, pytest.raises(errors.InputError, match="window"):
         precache([doc], store, km, passage_tokens=100, level="lossless")
 
