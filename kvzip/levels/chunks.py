@@ -65,6 +65,12 @@ class LevelCodecs:
         """The blocks a 2.x chunk is coded in, each with its codec context."""
         return chunk_blocks(self.header, *entry.token_range)
 
+    def block_payloads(self, entry: IndexEntry, payload: bytes) -> list[tuple[Block, ChunkContext, bytes]]:
+        """A 2.x chunk's blocks, each with its codec context and its part of ``payload``."""
+        blocks = self.blocks(entry)
+        parts = unframe_blocks(payload, len(blocks), describe_entry(entry, self.header.level_names))
+        return [(block, ctx, part) for (block, ctx), part in zip(blocks, parts)]
+
     def chunk_elements(self, entry: IndexEntry) -> int:
         """K and V elements the chunk decodes to."""
         return chunk_elements(self.header, *entry.token_range)
@@ -96,9 +102,7 @@ class LevelCodecs:
         layout = h.layout
         out = [np.zeros((2, h.kv_heads, layout_width(layout, i, start, end), h.head_dim),
                         STORAGE_DTYPES[h.dtype]) for i in range(h.num_layers)]
-        blocks = self.blocks(entry)
-        parts = unframe_blocks(payload, len(blocks), describe_entry(entry, h.level_names))
-        for (block, ctx), part in zip(blocks, parts):
+        for block, ctx, part in self.block_payloads(entry, payload):
             kv = self._decode(entry, part, ctx)
             for j, layer in enumerate(block.layers):
                 first = layout.in_range(layer, block.heads[0], start, end)
@@ -118,9 +122,7 @@ class LevelCodecs:
         if self.header.is_dense:
             pieces = [(payload, self.context(entry))]
         else:
-            blocks = self.blocks(entry)
-            parts = unframe_blocks(payload, len(blocks), describe_entry(entry, self.header.level_names))
-            pieces = [(part, ctx) for (_, ctx), part in zip(blocks, parts)]
+            pieces = [(part, ctx) for _, ctx, part in self.block_payloads(entry, payload)]
         k = len(codec.params().get("importance_factors") or ())
         if not k:
             return None

@@ -103,17 +103,11 @@ def decode_parts_on_device(file: Any, entry: Any, device: torch.device) -> Itera
     ``heads`` a slice of the layer's heads (``kv`` ``[2, heads, n, D]``) or one head (``kv``
     ``[2, n, D]``, a layer whose heads hold different positions), ``slots`` where its
     entries go among the layer's (head's) own, as :meth:`KVModel.fill_cache` takes them."""
-    from kvzip.formats import describe_entry
-    from kvzip.levels.chunks import unframe_blocks
-
     codecs = file.codecs
     codecs.check_chunk_memory(entry)
-    header = file.header
-    layout = header.layout
-    blocks = codecs.blocks(entry)
-    parts = unframe_blocks(file.read_payload(entry), len(blocks), describe_entry(entry, header.level_names))
+    layout = file.header.layout
     codec = codecs.codec(entry.level)
-    for (block, ctx), part in zip(blocks, parts):
+    for block, ctx, part in codecs.block_payloads(entry, file.read_payload(entry)):
         kv = decode_on_device(codec, part, ctx, device)  # [2, layers, heads, n, D]
         first = int(block.positions[0]) if block.count else 0
         for j, layer in enumerate(block.layers):

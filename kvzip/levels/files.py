@@ -161,14 +161,15 @@ class CacheFile:
         factors = self.header.levels[self.header.level_names.index(level_name)].codec.get("importance_factors")
         if not factors:
             return None
-        elements = bits = None
-        for entry in self.kv_entries(level_name):
+        entries = self.kv_entries(level_name)
+        if not entries:
+            return None
+        elements, bits = np.zeros(len(factors), np.int64), np.zeros(len(factors))
+        for entry in entries:
             got = self.codecs.class_bits(entry, self.read_payload(entry))
             if got is None:
                 return None
-            elements, bits = got if elements is None else (elements + got[0], bits + got[1])
-        if elements is None:
-            return None
+            elements, bits = elements + got[0], bits + got[1]
         total = max(int(elements.sum()), 1)
         return [{"class": c, "step_factor": float(f), "elements": int(n), "share": round(int(n) / total, 4),
                  "bits_per_element": round(float(b) / int(n), 4) if n else None}

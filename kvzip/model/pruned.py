@@ -248,8 +248,6 @@ def captured(cache: Any, token_count: int) -> LayeredKV:
     positions, layers = [], []
     for layer in cache.layers:
         pos = [layer.pos[h][:n].cpu().numpy() for h, n in enumerate(layer.count)]
-        if all(np.array_equal(pos[0], p) for p in pos[1:]):
-            pos = [pos[0]] * len(pos)  # shared arrays: the layout codes them once
         k0 = layer.k[0]
         out = torch.zeros((2, len(pos), max(layer.count, default=0), k0.shape[-1]), dtype=k0.dtype)
         for h, n in enumerate(layer.count):

@@ -654,10 +654,7 @@ class KVModel:
         for i, heads in enumerate(kv.layout.positions):
             if any(np.isin(pos, p).any() for p in heads):
                 raise InputError(f"layer {i} of the cache already holds some of the positions to insert")
-        cache = self._pruned_cache(kv.layout, len(ids), self.device)
-        for i, layer in enumerate(kv.layers):
-            for h, p in enumerate(kv.layout.positions[i]):
-                self.fill_cache(cache, i, h, slice(0, p.size), layer[:, h, : p.size])
+        cache = self._filled_pruned_cache(kv, len(ids), self.device)
         at = torch.from_numpy(pos)
         with pruned_attention(self.model, cache), inserting(cache, at):
             self.model(input_ids=self._ids(ids), position_ids=at[None].to(self.device), cache=cache,
@@ -737,11 +734,7 @@ class KVModel:
         self._check_fits(kv.layout, kv.head_dim)
         model_dtype, device = self.model.dtype, self.device if device is None else torch.device(device)
         if not kv.is_dense and self.is_pruned_layout(kv.layout):
-            cache = self._pruned_cache(kv.layout, room, device)
-            for i, layer in enumerate(kv.layers):
-                for h, p in enumerate(kv.layout.positions[i]):
-                    self.fill_cache(cache, i, h, slice(0, p.size), layer[:, h, : p.size])
-            return cache
+            return self._filled_pruned_cache(kv, room, device)
         cache = self.new_cache(capacity=kv.token_count + room)
         for i, layer in enumerate(kv.layers):
             cache.update(layer[0].unsqueeze(0).to(device, model_dtype), layer[1].unsqueeze(0).to(device, model_dtype), i)
@@ -815,6 +808,14 @@ class KVModel:
         for i, window in enumerate(self.layer_windows()):
             cache.layers[i] = pruned_layer(layout.positions[i], layout.token_count, window, self.head_dim,
                                            room, self.model.dtype, device)
+        return cache
+
+    def _filled_pruned_cache(self, kv: LayeredKV, room: int, device: torch.device) -> Any:
+        """A cache of :mod:`kvzip.model.pruned` layers on ``device`` holding ``kv``'s entries."""
+        cache = self._pruned_cache(kv.layout, room, device)
+        for i, layer in enumerate(kv.layers):
+            for h, p in enumerate(kv.layout.positions[i]):
+                self.fill_cache(cache, i, h, slice(0, p.size), layer[:, h, : p.size])
         return cache
 
     def crop_last(self, kv: LayeredKV) -> LayeredKV:

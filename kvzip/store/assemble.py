@@ -234,8 +234,6 @@ def _layered(pos: list[list[list[np.ndarray]]], ent: list[list[list[torch.Tensor
                 out[:, h, at : at + run.shape[1]] = run
                 at += run.shape[1]
             out[:, h, at:] = 0
-        if all(np.array_equal(p[0], x) for x in p[1:]):
-            p = [p[0]] * len(p)
         positions.append(p)
         layers.append(out)
     return LayeredKV(layers, PositionLayout(positions, total))

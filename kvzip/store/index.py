@@ -266,19 +266,18 @@ class StoreIndex:
         rows = self.db.execute(
             "SELECT p.doc_key, p.source, p.number, p.text, p.token_sha256, p.tokens, "
             "bm25(passage_fts) AS score, "
-            "(SELECT MIN(a.name) FROM artifacts a WHERE a.token_sha256 = p.token_sha256 "
-            " AND a.model = ?3 AND a.level = ?4) AS artifact, "
             "(SELECT GROUP_CONCAT(a.name, char(10)) FROM artifacts a WHERE a.token_sha256 = p.token_sha256 "
             " AND a.model = ?3 AND a.level = ?4) AS artifacts "
             "FROM passage_fts JOIN passages p ON p.id = passage_fts.rowid "
-            "WHERE passage_fts MATCH ?1 AND p.tokenizer = ?2 AND artifact IS NOT NULL "
+            "WHERE passage_fts MATCH ?1 AND p.tokenizer = ?2 AND artifacts IS NOT NULL "
             "ORDER BY score LIMIT ?5",
             (query, tokenizer, model, level, 4 * k),
         )
         hits: list[Hit] = []
         seen: set[str] = set()
         for row in rows:
-            hit = Hit(*row[:-1], tuple(sorted(row[-1].split("\n"))))
+            names = tuple(sorted(row[-1].split("\n")))
+            hit = Hit(*row[:-1], names[0], names)
             if hit.token_sha256 not in seen:
                 seen.add(hit.token_sha256)
                 hits.append(hit)
