@@ -28,6 +28,16 @@ def test_recording_attention_computes_what_the_model_computes(make):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_recording_reuses_its_buffers_across_forwards_of_any_size():
+    km = tiny_model("llama")
+    texts = [list(range(40, 140)), list(range(50, 70)), list(range(60, 160))]  # larger, smaller, larger
+    refs = [km.teacher_force(km.prefill(ids[:1]), ids[1:]) for ids in texts]
+    with recording(km.model, AttentionRecorder(km.num_layers, km.kv_heads, 100)):
+        got = [km.teacher_force(km.prefill(ids[:1]), ids[1:]) for ids in texts]
+    for g, r in zip(got, refs):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
 def test_recorded_scores_are_the_largest_attention_weights():
     km = tiny_model("llama")
     ids = list(range(40, 90))

@@ -26,6 +26,7 @@ import torch
 
 NAME = "kvzip-record"
 _ACTIVE: contextvars.ContextVar[AttentionRecorder | None] = contextvars.ContextVar("kvzip_recorder", default=None)
+_SCRATCH: contextvars.ContextVar[Scratch | None] = contextvars.ContextVar("kvzip_scratch", default=None)
 
 
 class AttentionRecorder:
@@ -90,6 +91,26 @@ class AttentionRecorder:
             seen.sum(dim=0).float().cpu().numpy()[None, lo - key_start :] * (hq // heads))
 
 
+class Scratch:
+    """Float32 buffers that the recording attention's two largest arrays (the scores and
+    the weights, ``[heads, groups * q, n]``) are written into, kept for the forwards of
+    one ``recording`` block.  A fresh array that size is memory the kernel must hand over
+    and zero page by page at every call: on the CPU that took more than half of the
+    scores' product and of the softmax (measured at SmolLM2's reconstruct shapes)."""
+
+    def __init__(self) -> None:
+        self._flat: list[torch.Tensor | None] = [None, None]
+
+    def take(self, slot: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        size = 1
+        for dim in shape:
+            size *= dim
+        flat = self._flat[slot]
+        if flat is None or flat.numel() < size or flat.device != device:
+            flat = self._flat[slot] = torch.empty(size, dtype=torch.float32, device=device)
+        return flat[:size].view(shape)
+
+
 def record_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None,
                      dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -103,26 +124,34 @@ def record_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     groups = hq // heads
     scale = scaling if scaling is not None else getattr(module, "scaling", d ** -0.5)
     grouped = (query * scale).reshape(b, heads, groups * q, d)
-    scores = torch.matmul(grouped, key.transpose(-1, -2))  # [b, heads, groups * q, n]
-    if scores.dtype != torch.float32:
-        scores = scores.float()
+    scratch = _SCRATCH.get()
+    shape = (b, heads, groups * q, n)
+    if scratch is not None and grouped.dtype == torch.float32:
+        scores = torch.matmul(grouped, key.transpose(-1, -2), out=scratch.take(0, shape, grouped.device))
+    else:
+        scores = torch.matmul(grouped, key.transpose(-1, -2))
+        if scores.dtype != torch.float32:
+            scores = scores.float()
     softcap = kwargs.get("softcap")
     if softcap:
         scores.div_(softcap).tanh_().mul_(softcap)
+    recorder = _ACTIVE.get()
     visible = None
     if attention_mask is not None:
         mask = attention_mask[:, :, :, :n]
         scores.view(b, heads, groups, q, n).add_(mask[:, :, None].to(scores.dtype))
-        visible = mask[0, 0] == 0
+        if recorder is not None and recorder.reduce == "mean":  # only the mean counts who saw what
+            visible = mask[0, 0] == 0
     sinks = kwargs.get("s_aux")
     if sinks is not None:  # GPT-OSS: a learned logit per head that takes part in the softmax
         sink = sinks.reshape(1, heads, groups, 1, 1).expand(b, heads, groups, q, 1).to(scores.dtype)
         full = torch.cat([scores.view(b, heads, groups, q, n), sink], dim=-1)
         probs = torch.softmax(full, dim=-1)[..., :-1].reshape(b, heads, groups * q, n)
+    elif scratch is not None:  # the same kernel as torch.softmax, into the second buffer
+        probs = torch.ops.aten._softmax.out(scores, -1, False, out=scratch.take(1, shape, scores.device))
     else:
         probs = torch.softmax(scores, dim=-1)
     del scores
-    recorder = _ACTIVE.get()
     if recorder is not None:
         recorder.observe(module.layer_idx, probs.view(b, hq, q, n), visible)
     out = torch.matmul(probs.to(value.dtype), value)  # [b, heads, groups * q, d]
@@ -159,9 +188,10 @@ def recording(model: Any, recorder: AttentionRecorder) -> Iterator[AttentionReco
     """``model``'s forwards inside the block run :func:`record_attention` into ``recorder``."""
     from transformers.masking_utils import eager_mask
 
-    token = _ACTIVE.set(recorder)
+    token, scratch = _ACTIVE.set(recorder), _SCRATCH.set(Scratch())
     try:
         with attending_with(model, NAME, record_attention, eager_mask):
             yield recorder
     finally:
+        _SCRATCH.reset(scratch)
         _ACTIVE.reset(token)
