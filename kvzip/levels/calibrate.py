@@ -107,6 +107,18 @@ def _pre_rope(km: KVModel, kv: LayeredKV) -> list[np.ndarray]:
     return [_UNROPE.forward(layer[:, None], _layer_context(km, kv, i))[:, 0] for i, layer in enumerate(kv.layers)]
 
 
+def _basis(a: np.ndarray, a_inv: np.ndarray, cov: np.ndarray, pca: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(forward, inverse) of the basis that weights by ``a`` and then, with ``pca``,
+    decorrelates: the weighted covariance's eigenvectors, largest variance first."""
+    if pca:
+        c = a @ cov @ a.T
+        ev, p = np.linalg.eigh((c + c.T) / 2)
+        p = p[:, np.argsort(ev)[::-1]]
+    else:
+        p = np.eye(a.shape[0])
+    return p.T @ a, a_inv @ p
+
+
 def _re_rope(km: KVModel, kv: LayeredKV, layer: int, x: np.ndarray) -> np.ndarray:
     """Keys of one layer's pre-RoPE ``x`` ([2, H, n, D]) rotated back (a copy)."""
     return _UNROPE.inverse(x[:, None].copy(), _layer_context(km, kv, layer))[:, 0]
@@ -192,15 +204,8 @@ def calibrate(
         for kv, (a, a_inv) in enumerate(((wk, wk_inv), (wv, wv_inv))):
             for grp in range(G):
                 blk = slice(grp * W, (grp + 1) * W)
-                ag, ag_inv = a[blk, blk], a_inv[blk, blk]
-                c = ag @ cov[kv, lay, blk, blk] @ ag.T
-                if opt.basis in ("pca", "pca-layer"):
-                    ev, p = np.linalg.eigh((c + c.T) / 2)
-                    p = p[:, np.argsort(ev)[::-1]]
-                else:
-                    p = np.eye(W)
-                fwd[kv, lay, grp] = p.T @ ag
-                inv[kv, lay, grp] = ag_inv @ p
+                fwd[kv, lay, grp], inv[kv, lay, grp] = _basis(a[blk, blk], a_inv[blk, blk], cov[kv, lay, blk, blk],
+                                                              opt.basis != "none")
     # RMS of each (K/V, layer) in the new basis
     cov_g = np.stack([cov[..., g * W : (g + 1) * W, g * W : (g + 1) * W] for g in range(G)], axis=2)
     var_new = np.einsum("klgij,klgjm,klgim->kl", fwd, cov_g, fwd) / HD
