@@ -457,3 +457,28 @@ def test_assembling_passages_as_pruned_caches_matches_the_dense_assembly(family,
     follow = ids[300:310]
     torch.testing.assert_close(km.teacher_force(layered, follow), km.teacher_force(dense, follow),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_a_chunk_whose_heads_share_positions_after_chunks_where_they_differ_keeps_each_heads_entries(tmp_path):
+    """A layer's heads keep different entries in its first chunk and every entry in its
+    second: the second chunk is one block of all heads, and each head's entries there sit
+    at its own slots (they used to be gathered at the first head's, a lossless file then
+    holding other entries than those kept)."""
+    from kvzip.levels import write_kvz
+
+    km = tiny_model("llama")
+    ids = km.document_ids(TEXT, None)[:128]
+    kv = km.prefill(ids)
+    masks = []
+    for layer in kv.layers:
+        m = np.ones((km.kv_heads, layer.shape[2]), bool)
+        m[0, 10:40:2] = False  # head 0 drops 15 entries of the first chunk, the others 5
+        m[1:, 20:25] = False
+        masks.append(m)
+    kept = kv.subset(masks)
+    out = tmp_path / "k.kvz"
+    write_kvz(kept, ids, out, km, levels=["lossless"], chunk_tokens=64, dtype="float32")
+    got = api.load_kv(out).kv
+    for i, layer in enumerate(kept.layers):
+        assert got.layout.layer_positions(i).tolist() == kept.layout.layer_positions(i).tolist()
+        assert torch.equal(got.layers[i], layer)

@@ -339,10 +339,13 @@ def block_array(kv: LayeredKV, block: Block, per_layer: Sequence[np.ndarray] | N
     with ``per_layer``, the block's ``[layers, heads, n]`` of those per-entry arrays)."""
     pieces = []
     for layer in block.layers:
-        first = kv.layout.positions[layer][block.heads[0]]
-        at = int(np.searchsorted(first, block.positions[0]))
-        if per_layer is None:
-            pieces.append(kv.layers[layer][:, list(block.heads), at : at + block.count])
-        else:
-            pieces.append(np.asarray(per_layer[layer])[list(block.heads), at : at + block.count])
+        heads = []
+        for h in block.heads:  # each head's own slots: the heads share the block's positions, but
+            # not necessarily the ones before it (entries kept per head in earlier chunks)
+            at = int(np.searchsorted(kv.layout.positions[layer][h], block.positions[0]))
+            if per_layer is None:
+                heads.append(kv.layers[layer][:, h, at : at + block.count])
+            else:
+                heads.append(np.asarray(per_layer[layer])[h, at : at + block.count])
+        pieces.append(np.stack(heads, axis=1 if per_layer is None else 0))
     return np.ascontiguousarray(np.stack(pieces, axis=1 if per_layer is None else 0))
