@@ -246,39 +246,13 @@ def test_every_lossy_level_stores_kept_entries_with_importance(level, tmp_path):
     assert len(api.generate(out, " and", model=km, max_new_tokens=3).new_token_ids) == 3
 
 
-def test_per_head_bases_let_a_calibrated_level_keep_each_heads_own_entries(tmp_path):
-    """A calibrated level maps a layer's heads jointly; the profile's per-head bases code a
-    block of some heads alone, so the kept entries are chosen per head, as losslessly."""
+def test_a_layer_basis_keeps_a_layers_heads_together(tmp_path):
+    """A calibrated level maps a layer's heads jointly: its kept positions are per layer."""
     km = tiny_model("llama")
-    cal, ref = tmp_path / "cal.kvz", tmp_path / "ref.kvz"
-    api.encode(TEXT, cal, model=km, levels=["balanced"], chunk_tokens=64, keep=0.5)
-    api.encode(TEXT, ref, model=km, levels=["lossless"], chunk_tokens=64, keep=0.5)
-    assert api.info(cal)["keep"]["heads"] == "each"
-    got, want = api.load_kv(cal).kv, api.load_kv(ref).kv
-    layout = got.layout
-    assert not all(layout.heads_share(i) for i in range(layout.num_layers))
-    for i in range(km.num_layers):  # the same entries as the lossless file keeps, coded closely
-        assert layout.layer_positions(i).tolist() == want.layout.layer_positions(i).tolist()
-        err = float((got.layers[i] - want.layers[i]).norm() / want.layers[i].norm())
-        assert 0 < err < 0.7  # balanced on this random model: 0.39-0.50 with every entry
-    assert api.verify(cal).ok
-    assert len(api.generate(cal, " and", model=km, max_new_tokens=3).new_token_ids) == 3
-
-
-def test_a_profile_without_per_head_bases_keeps_a_layers_heads_together(tmp_path):
-    """Profiles calibrated before per-head bases: a layer's kept positions are shared."""
-    from kvzip.codecs.profile import HEAD_TENSORS, profile_to_bytes
-    from kvzip.levels.profiles import list_profiles
-
-    km = tiny_model("llama")
-    api.encode(TEXT, tmp_path / "a.kvz", model=km, levels=["balanced"], chunk_tokens=64)
-    prof = list_profiles(km.identity()["fingerprint"])[0]
-    assert prof.has_head_bases
-    old = tmp_path / "old.kvzprofile"
-    old.write_bytes(profile_to_bytes({k: v for k, v in prof.tensors.items() if k not in HEAD_TENSORS}, prof.meta))
     out = tmp_path / "cal.kvz"
-    api.encode(TEXT, out, model=km, levels=["balanced"], chunk_tokens=64, keep=0.5, profile=old)
-    assert api.info(out)["keep"]["heads"] == "layer"
+    api.encode(TEXT, out, model=km, levels=["balanced"], chunk_tokens=64, keep=0.5)
+    info = api.info(out)
+    assert info["keep"]["heads"] == "layer"
     layout = api.load_kv(out).kv.layout
     assert all(layout.heads_share(i) for i in range(layout.num_layers))
     assert km.is_pruned_layout(layout)

@@ -75,20 +75,6 @@ class ProfileBasis(ArrayTransform):
 
         self.heads = heads
         self._parts: dict[tuple, ProfileBasis] = {}
-        # A per-layer basis's profile may hold one basis per kv head too: [2, L, H, D, D]
-        # each (row-vector form), what a block of some of a layer's heads is coded in.
-        self.head_fwd_t = self.head_inv_t = None
-        if profile.has_head_bases:
-            self.head_fwd_t = np.ascontiguousarray(
-                np.stack([t["key_fwd_head"], t["value_fwd_head"]]).swapaxes(-1, -2))
-            self.head_inv_t = np.ascontiguousarray(
-                np.stack([t["key_inv_head"], t["value_inv_head"]]).swapaxes(-1, -2))
-
-    @property
-    def codes_heads_apart(self) -> bool:
-        """Whether a block may hold some of a layer's heads: a basis per kv head, or a
-        per-layer one whose profile also holds per-head bases."""
-        return self.groups == self.heads or self.head_fwd_t is not None
 
     def part(self, ctx: ChunkContext) -> ProfileBasis:
         """The basis restricted to the chunk's layers and heads (itself for a whole chunk).
@@ -100,25 +86,17 @@ class ProfileBasis(ArrayTransform):
             layers, heads = list(ctx.layers), list(ctx.heads)
             if max(layers) >= self.mean.shape[1] or max(heads) >= self.heads:
                 raise CodecError("the chunk names a layer or head the profile does not have")
-            whole = len(heads) == self.heads
-            if not whole and not self.codes_heads_apart:
+            if len(heads) != self.heads and self.groups != self.heads:
                 raise CodecError("this profile's basis spans a layer's heads; it cannot code some heads alone")
             sub = object.__new__(ProfileBasis)
-            pick = slice(None) if whole else heads
-            sub.profile, sub.heads, sub.head_fwd_t, sub.head_inv_t = self.profile, len(heads), None, None
+            g = self.groups if len(heads) == self.heads else len(heads)
+            pick = slice(None) if len(heads) == self.heads else heads
+            sub.profile, sub.groups, sub.width, sub.heads = self.profile, g, self.width, len(heads)
+            sub.mean = np.ascontiguousarray(self.mean[:, layers][:, :, pick])
+            sub.fwd_t = np.ascontiguousarray(self.fwd_t[:, layers][:, :, pick])
+            sub.inv_t = np.ascontiguousarray(self.inv_t[:, layers][:, :, pick])
+            sub.inv_heads = np.ascontiguousarray(self.inv_heads[:, layers][:, :, pick])
             sub.mean_heads = np.ascontiguousarray(self.mean_heads[:, layers][:, :, pick])
-            if whole or self.groups == self.heads:
-                sub.groups, sub.width = self.groups if whole else len(heads), self.width
-                sub.mean = np.ascontiguousarray(self.mean[:, layers][:, :, pick])
-                sub.fwd_t = np.ascontiguousarray(self.fwd_t[:, layers][:, :, pick])
-                sub.inv_t = np.ascontiguousarray(self.inv_t[:, layers][:, :, pick])
-                sub.inv_heads = np.ascontiguousarray(self.inv_heads[:, layers][:, :, pick])
-            else:  # some heads of a layer whose basis spans them all: the heads' own bases
-                sub.groups, sub.width = len(heads), self.mean_heads.shape[-1]
-                sub.mean = sub.mean_heads
-                sub.fwd_t = np.ascontiguousarray(self.head_fwd_t[:, layers][:, :, heads])
-                sub.inv_t = np.ascontiguousarray(self.head_inv_t[:, layers][:, :, heads])
-                sub.inv_heads = np.ascontiguousarray(sub.inv_t[:, :, :, None])
             sub._parts = {}
             self._parts[key] = sub
         return self._parts[key]
@@ -195,7 +173,7 @@ class KvzipProfileCodec(StagedCodec):
         ])
 
     def codes_heads_apart(self) -> bool:
-        return self.basis.codes_heads_apart  # a per-layer basis alone maps the heads jointly
+        return self.basis.groups == self.basis.heads  # a per-layer basis maps the heads jointly
 
     def check_chunk(self, ctx: ChunkContext) -> None:
         if ctx.layer_ids is None and ctx.head_ids is None:

@@ -10,10 +10,6 @@ every ``.kvz`` that was coded with it.  It holds, for each layer and kv head,
   ([L, H, D, D]) or one per layer across its heads ([L, 1, H*D, H*D]),
 * the quantiser step multiplier of each (K/V, layer) chosen from measured
   sensitivity (``step_scale``),
-* optionally, with a per-layer basis, one basis per kv head as well
-  (``key_fwd_head``, ``key_inv_head``, ``value_fwd_head``, ``value_inv_head``,
-  [L, H, D, D]), in the same error weighting: what codes a block that holds some of a
-  layer's heads alone (entries kept per head, ``--keep``),
 
 as a safetensors file (plain tensors plus string metadata; nothing executable).
 A profile is identified by the SHA-256 of its file bytes: a ``.kvz`` stores that
@@ -44,7 +40,6 @@ PROFILE_SUFFIX = ".kvzprofile"
 PROFILE_FORMAT = "kvzip-profile/1"
 MAX_PROFILE_BYTES = 1 << 30
 _TENSORS = ("key_mean", "value_mean", "key_fwd", "key_inv", "value_fwd", "value_inv", "step_scale")
-HEAD_TENSORS = ("key_fwd_head", "key_inv_head", "value_fwd_head", "value_inv_head")
 
 
 @dataclass
@@ -60,11 +55,6 @@ class Profile:
     @property
     def model_fingerprint(self) -> str:
         return str(self.meta["model_fingerprint"])
-
-    @property
-    def has_head_bases(self) -> bool:
-        """Whether a profile with a per-layer basis also holds one basis per kv head."""
-        return HEAD_TENSORS[0] in self.tensors
 
     @property
     def geometry(self) -> tuple[int, int, int]:
@@ -115,17 +105,11 @@ def _validate(tensors: dict[str, np.ndarray], meta: dict[str, Any], where: str) 
         "key_fwd": basis, "key_inv": basis, "value_fwd": basis, "value_inv": basis,
         "step_scale": (2, layers),
     }
-    present = [k for k in HEAD_TENSORS if k in tensors]
-    if present:
-        if len(present) != len(HEAD_TENSORS) or groups != 1 or heads == 1:
-            raise ProfileError(f"{where}: per-head bases come all four together, and only beside a basis "
-                               f"across a layer of several kv heads")
-        want.update({k: (layers, heads, dim, dim) for k in HEAD_TENSORS})
     for name, shape in want.items():
         t = tensors[name]
         if t.shape != shape:
             raise ProfileError(f"{where}: {name} has shape {t.shape}, expected {shape}")
-    for name in (*_TENSORS, *present):
+    for name in _TENSORS:
         t = tensors[name]
         if t.dtype != np.float32 or not np.isfinite(t).all():
             raise ProfileError(f"{where}: {name} must be finite float32")
@@ -165,7 +149,6 @@ def profile_from_bytes(data: bytes, where: str = "profile", path: Path | None = 
 
 def profile_to_bytes(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
     meta = {"format": PROFILE_FORMAT, **meta}
-    tensors = {k: np.ascontiguousarray(tensors[k], dtype=np.float32) for k in (*_TENSORS, *HEAD_TENSORS)
-               if k in tensors}
+    tensors = {k: np.ascontiguousarray(tensors[k], dtype=np.float32) for k in _TENSORS}
     _validate(tensors, meta, "new profile")
     return st_save(tensors, metadata={"kvzip": json.dumps(meta, sort_keys=True)})

@@ -187,11 +187,6 @@ def calibrate(
     W = HD // G
     fwd = np.zeros((2, L, G, W, W))
     inv = np.zeros((2, L, G, W, W))
-    # beside a basis across the layer, one per kv head in the same weighting: what codes
-    # a block holding some of a layer's heads alone (entries kept per head)
-    head_bases = G == 1 and H > 1
-    fwd_h = np.zeros((2, L, H, D, D)) if head_bases else None
-    inv_h = np.zeros((2, L, H, D, D)) if head_bases else None
     gram = output_gram(km) if opt.value_weighting == "output" else None
     for lay in range(L):
         wk, wk_inv = np.eye(HD), np.eye(HD)
@@ -211,9 +206,6 @@ def calibrate(
                 blk = slice(grp * W, (grp + 1) * W)
                 fwd[kv, lay, grp], inv[kv, lay, grp] = _basis(a[blk, blk], a_inv[blk, blk], cov[kv, lay, blk, blk],
                                                               opt.basis != "none")
-            for h in range(H if head_bases else 0):
-                blk = slice(h * D, (h + 1) * D)
-                fwd_h[kv, lay, h], inv_h[kv, lay, h] = _basis(a[blk, blk], a_inv[blk, blk], cov[kv, lay, blk, blk])
     # RMS of each (K/V, layer) in the new basis
     cov_g = np.stack([cov[..., g * W : (g + 1) * W, g * W : (g + 1) * W] for g in range(G)], axis=2)
     var_new = np.einsum("klgij,klgjm,klgim->kl", fwd, cov_g, fwd) / HD
@@ -233,9 +225,6 @@ def calibrate(
         "key_fwd": fwd[0], "key_inv": inv[0], "value_fwd": fwd[1], "value_inv": inv[1],
         "step_scale": scale,
     }
-    if head_bases:
-        tensors.update({"key_fwd_head": fwd_h[0], "key_inv_head": inv_h[0],
-                        "value_fwd_head": fwd_h[1], "value_inv_head": inv_h[1]})
     ident = km.identity()
     meta = {
         "model_fingerprint": ident["fingerprint"],
