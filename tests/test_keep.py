@@ -456,3 +456,43 @@ def test_a_chunk_whose_heads_share_positions_after_chunks_where_they_differ_keep
     for i, layer in enumerate(kept.layers):
         assert got.layout.layer_positions(i).tolist() == kept.layout.layer_positions(i).tolist()
         assert torch.equal(got.layers[i], layer)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_any_per_head_selection_round_trips_losslessly(tmp_path, seed):
+    """Random entries kept per head, some chunks with every entry (so the heads share
+    positions there) and some with none of a head's: a lossless file gives back exactly the
+    kept entries from ``load_kv`` and from attaching (each pruned head's keys, values and
+    positions).  (The device path has no lossless form; test_devices covers it.)"""
+    from kvzip.levels import attach_kv, write_kvz
+
+    km = tiny_model("llama")
+    ids = km.document_ids(TEXT, None)[:160]
+    kv = km.prefill(ids)
+    rng = np.random.default_rng(seed)
+    masks = []
+    for layer in kv.layers:
+        m = np.ones((km.kv_heads, layer.shape[2]), bool)
+        for h in range(km.kv_heads):
+            for c in range(0, layer.shape[2], 32):
+                m[h, c : c + 32] = rng.random(32) < rng.choice([0.0, 0.3, 0.8, 1.0])
+        m[:, :4] = m[:, -1] = True  # the sinks and the last position, as --keep keeps them
+        masks.append(m)
+    kept = kv.subset(masks)
+    out = tmp_path / "k.kvz"
+    write_kvz(kept, ids, out, km, levels=["lossless"], chunk_tokens=32, dtype="float32")
+
+    def check(cache):
+        for i, layer in enumerate(cache.layers):
+            for h in range(km.kv_heads):
+                pos = kept.layout.positions[i][h]
+                n = layer.count[h]
+                assert n == pos.size and layer.pos[h][:n].tolist() == pos.tolist()
+                assert torch.equal(layer.k[h][:n], kept.layers[i][0, h, :n])
+                assert torch.equal(layer.v[h][:n], kept.layers[i][1, h, :n])
+
+    got = api.load_kv(out).kv
+    for i, layer in enumerate(kept.layers):
+        assert got.layout.layer_positions(i).tolist() == kept.layout.layer_positions(i).tolist()
+        assert torch.equal(got.layers[i], layer)
+    check(attach_kv(out, km).cache)
