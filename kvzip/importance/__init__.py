@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,8 +36,9 @@ from kvzip.codecs.profile import Profile
 from kvzip.errors import InputError
 from kvzip.formats import LayeredKV
 from kvzip.importance import keep as dropping
-from kvzip.model import KVModel
-from kvzip.model.attention import AttentionRecorder, recording
+
+if TYPE_CHECKING:  # the model (and torch) load when a scorer runs
+    from kvzip.model import KVModel
 
 REPEAT_PROMPT = "\n\nRepeat the previous context:\n\n"
 
@@ -83,6 +85,8 @@ class PrefillAttention(Scorer):
     name = "prefill"
 
     def run(self, km: KVModel, ids: Sequence[int]) -> Scored:
+        from kvzip.model.attention import AttentionRecorder, recording
+
         recorder = AttentionRecorder(km.num_layers, km.kv_heads, len(ids), reduce="mean")
         t0 = time.perf_counter()
         with recording(km.model, recorder):  # the prefill itself, with its weights recorded
@@ -104,6 +108,8 @@ class Reconstruct(Scorer):
         prompt = km.encode_text(REPEAT_PROMPT, special_tokens=False)
         pieces = [prompt + body[i : i + self.step] for i in range(0, len(body), self.step)]
         n = len(ids)
+        from kvzip.model.attention import AttentionRecorder, recording
+
         recorder = AttentionRecorder(km.num_layers, km.kv_heads, n, start=n, record_from=n)
         with recording(km.model, recorder):  # piece by piece: attention memory stays bounded
             km.read_pieces_after(kv, pieces, before_each=lambda: recorder.rewind(n))

@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from kvzip import __version__
 from kvzip.codecs import STORAGE_DTYPES, Codec
@@ -57,19 +56,31 @@ from kvzip.levels.chunks import (
     encode_dense_chunk,
     encode_layered_chunk,
 )
-from kvzip.levels.device_decode import decode_chunk_on_device, decode_parts_on_device
-from kvzip.levels.device_decode import supports as supports_device
 from kvzip.levels.executor import run_on_threads, threads_for
 from kvzip.levels.progress import Progress, no_progress
 from kvzip.levels.table import codec_for_level
-from kvzip.model import TORCH_DTYPES, KVModel
-from kvzip.model.device import is_accelerator
+
+if TYPE_CHECKING:  # torch and the model load when a model is used, not to read a file
+    import torch
+
+    from kvzip.model import KVModel
 
 DEFAULT_CHUNK_TOKENS = 256
 
 
+def is_accelerator(device: Any) -> bool:
+    """Whether ``device`` is an accelerator (:func:`kvzip.model.device.is_accelerator`)."""
+    from kvzip.model.device import is_accelerator as accelerator
+
+    return accelerator(device)
+
+
 def kv_to_storage(kv: torch.Tensor, dtype: str) -> np.ndarray:
     """A [2, L, H, T, D] tensor as the numpy array codecs take (bf16 as uint16 bits)."""
+    import torch
+
+    from kvzip.model import TORCH_DTYPES
+
     kv = kv.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous()
     if dtype == "bfloat16":
         return kv.view(torch.int16).numpy().view(np.uint16)
@@ -78,6 +89,10 @@ def kv_to_storage(kv: torch.Tensor, dtype: str) -> np.ndarray:
 
 def storage_to_kv(array: np.ndarray, dtype: str) -> torch.Tensor:
     """The inverse of :func:`kv_to_storage` (float32 arrays from lossy codecs are cast)."""
+    import torch
+
+    from kvzip.model import TORCH_DTYPES
+
     if dtype == "bfloat16" and array.dtype == np.uint16:
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(array)).to(TORCH_DTYPES[dtype])
@@ -263,6 +278,8 @@ class CacheFile:
         """A whole level written chunk by chunk straight into a cache for ``km`` (on its
         device, in its dtype; :meth:`KVModel.empty_cache`): attaching holds the cache once,
         plus the chunks being decoded, never a second copy of the whole level."""
+        from kvzip.levels.device_decode import decode_chunk_on_device, decode_parts_on_device
+
         entries, codecs, n = self._plan(level_name, decoders)
         cache = km.empty_cache(self.header.layout, room)
         dtype = self.header.dtype
@@ -336,6 +353,8 @@ def on_device(km: KVModel, header: KvzHeader, codecs: Sequence[Codec]) -> bool:
     a codec with a device form (:mod:`kvzip.levels.device_decode`); any file, dense or
     block by block.  On the CPU numpy is faster (89 against 59 M elements/s,
     ``benchmarks/decode_device.py``)."""
+    from kvzip.levels.device_decode import supports as supports_device
+
     return is_accelerator(km.device) and bool(codecs) and all(supports_device(c) for c in codecs)
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvzip.codecs import Codec
 from kvzip.codecs.profile import Profile, profile_to_bytes
 from kvzip.errors import InputError, ProfileNotFoundError
-from kvzip.levels.calibrate import calibrate, default_calibration_texts, read_texts
 from kvzip.levels.profiles import (
     find_profile,
     is_digest,
@@ -27,7 +27,9 @@ from kvzip.levels.profiles import (
 )
 from kvzip.levels.progress import Progress
 from kvzip.levels.table import check_levels, codec_for_level, is_calibrated
-from kvzip.model import KVModel
+
+if TYPE_CHECKING:
+    from kvzip.model import KVModel
 
 IF_NO_PROFILE = ("calibrate", "uncalibrated", "error")
 
@@ -95,6 +97,8 @@ def model_profile(
                 "run `kvzip calibrate` or pass --profile"
             )
         else:
+            from kvzip.levels.calibrate import calibrate, default_calibration_texts, read_texts
+
             texts = read_texts(default_calibration_texts())
             data, _ = calibrate(km, texts, progress=progress)
             prof = write_profile(data)
