@@ -14,9 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kvzip import importance as scoring
 from kvzip.atomic import write_atomic
@@ -45,13 +43,24 @@ from kvzip.levels import (
     stream_prefill,
     write_kvz,
 )
-from kvzip.model import ChatTemplate, KVModel
-from kvzip.stream.client import StreamResult
-from kvzip.stream.client import stream_generate as _stream_generate
 from kvzip.stream.fetch import FetchSummary, fetch
 from kvzip.stream.http import DownloadLimits
 
-ModelLike = KVModel | str | None
+if TYPE_CHECKING:  # torch and the model load when a command runs one, not to read a file
+    import torch
+
+    from kvzip.model import KVModel
+    from kvzip.stream.client import StreamResult
+
+ModelLike = "KVModel | str | None"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "StreamResult":  # re-exported, loaded on first use (it imports torch)
+        from kvzip.stream.client import StreamResult
+
+        return StreamResult
+    raise AttributeError(f"module 'kvzip.api' has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_CHUNK_TOKENS",
@@ -86,6 +95,8 @@ def load_model(model: ModelLike = None, *, device: str | torch.device | None = N
     """A :class:`KVModel` from a spec (None = embedded default) on ``device`` (default
     ``auto``: an accelerator when torch sees one) with its weights in ``model_dtype``
     (default: float32 on the CPU, bfloat16 on an accelerator), or the one given."""
+    from kvzip.model import KVModel
+
     if isinstance(model, KVModel):
         return model
     return KVModel.load(model, device=device, dtype=model_dtype)
@@ -233,7 +244,7 @@ def _offload_prefill(km: KVModel, n_tokens: int, choice: str) -> bool:
         return choice == "disk"
     if km.device.type != "cpu":
         return False  # the model's cache is device memory; the host holds a few chunks
-    itemsize = torch.empty((), dtype=km.model.dtype).element_size()
+    itemsize = km.model.dtype.itemsize
     cache_bytes = 2 * km.kv_heads * km.head_dim * itemsize * sum(km.kept_positions(n_tokens))
     return cache_bytes > memory_limit() // 2
 
@@ -376,6 +387,7 @@ def decode(
     holding fewer entries than its layer's widest is padded at the end with zeros at
     position -1.  Other programs rely on this contract (``docs/format.md``).
     """
+    import torch
     from safetensors.torch import save_file
 
     started = time.perf_counter()
@@ -432,6 +444,8 @@ def generate(
     km = load_model(model, device=device, model_dtype=model_dtype)
     with open_kvz(path) as reader:
         km.check_stored_cache(reader.header)
+        from kvzip.model import ChatTemplate
+
         chat = ChatTemplate.from_info(reader.header.chat)
     prompt_ids = km.prompt_ids(prompt, chat)
     started = time.perf_counter()
@@ -487,7 +501,9 @@ def generate_url(
 
     ``limits`` bound the download (overall time, minimum speed, redirects to other
     hosts), as for :func:`fetch`."""
-    return _stream_generate(
+    from kvzip.stream.client import stream_generate
+
+    return stream_generate(
         url, prompt, load_model(model, device=device, model_dtype=model_dtype), deadline=deadline, max_new_tokens=max_new_tokens,
         levels=None if level is None else [level], limits=limits, progress=progress,
     )

@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
-from kvzip import bench
-from kvzip.api import DEFAULT_CHUNK_TOKENS, load_model
+from kvzip.api import load_model
 from kvzip.cli.console import err_console, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
 from kvzip.cli.options import device_option, model_dtype_option
 from kvzip.codecs import codec_ids
 from kvzip.errors import InputError
-from kvzip.levels import DEFAULT_LEVEL, LEVELS, is_calibrated
+from kvzip.levels import DEFAULT_CHUNK_TOKENS, DEFAULT_LEVEL, LEVELS, is_calibrated
+
+if TYPE_CHECKING:  # the bench (and torch) load when it runs
+    from kvzip import bench
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -137,6 +140,8 @@ def bench_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Measure size, quality (KL, Δppl, top-1), throughput and time to first token per level and codec."""
+    from kvzip import bench
+
     config = bench.BenchConfig(
         texts=texts or bench.default_texts(),
         levels=_split(levels) or [name for name in LEVELS if name != "lossless"],

@@ -12,7 +12,6 @@ from kvzip.cli.errors import handle_errors
 from kvzip.cli.options import device_option, model_dtype_option
 from kvzip.errors import InputError
 from kvzip.levels import list_profiles, profile_dirs, write_profile
-from kvzip.levels.calibrate import CalibrationOptions, calibrate, default_calibration_texts, read_texts
 
 
 @handle_errors
@@ -31,6 +30,8 @@ def calibrate_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Measure a model's KV statistics and write a calibration profile for its lossy levels."""
+    from kvzip.levels.calibrate import CalibrationOptions, calibrate, default_calibration_texts, read_texts
+
     paths = list(texts) if texts else default_calibration_texts()
     if not paths:
         raise InputError("no calibration texts given and none of the default ones exist here")

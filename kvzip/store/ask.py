@@ -15,18 +15,21 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvzip.errors import InputError, UnsupportedModelError
 from kvzip.levels import DEFAULT_LEVEL, Progress, default_threads, no_progress, storage_to_kv
 from kvzip.levels.executor import ENV_THREADS
-from kvzip.model import KVModel
-from kvzip.model.device import is_accelerator
+from kvzip.levels.files import is_accelerator
 from kvzip.store.assemble import CachedPassage, assemble
 from kvzip.store.index import Hit
 from kvzip.store.opening import load_opening, opening_ids
 from kvzip.store.store import PassageStore
+
+if TYPE_CHECKING:  # torch and the model load when a passage is read or assembled
+    import torch
+
+    from kvzip.model import KVModel
 
 DEFAULT_TOP_K = 3
 
@@ -307,7 +310,6 @@ class Fidelity:
     answer_tokens: int
 
 
-@torch.inference_mode()
 def fidelity(
     km: KVModel,
     context_ids: Sequence[int],
@@ -321,12 +323,15 @@ def fidelity(
 
     ``full_kv`` is the full prefill of ``context_ids`` when the caller has it already.
     """
-    full = km.prefill(context_ids) if full_kv is None else full_kv
-    answer = km.generate(list(context_ids) + list(after_ids), kv=full, max_new_tokens=max_new_tokens)
-    forced = list(after_ids) + answer[:-1]
-    start = len(after_ids) - 1
-    ref = torch.log_softmax(km.teacher_force(full, forced)[start:], dim=-1)
-    got = torch.log_softmax(km.teacher_force(kv, forced)[start:], dim=-1)
-    kl = (ref.exp() * (ref - got)).sum(dim=-1)
-    agree = (got.argmax(dim=-1) == ref.argmax(dim=-1)).float()
+    import torch
+
+    with torch.inference_mode():
+        full = km.prefill(context_ids) if full_kv is None else full_kv
+        answer = km.generate(list(context_ids) + list(after_ids), kv=full, max_new_tokens=max_new_tokens)
+        forced = list(after_ids) + answer[:-1]
+        start = len(after_ids) - 1
+        ref = torch.log_softmax(km.teacher_force(full, forced)[start:], dim=-1)
+        got = torch.log_softmax(km.teacher_force(kv, forced)[start:], dim=-1)
+        kl = (ref.exp() * (ref - got)).sum(dim=-1)
+        agree = (got.argmax(dim=-1) == ref.argmax(dim=-1)).float()
     return Fidelity(float(kl.mean()), float(agree.mean()), len(answer))

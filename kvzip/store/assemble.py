@@ -16,13 +16,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from kvzip.errors import InputError
 from kvzip.formats import LayeredKV, PositionLayout
-from kvzip.model import KVModel
+
+if TYPE_CHECKING:  # torch and the model load when a passage is read or assembled
+    import torch
+
+    from kvzip.model import KVModel
 
 
 def rotate_keys(keys: torch.Tensor, delta: int, inv_freq: Sequence[float]) -> torch.Tensor:
@@ -32,6 +36,8 @@ def rotate_keys(keys: torch.Tensor, delta: int, inv_freq: Sequence[float]) -> to
     one pair, rotated by ``position * inv_freq[i]``.  The angle is computed in
     float64 and applied in at least float32, then cast back to the keys' dtype.
     """
+    import torch
+
     if delta == 0:
         return keys
     half = keys.shape[-1] // 2
@@ -48,6 +54,8 @@ def rotate_keys(keys: torch.Tensor, delta: int, inv_freq: Sequence[float]) -> to
 def rotate_layers(keys: torch.Tensor, delta: int, layer_freqs: Sequence[Sequence[float]]) -> torch.Tensor:
     """Keys ``[L, H, T, D]`` moved ``delta`` positions later, layer ``i`` with its own
     RoPE frequencies ``layer_freqs[i]`` (Gemma 3's local and global bases differ)."""
+    import torch
+
     if delta == 0:
         return keys
     tables = list(dict.fromkeys(tuple(f) for f in layer_freqs))
@@ -58,6 +66,8 @@ def rotate_layers(keys: torch.Tensor, delta: int, layer_freqs: Sequence[Sequence
 
 def move_kv(kv: torch.Tensor, delta: int, layer_freqs: Sequence[Sequence[float]]) -> torch.Tensor:
     """A cache ``[2, L, H, T, D]`` moved ``delta`` positions later (keys rotated, values kept)."""
+    import torch
+
     return torch.stack([rotate_layers(kv[0], delta, layer_freqs), kv[1]])
 
 
@@ -102,6 +112,8 @@ def assemble(
     context before it, the recomputed tokens of earlier passages included, exactly as
     recomputing passage by passage would.
     """
+    import torch
+
     if not 0.0 <= blend_fraction <= 1.0:
         raise InputError(f"--blend-recompute must be between 0 and 1, got {blend_fraction}")
     if not passages:
@@ -164,6 +176,8 @@ def _assemble_pruned(
     result is a pruned cache (each head its own positions), the same steps on it.  The
     recomputed tokens (``blend_fraction``, ``recompute_window``) are read in every head
     (:meth:`KVModel.insert_at`), as a full prefill would hold them."""
+    import torch
+
     L, H = km.num_layers, km.kv_heads
     ids = list(prefix_ids)
     lead = passages[0].kv

@@ -18,16 +18,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from kvzip.errors import KvzipError
 from kvzip.formats import BytesSource
 from kvzip.levels import DEFAULT_CHUNK_TOKENS, open_cache, storage_to_kv, write_kvz
-from kvzip.model import KVModel
 from kvzip.store.artifacts import artifact_name
 from kvzip.store.documents import token_sha256
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and the model load when a passage is read or assembled
+    import torch
+
+    from kvzip.model import KVModel
     from kvzip.store.store import PassageStore
 
 OPENING_LEVEL = "lossless"

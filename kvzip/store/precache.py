@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvzip import importance as scoring
 from kvzip.errors import InputError, KvzipError, ModelMismatchError
@@ -39,7 +39,6 @@ from kvzip.levels import (
     write_kvz,
 )
 from kvzip.levels import check_level as _check_level
-from kvzip.model import KVModel
 from kvzip.store.artifacts import ArtifactStore, artifact_name, codec_sha256
 from kvzip.store.documents import (
     DEFAULT_PASSAGE_TOKENS,
@@ -52,6 +51,9 @@ from kvzip.store.documents import (
 from kvzip.store.index import ArtifactRecord
 from kvzip.store.opening import save_opening
 from kvzip.store.store import PassageStore
+
+if TYPE_CHECKING:  # the model loads when passages are cached
+    from kvzip.model import KVModel
 
 ENGINES = ("local", "ray")
 
@@ -358,6 +360,8 @@ def model_spec(km: KVModel) -> str | None:
 @functools.lru_cache(maxsize=1)
 def _worker_model(spec: str | None) -> KVModel:
     import torch
+
+    from kvzip.model import KVModel
 
     torch.set_num_threads(1)  # one Ray CPU per task
     return KVModel.load(spec)
