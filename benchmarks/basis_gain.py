@@ -29,7 +29,8 @@ def caches(km, texts, n=1024):
     out = []
     for _, content in texts:
         ids = km.encode_text(content, special_tokens=True)[:n]
-        out.append(_pre_rope(km.prefill(ids).float().numpy(), km.rope_inv_freq())[:, :, :, 4:])
+        kv = km.prefill(ids).map(lambda t: t.float().numpy())  # every layer holds every position
+        out.append(np.stack(_pre_rope(km, kv), axis=1)[:, :, :, 4:])
     return np.concatenate(out, axis=3)  # [2, L, H, T, D]
 
 
