@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -102,9 +103,7 @@ class Scratch:
         self._flat: list[torch.Tensor | None] = [None, None]
 
     def take(self, slot: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        size = 1
-        for dim in shape:
-            size *= dim
+        size = math.prod(shape)
         flat = self._flat[slot]
         if flat is None or flat.numel() < size or flat.device != device:
             flat = self._flat[slot] = torch.empty(size, dtype=torch.float32, device=device)

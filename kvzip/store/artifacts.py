@@ -29,20 +29,23 @@ from kvzip.levels import CacheFile, level_config, open_cache
 ARTIFACT_SUFFIX = ".kvz"
 
 
-def codec_sha256(level: str, profile: str | None = None, importance: dict | None = None) -> str:
+def codec_sha256(level: str, profile: str | None = None, treatment: dict | None = None) -> str:
     """Hash of the codec config behind ``level`` (calibrated with ``profile``, a digest;
-    with ``importance``, its header record: the scorer and the classes' shares and factors)."""
+    with ``treatment``, what else the artifact was stored with: the importance header record
+    (scorer, classes' shares and factors) and/or ``keep``, hashed under the config key
+    ``"importance"``, the name it had before ``--keep``, so existing names stay valid)."""
     config = level_config(level, profile)
-    if importance is not None:  # absent otherwise: the hashes of plain artifacts are unchanged
-        config = {**config, "importance": importance}
+    if treatment is not None:  # absent otherwise: the hashes of plain artifacts are unchanged
+        config = {**config, "importance": treatment}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def artifact_name(model: str, level: str, dtype: str, tokens_sha: str, profile: str | None = None,
-                  importance: dict | None = None) -> str:
-    """The content address of a cache: model, codec config, dtype and token ids."""
+                  treatment: dict | None = None) -> str:
+    """The content address of a cache: model, codec config (see :func:`codec_sha256`),
+    dtype and token ids."""
     key = hashlib.sha256(
-        f"{model}\n{codec_sha256(level, profile, importance)}\n{dtype}\n{tokens_sha}".encode()
+        f"{model}\n{codec_sha256(level, profile, treatment)}\n{dtype}\n{tokens_sha}".encode()
     ).hexdigest()
     return f"{key[:2]}/{key}{ARTIFACT_SUFFIX}"
 
