@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvzip.codecs import Codec, codec_from_config
+from kvzip.codecs import Codec
+from kvzip.codecs.classes import DEFAULT_FACTORS, DEFAULT_SHARES, classes, weighted
 from kvzip.codecs.profile import Profile
 from kvzip.errors import InputError
 from kvzip.formats import LayeredKV
@@ -55,15 +56,6 @@ class Scored:
     seconds: float
 
 
-def _aligned(kv: LayeredKV, per_position: list[np.ndarray]) -> list[np.ndarray]:
-    """Scores [heads, T] per layer, picked at the positions each layer holds."""
-    out = []
-    for i, full in enumerate(per_position):
-        held = kv.layout.layer_positions(i)
-        out.append(np.take_along_axis(full, np.maximum(held, 0), axis=1) * (held >= 0))
-    return out
-
-
 class Scorer:
     name = ""
 
@@ -85,13 +77,11 @@ class PrefillAttention(Scorer):
     name = "prefill"
 
     def run(self, km: KVModel, ids: Sequence[int]) -> Scored:
-        from kvzip.model.attention import AttentionRecorder, recording
+        from kvzip.model.attention import prefill_attention
 
-        recorder = AttentionRecorder(km.num_layers, km.kv_heads, len(ids), reduce="mean")
         t0 = time.perf_counter()
-        with recording(km.model, recorder):  # the prefill itself, with its weights recorded
-            kv = km.prefill(ids)
-        return Scored(kv, _aligned(kv, recorder.result()), self.name, time.perf_counter() - t0)
+        kv, scores = prefill_attention(km, ids)
+        return Scored(kv, scores, self.name, time.perf_counter() - t0)
 
 
 class Reconstruct(Scorer):
@@ -113,7 +103,7 @@ class Reconstruct(Scorer):
         recorder = AttentionRecorder(km.num_layers, km.kv_heads, n, start=n, record_from=n)
         with recording(km.model, recorder):  # piece by piece: attention memory stays bounded
             km.read_pieces_after(kv, pieces, before_each=lambda: recorder.rewind(n))
-        return Scored(kv, _aligned(kv, recorder.result()), self.name, time.perf_counter() - t0)
+        return Scored(kv, recorder.result_for(kv), self.name, time.perf_counter() - t0)
 
 
 SCORERS: dict[str, Scorer] = {s.name: s for s in (KeyNorm(), PrefillAttention(), Reconstruct())}
@@ -128,42 +118,6 @@ def scorer(name: str) -> Scorer:
 def score(km: KVModel, ids: Sequence[int], name: str) -> Scored:
     """Prefill ``ids`` and score every stored entry with scorer ``name``."""
     return scorer(name).run(km, ids)
-
-
-# Importance classes: the share of each (layer, kv head)'s entries in each class, most
-# important first, and the step multiplier each class gets.  Class 1 (factor 1) is the
-# level's own step.  A coarser step saves fewer bits than a finer one costs (more of its
-# symbols are 0), so the coarse class is coarser than -log2 balance alone would say:
-# measured on SmolLM2-135M (GPL-3, balanced), 0.15 x half the step and 0.45 x 1.6 times
-# it gave a file 1.6% smaller than the uniform level's (docs/benchmarks.md).
-DEFAULT_SHARES = (0.15, 0.40, 0.45)
-DEFAULT_FACTORS = (0.5, 1.0, 1.6)
-
-
-def classes(scores: list[np.ndarray], shares: Sequence[float] = DEFAULT_SHARES) -> list[np.ndarray]:
-    """Per layer ``[heads, n]`` uint8 classes: in each (layer, head), the top ``shares[0]``
-    of its entries by score are class 0, the next ``shares[1]`` class 1, and so on."""
-    bounds = np.cumsum(shares)[:-1]
-    out = []
-    for layer in scores:
-        cls = np.zeros(layer.shape, np.uint8)
-        n = layer.shape[1]
-        if n:
-            rank = np.argsort(np.argsort(-layer, axis=1, kind="stable"), axis=1, kind="stable")
-            frac = (rank + 0.5) / n
-            cls = np.searchsorted(bounds, frac, side="right").astype(np.uint8)
-        out.append(cls)
-    return out
-
-
-def weighted(codec: Codec, profile: Profile | None, factors: Sequence[float] = DEFAULT_FACTORS) -> Codec:
-    """``codec`` with its step scaled by importance class, when it is one of kvzip's lossy
-    codecs; any other (``lossless``, references) unchanged."""
-    config = codec.config()
-    if config["id"] not in ("kvzip-lossy", "kvzip-profile"):
-        return codec
-    return codec_from_config({**config, "importance_factors": [float(f) for f in factors]},
-                             profile if codec.needs_profile else None)
 
 
 def header_record(name: str) -> dict:

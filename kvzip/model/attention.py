@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvzip.formats import LayeredKV
+
 NAME = "kvzip-record"
 _ACTIVE: contextvars.ContextVar[AttentionRecorder | None] = contextvars.ContextVar("kvzip_recorder", default=None)
 _SCRATCH: contextvars.ContextVar[Scratch | None] = contextvars.ContextVar("kvzip_scratch", default=None)
@@ -61,6 +63,15 @@ class AttentionRecorder:
         if self.reduce == "max":
             return self.scores
         return [s / np.maximum(c, 1) for s, c in zip(self.scores, self._counts)]
+
+    def result_for(self, kv: LayeredKV) -> list[np.ndarray]:
+        """:meth:`result` picked at the positions each layer of ``kv`` holds (per layer
+        ``[kv_heads, n]``, aligned with the cache's layers; 0 in a shorter head's padding)."""
+        out = []
+        for i, full in enumerate(self.result()):
+            held = kv.layout.layer_positions(i)
+            out.append(np.take_along_axis(full, np.maximum(held, 0), axis=1) * (held >= 0))
+        return out
 
     def observe(self, layer: int, weights: torch.Tensor, visible: torch.Tensor | None = None) -> None:
         """``weights`` [1, query heads, q, kv]: the attention of the layer's newest ``q``
@@ -194,3 +205,13 @@ def recording(model: Any, recorder: AttentionRecorder) -> Iterator[AttentionReco
     finally:
         _SCRATCH.reset(scratch)
         _ACTIVE.reset(token)
+
+
+def prefill_attention(km: Any, ids: Any) -> tuple[LayeredKV, list[np.ndarray]]:
+    """Prefill ``ids`` with ``km`` (a :class:`KVModel`) recording attention: the cache and,
+    per layer ``[kv_heads, n]`` aligned with it, the mean attention each entry received
+    from the context's own queries that could see it."""
+    recorder = AttentionRecorder(km.num_layers, km.kv_heads, len(ids), reduce="mean")
+    with recording(km.model, recorder):  # the prefill itself, with its weights recorded
+        kv = km.prefill(ids)
+    return kv, recorder.result_for(kv)
