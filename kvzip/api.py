@@ -170,7 +170,9 @@ def encode(
 
     ``importance`` names a scorer (``kvzip.importance``: ``reconstruct``, ``prefill``,
     ``keynorm``): every entry is scored and the lossy levels code the most important ones
-    at a finer step and the least at a coarser one, at about the level's size.
+    at a finer step and the least at a coarser one, at about the level's size.  Not given,
+    the calibration profile decides (``kvzip calibrate`` turns ``prefill`` on for a model
+    whose uniform levels miss its quality bound); ``"none"``: uniform precision.
 
     ``keep`` (a fraction in (0, 1]) drops entries: the file keeps that fraction of them by
     score (``keep_by``, else ``importance``'s scorer, else ``reconstruct``), the attention
@@ -191,10 +193,9 @@ def encode(
     """
     check_levels(levels)
     check_if_missing(if_no_profile)
-    if importance is not None:
-        scoring.scorer(importance)  # an unknown scorer is refused before the model loads
+    scoring.requested(importance)  # an unknown scorer is refused before the model loads
     check_keep(keep, keep_rule)
-    scorer_name = check_keep_by(keep_by, importance)
+    keep_scorer = check_keep_by(keep_by, None if importance == scoring.UNIFORM else importance)
     if chunk_tokens <= 0:
         raise InputError(f"--chunk-tokens must be positive, got {chunk_tokens}")
     if dtype is not None and dtype not in STORAGE_DTYPES:
@@ -212,15 +213,17 @@ def encode(
     started = time.perf_counter()
     classes = extra = None
     pairs = resolved.pairs()
-    if importance is None and keep is None:
+    weigh_by = scoring.choose(importance, resolved.importance)
+    if weigh_by is None and keep is None:
         # coded chunk by chunk as the model produces it: the host holds a few chunks
         offload = Path(out).resolve().parent if _offload_prefill(km, len(ids), prefill_cache) else None
         kv = stream_prefill(km, ids, chunk_tokens, progress, offload=offload)
     else:
         progress("score", 0, 1)
-        scored = scoring.score(km, ids, scorer_name)
+        # one pass serves both: with --keep its scorer's scores also weigh the steps
+        scored = scoring.score(km, ids, keep_scorer if keep is not None else weigh_by)
         progress("score", 1, 1)
-        used = scoring.apply(scored, pairs, resolved.profile, weigh=importance is not None,
+        used = scoring.apply(scored, pairs, resolved.profile, weigh=weigh_by is not None,
                              keep=keep, keep_rule=keep_rule)
         kv, classes, pairs, extra = used.kv, used.classes, used.pairs, used.header
     prefill_seconds = time.perf_counter() - started
@@ -232,6 +235,7 @@ def encode(
         progress=progress, importance=classes, extra_header=extra,
     )
     summary.prefill_seconds += prefill_seconds
+    summary.importance = weigh_by
     return summary
 
 

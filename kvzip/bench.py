@@ -190,6 +190,9 @@ class ProfileReport:
     bytes: int
     path: str | None
     calibration_texts: list[str]
+    # the scorer the calibrated level rows spent their bits by, as encode does with this
+    # profile (its calibration's quality check; None: uniform precision)
+    importance: str | None = None
     # level -> {"saved_bytes_per_token": mean over texts, "break_even_tokens": int or "none"}
     break_even: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -285,6 +288,9 @@ class BenchConfig:
     scorers: Sequence[str] = ()
     keeps: Sequence[float] = ()
     keep_rules: Sequence[str] = ("shared",)
+    # the calibrated level rows at uniform precision even where the profile has the levels
+    # spend bits by importance (by default they are coded as `kvzip encode` codes them)
+    uniform: bool = False
 
 
 def resolve_codecs(names: Sequence[str], profile: Profile | None = None) -> list[tuple[str, Codec]]:
@@ -407,10 +413,11 @@ def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None
                         + len(config.scorers) * len(config.levels)
                         * (1 + len(config.keeps) * len(config.keep_rules)))
             ticker = _Ticker(progress, "bench", len(usable) * per_text)
+            weigh_by = None if profile is None or config.uniform else profile.importance
             for path, ids in usable:
                 used_texts.append(path.name)
                 text_rows, points, sizes, weighed = _bench_text(
-                    km, config, path, ids, methods, uncal, sweeps, Path(tmp), ticker.tick, profile)
+                    km, config, path, ids, methods, uncal, sweeps, Path(tmp), ticker.tick, profile, weigh_by)
                 rows.extend(text_rows)
                 importance_rows.extend(weighed)
                 sweep.extend(points)
@@ -423,6 +430,7 @@ def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None
             digest=profile.digest, bytes=profile.size,
             path=str(profile.path) if profile.path is not None else None,
             calibration_texts=sorted(calibration_text_names(profile)),
+            importance=None if config.uniform or not config.quality else profile.importance,
             break_even={level: break_even(profile.size, pairs, config.prefix)
                         for level, pairs in uncal_sizes.items()},
         )
@@ -463,6 +471,7 @@ def _bench_text(
     tmp: Path,
     tick: Callable[[], None],
     profile: Profile | None = None,
+    weigh_by: str | None = None,
 ) -> tuple[list[BenchRow], list[SweepPoint], dict[str, tuple[int, int]], list[ImportanceRow]]:
     P = config.prefix
     started = time.perf_counter()
@@ -491,11 +500,18 @@ def _bench_text(
                **extra},
         )
 
+    # the calibrated levels' steps weighted by importance where the profile says so (as
+    # `kvzip encode` does), the scores applied to the reference prefill's cache
+    classes = None
+    if weigh_by is not None:
+        classes = scoring.classes(scoring.score(km, ids[:P], weigh_by).scores)
+
     def roundtrip(method: str, codec: Codec, dtype: str) -> tuple[LayeredKV, dict[str, Any]]:
         out = tmp / f"{name}.{method}.kvz"
+        by_class = classes is not None and codec.needs_profile
         summary = api.write_kvz(
-            kv, ids[:P], out, km, levels=[(method, codec)], chunk_tokens=config.chunk_tokens,
-            dtype=dtype,
+            kv, ids[:P], out, km, levels=[(method, scoring.weighted(codec, profile) if by_class else codec)],
+            chunk_tokens=config.chunk_tokens, dtype=dtype, importance=classes if by_class else None,
         )
         t0 = time.perf_counter()
         decoded = api.load_kv(out).kv

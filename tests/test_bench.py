@@ -274,3 +274,26 @@ def test_importance_section_rows_per_scorer_mode_and_fraction(tiny_model_dir, tm
             assert half["kl"] > 0
     bad = CliRunner().invoke(app, ["bench", str(text), "--model", str(tiny_model_dir), "--keep", "0.5", "-q"])
     assert bad.exit_code != 0 and "--importance" in bad.stderr
+
+
+def test_calibrated_rows_spend_bits_as_the_profile_says(bench_env, monkeypatch, tmp_path):
+    """A profile that turns prefill importance on: the calibrated rows are coded by class
+    (as encode codes them), and --uniform codes them uniformly again."""
+    from kvzip.codecs.profile import profile_to_bytes
+    from kvzip.levels import write_profile
+
+    monkeypatch.setenv("KVZIP_PROFILE_DIR", str(bench_env["root"] / "profiles"))
+    base = bench_env["profile"]
+    weighing = write_profile(profile_to_bytes(base.tensors, {**base.meta, "importance": "prefill"}),
+                             path=tmp_path / "weighing.kvzprofile")
+    km = bench_env["km"]
+    got = {}
+    for name, prof, uniform in (("plain", base, False), ("profile", weighing, False), ("uniform", weighing, True)):
+        config = bench.BenchConfig(texts=[bench_env["text"]], levels=["balanced"], codecs=[], baselines=False,
+                                   prefix=300, cont=64, profile=str(prof.path), uniform=uniform)
+        result = bench.run_bench(km, config)
+        (row,) = result.rows
+        got[name] = (row.file_bytes, result.profile.importance)
+    assert got["plain"] == got["uniform"]  # the same codec on the same cache: the same bytes
+    assert got["plain"][1] is None and got["profile"][1] == "prefill"
+    assert got["profile"][0] != got["plain"][0]  # the classes travel in the chunk

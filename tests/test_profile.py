@@ -17,7 +17,7 @@ from test_cli import assert_one_line_error, run
 from kvzip import api
 from kvzip.codecs import ChunkContext, codec_from_config
 from kvzip.codecs.profile import profile_from_bytes, profile_to_bytes
-from kvzip.errors import CodecError, ProfileError, ProfileMismatchError, ProfileNotFoundError
+from kvzip.errors import CodecError, InputError, ProfileError, ProfileMismatchError, ProfileNotFoundError
 from kvzip.formats import open_kvz
 from kvzip.levels import (
     codec_for_level,
@@ -286,3 +286,75 @@ def test_calibrated_levels_beat_uncalibrated_ones_on_kl(km, profile_bytes, profi
         res[name] = (len(payload), float((ref.exp() * (ref - test)).sum(-1).mean()))
     assert res["cal"][1] > 0 and res["uncal"][1] > 0
     assert res["cal"][0] * res["cal"][1] < res["uncal"][0] * res["uncal"][1] * 4
+
+
+def test_calibration_checks_the_default_level_and_turns_importance_on_only_when_it_pays(km):
+    """Step 6: the calibrated balanced level's KL on the calibration texts decides whether
+    the profile's levels spend bits by the prefill's attention."""
+    texts = [("a", CAL_TEXT), ("b", CAL_TEXT[::-1])]
+    opts = CalibrationOptions(tokens_per_text=320, continuation=64)
+    _, report = calibrate(km, texts, opts)
+    q = report["quality"]
+    assert q["level"] == "balanced" and q["texts"] == ["a", "b"]
+    assert len(q["uniform"]["kl"]) == 2 and 1 < q["uniform"]["mean_bits"] < 8
+    # the tiny random model's levels are far within the default bound: uniform, unmeasured
+    assert q["uniform"]["mean_kl"] < opts.importance_above
+    assert report["importance"] is None and "prefill" not in q
+    # bound 0: the weighted level is measured, and chosen only if its KL is lower
+    data, report = calibrate(km, texts, dataclasses.replace(opts, importance_above=0.0))
+    q = report["quality"]
+    assert len(q["prefill"]["kl"]) == 2
+    better = q["prefill"]["mean_kl"] < q["uniform"]["mean_kl"]
+    assert report["importance"] == ("prefill" if better else None)
+    assert profile_from_bytes(data).importance == report["importance"]
+    with pytest.raises(InputError):
+        CalibrationOptions(importance_above=-1).check()
+
+
+def _with_importance(data: bytes, scorer: str | None) -> bytes:
+    prof = profile_from_bytes(data)
+    return profile_to_bytes(prof.tensors, {**prof.meta, "importance": scorer})
+
+
+def test_encode_spends_bits_by_the_importance_the_profile_names(km, profile_bytes, tmp_path, profile_dir):
+    weighing = write_profile(_with_importance(profile_bytes[0], "prefill"))
+    plain = write_profile(_with_importance(profile_bytes[0], None))
+    runs = {
+        "profile": dict(profile=weighing.digest),
+        "none": dict(profile=weighing.digest, importance="none"),
+        "other": dict(profile=weighing.digest, importance="keynorm"),
+        "plain": dict(profile=plain.digest),
+        "lossless": dict(profile=weighing.digest, levels=["lossless"]),
+    }
+    got = {}
+    for name, kwargs in runs.items():
+        out = tmp_path / f"{name}.kvz"
+        summary = api.encode(TEXT, out, model=km, **{"levels": ["balanced"], **kwargs})
+        with open_kvz(out) as r:
+            record = r.header.raw.get("importance")
+        got[name] = (summary.importance, None if record is None else record["scorer"])
+        assert api.load_kv(out).kv.token_count == len(km.document_ids(TEXT, None))
+    assert got == {"profile": ("prefill", "prefill"), "none": (None, None), "other": ("keynorm", "keynorm"),
+                   "plain": (None, None), "lossless": (None, None)}
+    with pytest.raises(InputError):
+        api.encode(TEXT, tmp_path / "bad.kvz", model=km, importance="psychic")
+    assert not (tmp_path / "bad.kvz").exists()
+
+
+def test_cli_encode_importance_none_and_calibrate_bound(tiny_model_dir, tmp_path, profile_dir):
+    text = tmp_path / "cal.txt"
+    text.write_text(CAL_TEXT)
+    r = run("calibrate", text, "--model", tiny_model_dir, "--tokens-per-text", "256", "--importance-above", "-2")
+    assert_one_line_error(r, "--importance-above")
+    r = run("calibrate", text, "--model", tiny_model_dir, "--tokens-per-text", "256", "-q")
+    assert r.exit_code == 0 and "uniform precision" in r.output, r.output
+    doc = tmp_path / "doc.txt"
+    doc.write_text(TEXT)
+    r = run("encode", doc, "-o", tmp_path / "n.kvz", "--model", tiny_model_dir, "--importance", "none", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["importance"] is None
+    r = run("encode", doc, "-o", tmp_path / "p.kvz", "--model", tiny_model_dir, "--importance", "prefill", "--json")
+    assert json.loads(r.stdout)["importance"] == "prefill"
+    r = run("encode", doc, "-o", tmp_path / "x.kvz", "--model", tiny_model_dir, "--importance", "nonsense")
+    assert_one_line_error(r, "nonsense")
+    assert not (tmp_path / "x.kvz").exists()

@@ -123,6 +123,7 @@ def bench_command(
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the fp16, zstd and KIVI rows."),
     profile: str = typer.Option(None, "--profile", help="Calibration profile FILE or DIGEST (default: the newest for the model)."),
     if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="Without a profile: calibrate | uncalibrated | error."),
+    uniform: bool = typer.Option(False, "--uniform", help="Code the calibrated levels at uniform precision even where the profile has them spend bits by importance (kvzip calibrate --importance-above)."),
     uncalibrated: bool = typer.Option(False, "--uncalibrated", help="Also rows LEVEL-uncal with the uncalibrated codecs (and their sweep curve)."),
     sweep: bool = typer.Option(False, "--sweep", help="Trace each method's rate–quality curve (kvzip step, cachegen bins, KIVI bits)."),
     lengths: str = typer.Option(None, "--lengths", help="Speed section at these context lengths, e.g. 2048,4096,8192."),
@@ -160,6 +161,7 @@ def bench_command(
         scorers=_split(importance) or [],
         keeps=_fractions(keep),
         keep_rules=_split(keep_rule) or ["shared"],
+        uniform=uniform,
     )
     if config.keeps and not config.scorers:
         raise InputError("--keep is part of the importance section: give --importance SCORERS")
@@ -179,6 +181,8 @@ def bench_command(
     )
     if result.profile is not None:
         title += f", profile {result.profile.digest[:12]}"
+        if result.profile.importance:
+            title += f" (calibrated levels by {result.profile.importance} importance)"
     if plot is not None:
         bench.plot(means, plot, title, sweep_means)
         err_console.print(f"wrote {plot}")

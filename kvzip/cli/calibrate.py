@@ -26,6 +26,7 @@ def calibrate_command(
     basis: str = typer.Option("pca-layer", "--basis", help="pca-layer (one basis per layer across its kv heads), pca (one per kv head) or none."),
     allocation: str = typer.Option("sensitivity", "--allocation", help="sensitivity (step per K/V and layer from measured KL) or flat."),
     tokens_per_text: int = typer.Option(1024, "--tokens-per-text", help="Tokens read from each text."),
+    importance_above: float = typer.Option(0.006, "--importance-above", help="When the calibrated balanced level's KL on the calibration texts (nats per token) is above this, the profile has the lossy levels spend bits by the attention each entry got during the prefill (encode --importance prefill); 0: always, a large value: never."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -37,7 +38,8 @@ def calibrate_command(
         raise InputError("no calibration texts given and none of the default ones exist here")
     contents = read_texts(paths)
     options = CalibrationOptions(key_weighting=key_weighting, value_weighting=value_weighting, basis=basis,
-                                 allocation=allocation, tokens_per_text=tokens_per_text)
+                                 allocation=allocation, tokens_per_text=tokens_per_text,
+                                 importance_above=importance_above)
     options.check()
     with status("loading model…", not quiet):
         km = api.load_model(model, device=device, model_dtype=model_dtype)
@@ -51,12 +53,26 @@ def calibrate_command(
         f"[bold green]wrote[/] {prof.path}\n"
         f"  profile {prof.digest}\n"
         f"  {human_bytes(prof.size)}, {report['calibration_tokens']} calibration tokens from "
-        f"{len(report['texts'])} texts, {report['seconds']:.1f} s",
+        f"{len(report['texts'])} texts, {report['seconds']:.1f} s\n"
+        f"  {_quality_line(report['quality'])}",
         highlight=False,
     )
     if output is not None:
         err_console.print("  pass it to encode with --profile, or copy it into the profile directory "
                           f"({profile_dirs()[0]})", highlight=False)
+
+
+def _quality_line(q: dict) -> str:
+    """What the calibration's quality check measured and chose, in one line."""
+    u = q["uniform"]
+    line = f"{q['level']}: {u['mean_bits']:.2f} bits per element at KL {u['mean_kl']:.4f} on these texts"
+    if q["importance"]:
+        w = q[q["importance"]]
+        return (line + f", above {q['bound']:g}: the lossy levels spend bits by {q['importance']} importance "
+                f"({w['mean_bits']:.2f} bits at KL {w['mean_kl']:.4f})")
+    if q.get("prefill"):
+        return line + f", above {q['bound']:g}, but prefill importance did no better: uniform precision"
+    return line + f" (bound {q['bound']:g}: uniform precision)"
 
 
 @handle_errors

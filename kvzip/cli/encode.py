@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from kvzip import api
+from kvzip import importance as scoring
 from kvzip.cli.console import (
     err_console,
     human_bytes,
@@ -57,7 +58,7 @@ def encode_command(
     chat: bool = typer.Option(False, "--chat", help="Cache the text as the opening of a user turn in the model's chat template."),
     profile: str = typer.Option(None, "--profile", help="Calibration profile (.kvzprofile file or digest) for the lossy levels (default: the newest one for the model in the profile directory)."),
     if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="When the model has no profile yet: calibrate (build one now, once), uncalibrated (use the uncalibrated codec) or error."),
-    importance: str = typer.Option(None, "--importance", help="Score every entry (reconstruct | prefill | keynorm) and spend the lossy levels' bits by importance, at about the same size."),
+    importance: str = typer.Option(None, "--importance", help="Score every entry (reconstruct | prefill | keynorm) and spend the lossy levels' bits by importance, at about the same size; none: uniform precision (default: as the model's calibration profile says; see kvzip calibrate --importance-above)."),
     keep: float = keep_option(),
     keep_by: str = keep_by_option(),
     keep_rule: str = keep_rule_option(),
@@ -72,7 +73,8 @@ def encode_command(
         api.input_size(input)  # a missing or unreadable input fails before the model loads
     levels = [x.strip() for x in level.split(",") if x.strip()]
     check_keep(keep, keep_rule)  # before the model loads
-    check_keep_by(keep_by, importance)
+    scoring.requested(importance)
+    check_keep_by(keep_by, None if importance == scoring.UNIFORM else importance)
     with status("loading model…", not quiet):
         km = api.load_model(model, device=device, model_dtype=model_dtype)
     text, name = read_input(input, km.max_text_bytes)
@@ -92,7 +94,8 @@ def encode_command(
         f"  raw cache {human_bytes(summary.raw_bytes)} -> file {human_bytes(summary.file_bytes)}"
         f"  ratio {summary.ratio:.2f}x\n"
         f"  prefill {summary.prefill_seconds:.2f} s, encode {summary.encode_seconds:.2f} s"
-        + (f"\n  calibration profile {summary.profile[:16]}…" if summary.profile else ""),
+        + (f"\n  calibration profile {summary.profile[:16]}…" if summary.profile else "")
+        + (f", bits spent by importance ({summary.importance})" if summary.importance else ""),
         highlight=False,
     )
 

@@ -61,6 +61,13 @@ class Profile:
         layers, heads, dim = self.tensors["key_mean"].shape
         return int(layers), int(heads), int(dim)
 
+    @property
+    def importance(self) -> str | None:
+        """The importance scorer this profile's lossy levels spend their bits by (``kvzip
+        calibrate`` turns one on when uniform precision misses the quality bound), or None."""
+        name = self.meta.get("importance")
+        return name if isinstance(name, str) and name else None
+
     def check_geometry(self, layers: int, heads: int, dim: int) -> None:
         if self.geometry != (layers, heads, dim):
             raise ProfileMismatchError(

@@ -115,6 +115,24 @@ def scorer(name: str) -> Scorer:
     return SCORERS[name]
 
 
+# --importance none: uniform precision, even where the model's profile says otherwise
+UNIFORM = "none"
+
+
+def requested(name: str | None) -> str | None:
+    """``--importance`` checked before any work: a scorer's name, :data:`UNIFORM`, or None
+    (not given: the profile decides, :func:`choose`)."""
+    return name if name is None or name == UNIFORM else scorer(name).name
+
+
+def choose(name: str | None, profile_default: str | None) -> str | None:
+    """The scorer whose classes weigh the lossy levels' steps: the one asked for
+    (:data:`UNIFORM`: none), else the profile's (``Resolved.importance``), else None."""
+    if name is None:
+        return profile_default
+    return None if name == UNIFORM else scorer(name).name
+
+
 def score(km: KVModel, ids: Sequence[int], name: str) -> Scored:
     """Prefill ``ids`` and score every stored entry with scorer ``name``."""
     return scorer(name).run(km, ids)

@@ -395,6 +395,7 @@ class EncodeSummary:
     prefill_seconds: float
     encode_seconds: float
     profile: str | None = None  # digest of the calibration profile the lossy levels use
+    importance: str | None = None  # the scorer whose classes weighed the lossy levels' steps
 
     @property
     def ratio(self) -> float:

@@ -45,6 +45,14 @@ class Resolved:
     def pairs(self) -> list[tuple[str, Codec]]:
         return list(zip(self.names, self.codecs))
 
+    @property
+    def importance(self) -> str | None:
+        """The scorer the calibrated levels spend their bits by when the encoder is not told
+        (the profile's, from its calibration's quality check), or None: uniform precision."""
+        if self.profile is None or not any(is_calibrated(name) for name in self.names):
+            return None
+        return self.profile.importance
+
 
 def check_if_missing(if_missing: str) -> str:
     if if_missing not in IF_NO_PROFILE:
