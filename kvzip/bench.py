@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvzip import api
@@ -413,7 +414,7 @@ def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None
                         + len(config.scorers) * len(config.levels)
                         * (1 + len(config.keeps) * len(config.keep_rules)))
             ticker = _Ticker(progress, "bench", len(usable) * per_text)
-            weigh_by = None if profile is None or config.uniform else profile.importance
+            weigh_by = _weigh_by(profile, config)
             for path, ids in usable:
                 used_texts.append(path.name)
                 text_rows, points, sizes, weighed = _bench_text(
@@ -430,7 +431,7 @@ def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None
             digest=profile.digest, bytes=profile.size,
             path=str(profile.path) if profile.path is not None else None,
             calibration_texts=sorted(calibration_text_names(profile)),
-            importance=None if config.uniform or not config.quality else profile.importance,
+            importance=_weigh_by(profile, config),
             break_even={level: break_even(profile.size, pairs, config.prefix)
                         for level, pairs in uncal_sizes.items()},
         )
@@ -458,6 +459,29 @@ class _Ticker:
         self.done += 1
         if self.progress is not None:
             self.progress(self.stage, self.done, self.total)
+
+
+def _weigh_by(profile: Profile | None, config: BenchConfig) -> str | None:
+    """The scorer the calibrated levels are coded by, as `kvzip encode` codes them with
+    ``profile`` (its calibration's choice), unless ``config.uniform``."""
+    return None if profile is None or config.uniform else profile.importance
+
+
+def _profile_classes(km: KVModel, ids: Sequence[int], weigh_by: str | None) -> list[np.ndarray] | None:
+    """The importance classes of the entries of ``ids``'s cache by ``weigh_by`` (None: none).
+    They are computed by a prefill of their own, and applied to the reference prefill's
+    cache (the two can differ by float rounding, since their attention is computed
+    another way)."""
+    return None if weigh_by is None else scoring.classes(scoring.score(km, ids, weigh_by).scores)
+
+
+def _as_encoded(codec: Codec, profile: Profile | None,
+                classes: list[np.ndarray] | None) -> tuple[Codec, list[np.ndarray] | None]:
+    """``codec`` and the classes to write it with, as `kvzip encode` does: a calibrated
+    codec weighted by ``classes`` when there are some, any other codec as it is."""
+    if classes is None or not codec.needs_profile:
+        return codec, None
+    return scoring.weighted(codec, profile), classes
 
 
 def _bench_text(
@@ -500,18 +524,14 @@ def _bench_text(
                **extra},
         )
 
-    # the calibrated levels' steps weighted by importance where the profile says so (as
-    # `kvzip encode` does), the scores applied to the reference prefill's cache
-    classes = None
-    if weigh_by is not None:
-        classes = scoring.classes(scoring.score(km, ids[:P], weigh_by).scores)
+    classes = _profile_classes(km, ids[:P], weigh_by)
 
     def roundtrip(method: str, codec: Codec, dtype: str) -> tuple[LayeredKV, dict[str, Any]]:
         out = tmp / f"{name}.{method}.kvz"
-        by_class = classes is not None and codec.needs_profile
+        codec, by_class = _as_encoded(codec, profile, classes)
         summary = api.write_kvz(
-            kv, ids[:P], out, km, levels=[(method, scoring.weighted(codec, profile) if by_class else codec)],
-            chunk_tokens=config.chunk_tokens, dtype=dtype, importance=classes if by_class else None,
+            kv, ids[:P], out, km, levels=[(method, codec)], chunk_tokens=config.chunk_tokens,
+            dtype=dtype, importance=by_class,
         )
         t0 = time.perf_counter()
         decoded = api.load_kv(out).kv
@@ -703,8 +723,9 @@ def run_speed(km: KVModel, config: BenchConfig, profile: Profile | None, tmp: Pa
         km.teacher_force(kv, ids[n:])
         ttft_prefill = time.perf_counter() - t0
         out = tmp / f"speed-{n}.kvz"
-        summary = api.write_kvz(kv, ids[:n], out, km, levels=[(config.speed_level, codec)],
-                                chunk_tokens=config.chunk_tokens, dtype="float32")
+        coded, classes = _as_encoded(codec, profile, _profile_classes(km, ids[:n], _weigh_by(profile, config)))
+        summary = api.write_kvz(kv, ids[:n], out, km, levels=[(config.speed_level, coded)],
+                                chunk_tokens=config.chunk_tokens, dtype="float32", importance=classes)
         numel = kv.elements()
         del kv
         decoders = threads_for([codec], numel, summary.chunks, config.decoders)

@@ -297,3 +297,8 @@ def test_calibrated_rows_spend_bits_as_the_profile_says(bench_env, monkeypatch, 
     assert got["plain"] == got["uniform"]  # the same codec on the same cache: the same bytes
     assert got["plain"][1] is None and got["profile"][1] == "prefill"
     assert got["profile"][0] != got["plain"][0]  # the classes travel in the chunk
+    # the speed section codes its files the same way
+    config = bench.BenchConfig(texts=[bench_env["text"]], levels=[], codecs=[], quality=False,
+                               lengths=[200], chunk_tokens=64)
+    sizes = [bench.run_speed(km, config, p, tmp_path)[0][0].file_bytes for p in (base, weighing)]
+    assert sizes[0] != sizes[1]
