@@ -265,3 +265,39 @@ def test_param2_window_rounding_stays_within_max_span():
     m[1, 3] = 5
     coder = entropy_layout("param2")
     assert np.array_equal(coder.decode(coder.encode(m), m.shape), m)
+
+
+@pytest.mark.parametrize("layout", ["rans", "param2", "param"])
+def test_side_info_declaring_more_model_values_than_the_block_can_use_is_refused_before_any_is_weighed(
+        layout, monkeypatch):
+    """Every cluster at the widest window: without the budget, the decoder would weigh
+    1,000 x 65,536 values (minutes for a whole chunk of such blocks) for a 2 x 1,000 block."""
+    from kvzip.codecs.entropy import _common
+
+    g, n = 1000, 2
+    side = b"".join([
+        struct.pack("<I", g), np.zeros(g, "<i4").tobytes(), np.arange(g, dtype="<u2").tobytes(),
+        np.zeros(3 * g, np.uint8).tobytes(), np.full(g, -32768, "<i4").tobytes(),
+        np.full(g, E.MAX_SPAN, "<i4").tobytes(),
+    ]) + (bytes(2 * g) if layout == "param2" else b"")  # param2: each cluster's raw bits and tuple size
+    weighed = []
+    monkeypatch.setattr(_common, "_param_weights", lambda *a: weighed.append(1) or pytest.fail("weighed"))
+    coder = entropy_layout(layout)
+    with pytest.raises(CodecError, match="more model values"):
+        coder._decode(side, np.zeros(0, coder.word if hasattr(coder, "word") else np.uint32),
+                      np.zeros(0, np.uint8), g, n)
+    assert not weighed
+
+
+def test_the_encoder_keeps_to_the_same_budget(monkeypatch):
+    """An encoder never writes what its decoder refuses: over the budget it stops, as it
+    does for a row wider than MAX_SPAN (the step is too fine)."""
+    from kvzip.codecs.entropy import _common
+
+    m = np.zeros((4, 8), np.int32)
+    m[0, 0], m[0, 1] = -50, 50  # a window of 101 values for 32 elements
+    coder = entropy_layout("rans")
+    assert np.array_equal(coder.decode(coder.encode(m), m.shape), m)
+    monkeypatch.setattr(_common, "SPAN_SLACK", 16)
+    with pytest.raises(CodecError, match="step too fine"):
+        coder.encode(m)

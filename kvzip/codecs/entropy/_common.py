@@ -33,6 +33,13 @@ from kvzip.compression import zstd_decompress_bounded
 from kvzip.errors import CodecError
 
 MAX_SPAN = 1 << 16  # widest alphabet one row may use
+# The most model values a block's clusters may declare in all, beyond one per element: the
+# decoders weigh every value of every window before the first word, so without a bound a
+# few KB of side info (every cluster at MAX_SPAN) cost minutes.  Measured on honest files
+# (SmolLM2-135M, GPL-3, every level, with and without importance classes), the widest
+# block is a sink block at `high` by importance: 308,927 values for 46,080 elements, 263 K
+# over; the bound leaves 8x that.  Encoder and decoder apply the same rule.
+SPAN_SLACK = 1 << 21
 _ZSTD_LEVEL = 9
 _HEAD = struct.Struct("<II")  # side-info length, number of code words
 
@@ -310,6 +317,8 @@ def cluster_rows(rows: Rows, windows: Windows | None = None) -> Clusters:
     c_span = c_hi - c_lo + 1
     if nc and int(c_span.max()) > MAX_SPAN:
         raise CodecError(f"symbol range exceeds {MAX_SPAN}; step too fine")
+    if int(c_span.sum()) > span_budget(g, n):
+        raise CodecError(f"the block's symbol ranges add up to more than {span_budget(g, n)} values; step too fine")
     c_shape = ukeys % len(BETAS)
     c_sidx = (ukeys // len(BETAS)) % 256
     c_frac = ukeys // (len(BETAS) * 256)
@@ -334,11 +343,19 @@ def parse_cluster_side(raw, g, per_cluster):
     return nc, center, cid, (frac, sidx, shape, lo, span), pos + 11 * nc
 
 
-def check_cluster_models(frac, shape, span, min_span):
-    """Refuse cluster models outside what an encoder writes (a CodecError)."""
+def span_budget(g: int, n: int) -> int:
+    """The most window values the clusters of a ``g x n`` block may declare in all."""
+    return g * n + SPAN_SLACK
+
+
+def check_cluster_models(frac, shape, span, min_span, g, n):
+    """Refuse cluster models outside what an encoder writes (a CodecError), among them
+    windows that add up to more than :func:`span_budget` (before any of them is weighed)."""
     if span.size and (span.min() < min_span or span.max() > MAX_SPAN or frac.max() > 3
                       or shape.max() >= len(BETAS)):
         raise CodecError("entropy side info has an invalid model")
+    if int(span.sum()) > span_budget(g, n):
+        raise CodecError("entropy side info declares more model values than its block can use")
 
 
 def group_rows(center, cid, nc, g, n):

@@ -213,7 +213,7 @@ class Param2Layout(EntropyLayout):
         nc, center, cid, (c_frac, c_sidx, c_shape, c_lo, c_span), pos = parse_cluster_side(side, g, 13)
         c_raw = np.frombuffer(side, np.uint8, nc, pos).astype(np.int64)
         c_tup = np.frombuffer(side, np.uint8, nc, pos + nc).astype(np.int64)
-        check_cluster_models(c_frac, c_shape, c_span, 2)
+        check_cluster_models(c_frac, c_shape, c_span, 2, g, n)
         if nc:
             if c_raw.max() > MAX_RAW or c_tup.min() < 1 or c_tup.max() > MAX_TUP_DECODE:
                 raise CodecError("entropy side info has an invalid model")

@@ -112,7 +112,7 @@ class RansLayout(EntropyLayout):
 
     def _decode(self, side, words, tail, g, n):
         nc, center, cid, (c_frac, c_sidx, c_shape, c_lo, c_span), _ = parse_cluster_side(side, g, 11)
-        check_cluster_models(c_frac, c_shape, c_span, 2)
+        check_cluster_models(c_frac, c_shape, c_span, 2, g, n)
         out, rows_by_c, bounds, sizes = group_rows(center, cid, nc, g, n)
         if not nc:
             if words.size:
