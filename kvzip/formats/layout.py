@@ -121,6 +121,13 @@ class PositionLayout:
         """Positions held, summed over every (layer, head)."""
         return sum(int(p.size) for heads in self.positions for p in heads)
 
+    def slot(self, layer: int, head: int, position: int) -> int:
+        """Where ``position`` sits among the positions ``(layer, head)`` holds (the first
+        held one after it, if it is not held): the slot a block that starts there is
+        written at in that head's own entries.  Heads need not agree on it: each head of a
+        block may hold different positions before the block."""
+        return int(np.searchsorted(self.positions[layer][head], position))
+
     def in_range(self, layer: int, head: int, start: int, end: int) -> np.ndarray:
         p = self.positions[layer][head]
         lo, hi = np.searchsorted(p, [start, end])

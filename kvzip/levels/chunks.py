@@ -105,8 +105,9 @@ class LevelCodecs:
         for block, ctx, part in self.block_payloads(entry, payload):
             kv = self._decode(entry, part, ctx)
             for j, layer in enumerate(block.layers):
-                first = layout.in_range(layer, block.heads[0], start, end)
-                at = int(np.searchsorted(first, block.positions[0]))
+                # the block's heads hold the same positions in this chunk: one offset in it
+                h0 = block.heads[0]
+                at = layout.slot(layer, h0, int(block.positions[0])) - layout.slot(layer, h0, start)
                 out[layer][:, list(block.heads), at : at + block.count] = kv[:, j]
         return out
 
@@ -342,7 +343,7 @@ def block_array(kv: LayeredKV, block: Block, per_layer: Sequence[np.ndarray] | N
         heads = []
         for h in block.heads:  # each head's own slots: the heads share the block's positions, but
             # not necessarily the ones before it (entries kept per head in earlier chunks)
-            at = int(np.searchsorted(kv.layout.positions[layer][h], block.positions[0]))
+            at = kv.layout.slot(layer, h, int(block.positions[0]))
             if per_layer is None:
                 heads.append(kv.layers[layer][:, h, at : at + block.count])
             else:

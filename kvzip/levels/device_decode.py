@@ -112,9 +112,9 @@ def decode_parts_on_device(file: Any, entry: Any, device: torch.device) -> Itera
         first = int(block.positions[0]) if block.count else 0
         for j, layer in enumerate(block.layers):
             if layout.heads_share(layer) and len(block.heads) == layout.kv_heads:
-                at = int(np.searchsorted(layout.positions[layer][0], first))
+                at = layout.slot(layer, 0, first)
                 yield layer, slice(None), slice(at, at + block.count), kv[:, j]
                 continue
             for k, head in enumerate(block.heads):
-                at = int(np.searchsorted(layout.positions[layer][head], first))
+                at = layout.slot(layer, head, first)
                 yield layer, head, slice(at, at + block.count), kv[:, j, k]

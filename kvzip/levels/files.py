@@ -264,12 +264,11 @@ class CacheFile:
                 if not part.shape[2]:
                     continue
                 if layout.heads_share(layer):
-                    at = int(np.searchsorted(layout.positions[layer][0], start))
+                    at = layout.slot(layer, 0, start)
                     put(layer, slice(None), slice(at, at + part.shape[2]), part)
                     continue
                 for h in range(layout.kv_heads):  # ragged heads: each at its own slots
-                    p = layout.positions[layer][h]
-                    lo, hi = (int(x) for x in np.searchsorted(p, [start, end]))
+                    lo, hi = layout.slot(layer, h, start), layout.slot(layer, h, end)
                     put(layer, h, slice(lo, hi), part[:, h, : hi - lo])
 
         return decode
