@@ -223,3 +223,21 @@ def test_version_and_help():
     assert result.exit_code == 0
     for command in ("encode", "info", "decode", "verify", "generate"):
         assert command in result.stdout
+
+
+def test_output_to_a_closed_pipe_is_a_quiet_exit_not_an_internal_error(kvz):
+    """`kvzip info F | head -1`: when the reader has gone, kvzip stops without a message
+    (rich ends the write with SystemExit), never 'internal error'."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: the first write fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "kvzip", "info", str(kvz), "--json"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1, proc.stderr
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

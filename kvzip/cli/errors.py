@@ -52,6 +52,8 @@ def handle_errors(command: F) -> F:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except SystemExit:  # rich ends a write to a closed pipe (`kvzip info F | head`) so
+            raise  # quietly, with status 1: not a bug to report
         except BaseException as exc:  # noqa: BLE001 - the table decides
             message, code = describe(exc)
             err_console.print(f"[bold red]kvzip: error:[/] {message}", highlight=False, soft_wrap=True)
