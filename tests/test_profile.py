@@ -336,6 +336,8 @@ def test_encode_spends_bits_by_the_importance_the_profile_names(km, profile_byte
         assert api.load_kv(out).kv.token_count == len(km.document_ids(TEXT, None))
     assert got == {"profile": ("prefill", "prefill"), "none": (None, None), "other": ("keynorm", "keynorm"),
                    "plain": (None, None), "lossless": (None, None)}
+    listed = run("profiles").stdout.replace("\n", "")
+    assert "levels by prefill importance" in listed and listed.count("importance") == 1
     with pytest.raises(InputError):
         api.encode(TEXT, tmp_path / "bad.kvz", model=km, importance="psychic")
     assert not (tmp_path / "bad.kvz").exists()

@@ -90,7 +90,8 @@ def profiles_command(
     for p in found:
         out_console.print(
             f"{p.digest[:16]}…  {p.meta.get('model_name', '?')}  model {p.model_fingerprint[:12]}…  "
-            f"{human_bytes(p.size)}  {p.meta.get('created', '')}  {p.path}",
+            f"{human_bytes(p.size)}  {p.meta.get('created', '')}"
+            + (f"  levels by {p.importance} importance" if p.importance else "") + f"  {p.path}",
             highlight=False,
         )
 
