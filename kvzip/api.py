@@ -189,7 +189,10 @@ def encode(
     where the model keeps its own cache meanwhile: ``"memory"``, ``"disk"`` (unlinked files
     beside ``out``, for a CPU whose memory cannot hold it; the file is the same), or
     ``"auto"``: disk when the model runs on the CPU and its cache would take more than half
-    the memory limit (``--max-memory``; default half of RAM).
+    the memory limit (``--max-memory``; default half of RAM).  Scoring (``importance``,
+    ``keep``) needs the whole cache in memory: with ``"disk"`` it is refused, and where the
+    cache goes to disk a profile's importance is not applied (the file is coded uniformly,
+    and the summary's ``importance`` says None).
     """
     check_levels(levels)
     check_if_missing(if_no_profile)
@@ -214,9 +217,15 @@ def encode(
     classes = extra = None
     pairs = resolved.pairs()
     weigh_by = scoring.choose(importance, resolved.importance)
+    on_disk = _offload_prefill(km, len(ids), prefill_cache)
+    scoring_asked = keep is not None or weigh_by is not None and importance is not None
+    if on_disk and scoring_asked and prefill_cache == "disk":
+        raise InputError("--importance and --keep score the whole cache in memory; drop --prefill-cache disk")
+    if on_disk and not scoring_asked:
+        weigh_by = None  # the profile's importance would hold the whole cache: too big here
     if weigh_by is None and keep is None:
         # coded chunk by chunk as the model produces it: the host holds a few chunks
-        offload = Path(out).resolve().parent if _offload_prefill(km, len(ids), prefill_cache) else None
+        offload = Path(out).resolve().parent if on_disk else None
         kv = stream_prefill(km, ids, chunk_tokens, progress, offload=offload)
     else:
         progress("score", 0, 1)

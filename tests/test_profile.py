@@ -360,3 +360,19 @@ def test_cli_encode_importance_none_and_calibrate_bound(tiny_model_dir, tmp_path
     r = run("encode", doc, "-o", tmp_path / "x.kvz", "--model", tiny_model_dir, "--importance", "nonsense")
     assert_one_line_error(r, "nonsense")
     assert not (tmp_path / "x.kvz").exists()
+
+
+def test_a_cache_kept_on_disk_is_coded_uniformly_and_explicit_scoring_there_is_refused(
+        km, profile_bytes, tmp_path, profile_dir):
+    """Scoring holds the whole cache in memory: where the prefill keeps it on disk the
+    profile's importance gives way, and asking for scoring there is an error."""
+    weighing = write_profile(_with_importance(profile_bytes[0], "prefill"))
+    out = tmp_path / "disk.kvz"
+    summary = api.encode(TEXT, out, model=km, profile=weighing.digest, prefill_cache="disk")
+    assert summary.importance is None
+    with open_kvz(out) as r:
+        assert r.header.raw.get("importance") is None
+    for kwargs in (dict(importance="prefill"), dict(keep=0.5)):
+        with pytest.raises(InputError, match="prefill-cache disk"):
+            api.encode(TEXT, tmp_path / "no.kvz", model=km, profile=weighing.digest, prefill_cache="disk", **kwargs)
+    assert not (tmp_path / "no.kvz").exists()
