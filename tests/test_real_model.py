@@ -98,3 +98,24 @@ def test_lossy_levels_keep_the_model_close(real_model, doc_text, tmp_path):
     assert results["small"][0] < results["balanced"][0] < results["high"][0] < 5.0
     assert results["high"][1] < results["balanced"][1] < results["small"][1] < 0.08
     assert results["balanced"][1] < 0.02
+
+
+def test_a_gguf_is_parsed_once_per_load(monkeypatch):
+    """transformers reads a .gguf three times to load it (config, tokenizer, tensors); the
+    loader hands every call the same parsed reader."""
+    import gguf
+
+    from kvzip.model.loading import load_pretrained, resolve_model
+
+    real = gguf.GGUFReader
+    made = []
+
+    def counting(path, *args, **kwargs):
+        made.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    model, tokenizer = load_pretrained(resolve_model(None))
+    assert len(made) == 1 and made[0].endswith(".gguf")
+    assert gguf.GGUFReader is counting  # put back after the load
+    assert tokenizer("Apache License")["input_ids"] and model.config.num_hidden_layers == 30
