@@ -150,3 +150,22 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
         KVModel.load("kvzip-test/definitely-not-cached-model")
+
+
+def test_a_current_file_attaches_without_hashing_the_weights_a_second_way(tiny_model_dir, tmp_path):
+    """The legacy fingerprint (weights in their loaded dtype) is computed only for a file
+    that does not carry the current one; the tokenizer is hashed once per model."""
+    from kvzip import api
+    from kvzip.formats import open_kvz
+
+    out = tmp_path / "a.kvz"
+    api.encode(TEXT, out, model=str(tiny_model_dir), levels=["lossless"])
+    km = KVModel.load(str(tiny_model_dir))
+    with open_kvz(out) as r:
+        km.check_stored_cache(r.header)
+        assert km._legacy_identity is None
+        forged = {**r.header.model.to_json(), "fingerprint": "0" * 64}
+    with pytest.raises(ModelMismatchError):
+        km.check_identity(forged)  # now both are compared
+    assert km._legacy_identity is not None
+    assert km.tokenizer_fingerprint() is km.tokenizer_fingerprint()
