@@ -39,8 +39,28 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_model():
-    """The embedded default model, loaded once for the whole session."""
+def real_model_load():
+    """The embedded default model, loaded once for the whole session, and the paths of the
+    ``gguf.GGUFReader`` objects its load built (one per parse of its .gguf)."""
+    import gguf
+
     from kvzip.model import KVModel
 
-    return KVModel.load(None)
+    real, made = gguf.GGUFReader, []
+
+    def counting(path, *args, **kwargs):
+        made.append(str(path))
+        return real(path, *args, **kwargs)
+
+    gguf.GGUFReader = counting
+    try:
+        km = KVModel.load(None)
+    finally:
+        gguf.GGUFReader = real
+    return km, made
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_load):
+    """The embedded default model, loaded once for the whole session."""
+    return real_model_load[0]

@@ -100,22 +100,12 @@ def test_lossy_levels_keep_the_model_close(real_model, doc_text, tmp_path):
     assert results["balanced"][1] < 0.02
 
 
-def test_a_gguf_is_parsed_once_per_load(monkeypatch):
+def test_a_gguf_is_parsed_once_per_load(real_model_load):
     """transformers reads a .gguf three times to load it (config, tokenizer, tensors); the
     loader hands every call the same parsed reader."""
     import gguf
 
-    from kvzip.model.loading import load_pretrained, resolve_model
-
-    real = gguf.GGUFReader
-    made = []
-
-    def counting(path, *args, **kwargs):
-        made.append(str(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(gguf, "GGUFReader", counting)
-    model, tokenizer = load_pretrained(resolve_model(None))
+    km, made = real_model_load
     assert len(made) == 1 and made[0].endswith(".gguf")
-    assert gguf.GGUFReader is counting  # put back after the load
-    assert tokenizer("Apache License")["input_ids"] and model.config.num_hidden_layers == 30
+    assert gguf.GGUFReader.__name__ == "GGUFReader"  # put back after the load
+    assert km.encode_text("Apache License", special_tokens=False) and km.num_layers == 30
