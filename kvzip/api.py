@@ -22,7 +22,7 @@ from kvzip.codecs import STORAGE_DTYPES
 from kvzip.errors import ContextTooLongError, InputError, KvzipError
 from kvzip.formats import ChatInfo, SourceInfo, open_kvz
 from kvzip.formats.limits import memory_limit
-from kvzip.importance.keep import DEFAULT_KEEP_RULE, check_keep, check_keep_by
+from kvzip.importance.keep import DEFAULT_KEEP_RULE, check_keep
 from kvzip.levels import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_LEVEL,
@@ -198,7 +198,7 @@ def encode(
     check_if_missing(if_no_profile)
     scoring.requested(importance)  # an unknown scorer is refused before the model loads
     check_keep(keep, keep_rule)
-    keep_scorer = check_keep_by(keep_by, None if importance == scoring.UNIFORM else importance)
+    keep_scorer = scoring.keep_scorer(importance, keep_by)
     if chunk_tokens <= 0:
         raise InputError(f"--chunk-tokens must be positive, got {chunk_tokens}")
     if dtype is not None and dtype not in STORAGE_DTYPES:
@@ -218,7 +218,7 @@ def encode(
     pairs = resolved.pairs()
     weigh_by = scoring.choose(importance, resolved.importance)
     on_disk = _offload_prefill(km, len(ids), prefill_cache)
-    scoring_asked = keep is not None or weigh_by is not None and importance is not None
+    scoring_asked = keep is not None or scoring.is_asked(importance)
     if on_disk and scoring_asked and prefill_cache == "disk":
         raise InputError("--importance and --keep score the whole cache in memory; drop --prefill-cache disk")
     if on_disk and not scoring_asked:

@@ -27,7 +27,7 @@ from kvzip.cli.options import (
     model_dtype_option,
 )
 from kvzip.errors import ContextTooLongError, InputError
-from kvzip.importance.keep import check_keep, check_keep_by
+from kvzip.importance.keep import check_keep
 from kvzip.levels import DEFAULT_LEVEL
 
 
@@ -74,7 +74,7 @@ def encode_command(
     levels = [x.strip() for x in level.split(",") if x.strip()]
     check_keep(keep, keep_rule)  # before the model loads
     scoring.requested(importance)
-    check_keep_by(keep_by, None if importance == scoring.UNIFORM else importance)
+    scoring.keep_scorer(importance, keep_by)
     with status("loading model…", not quiet):
         km = api.load_model(model, device=device, model_dtype=model_dtype)
     text, name = read_input(input, km.max_text_bytes)

@@ -125,6 +125,17 @@ def requested(name: str | None) -> str | None:
     return name if name is None or name == UNIFORM else scorer(name).name
 
 
+def keep_scorer(name: str | None, keep_by: str | None) -> str:
+    """The scorer ``--keep`` drops by, given ``--importance`` (:data:`UNIFORM` names none)
+    and ``--keep-by``: :func:`kvzip.importance.keep.check_keep_by`."""
+    return dropping.check_keep_by(keep_by, name if is_asked(name) else None)
+
+
+def is_asked(name: str | None) -> bool:
+    """Whether ``--importance`` names a scorer (not absent, not :data:`UNIFORM`)."""
+    return name not in (None, UNIFORM)
+
+
 def choose(name: str | None, profile_default: str | None) -> str | None:
     """The scorer whose classes weigh the lossy levels' steps: the one asked for
     (:data:`UNIFORM`: none), else the profile's (``Resolved.importance``), else None."""

@@ -335,32 +335,26 @@ def _quality(km: KVModel, items: list[_Text], caches: list[LayeredKV], profile: 
     """Step 6: the calibrated default level's KL and bits per stored element on each
     calibration text, uniform and (when the uniform mean is above the bound) coded by
     the prefill's attention; which one the profile's levels use."""
-    uniform_codec = codec_for_level(DEFAULT_LEVEL, profile)
-    weighted_codec = codec_for_level(DEFAULT_LEVEL, profile, importance_factors=DEFAULT_FACTORS)
-    out: dict[str, Any] = {"level": DEFAULT_LEVEL, "bound": opt.importance_above, "texts": [t.name for t in items]}
-    refs = []
-    kl, bits = [], []
-    for i, (t, kv) in enumerate(zip(items, caches)):
-        ref = km.teacher_force(kv.map(torch.from_numpy), t.cont)
-        refs.append(ref)
-        decoded, nbytes = _roundtrip(km, kv, uniform_codec)
-        kl.append(_kl(ref, km.teacher_force(decoded, t.cont)))
-        bits.append(nbytes * 8 / kv.elements())
-        prog("calibrate: quality check", i + 1, len(items))
-    out["uniform"] = {"kl": [float(f"{x:.4g}") for x in kl], "bits": [round(b, 4) for b in bits],
-                      "mean_kl": float(np.mean(kl)), "mean_bits": float(np.mean(bits))}
-    out["importance"] = None
+    refs = [km.teacher_force(kv.map(torch.from_numpy), t.cont) for t, kv in zip(items, caches)]
+
+    def measure(codec: Codec, stage: str, by_prefill: bool) -> dict[str, Any]:
+        kl, bits = [], []
+        for i, (t, kv, ref) in enumerate(zip(items, caches, refs)):
+            per_entry = classes(prefill_attention(km, t.prefix)[1]) if by_prefill else None
+            decoded, nbytes = _roundtrip(km, kv, codec, per_entry)
+            kl.append(_kl(ref, km.teacher_force(decoded, t.cont)))
+            bits.append(nbytes * 8 / kv.elements())
+            prog(stage, i + 1, len(items))
+        return {"kl": [float(f"{x:.4g}") for x in kl], "bits": [round(b, 4) for b in bits],
+                "mean_kl": float(np.mean(kl)), "mean_bits": float(np.mean(bits))}
+
+    out: dict[str, Any] = {"level": DEFAULT_LEVEL, "bound": opt.importance_above, "texts": [t.name for t in items],
+                           "importance": None}
+    out["uniform"] = measure(codec_for_level(DEFAULT_LEVEL, profile), "calibrate: quality check", False)
     if out["uniform"]["mean_kl"] <= opt.importance_above:
         return out
-    kl, bits = [], []
-    for i, (t, kv, ref) in enumerate(zip(items, caches, refs)):
-        _, scores = prefill_attention(km, t.prefix)
-        decoded, nbytes = _roundtrip(km, kv, weighted_codec, classes(scores))
-        kl.append(_kl(ref, km.teacher_force(decoded, t.cont)))
-        bits.append(nbytes * 8 / kv.elements())
-        prog("calibrate: quality check, by importance", i + 1, len(items))
-    out[PREFILL_SCORER] = {"kl": [float(f"{x:.4g}") for x in kl], "bits": [round(b, 4) for b in bits],
-                    "mean_kl": float(np.mean(kl)), "mean_bits": float(np.mean(bits))}
+    weighted = codec_for_level(DEFAULT_LEVEL, profile, importance_factors=DEFAULT_FACTORS)
+    out[PREFILL_SCORER] = measure(weighted, "calibrate: quality check, by importance", True)
     if out[PREFILL_SCORER]["mean_kl"] < out["uniform"]["mean_kl"]:
         out["importance"] = PREFILL_SCORER
     return out
