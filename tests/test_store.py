@@ -327,6 +327,34 @@ def test_precache_with_importance_is_its_own_artifact_and_asks(km, docs, tmp_pat
             precache([docs], store, km, passage_tokens=PASSAGE_TOKENS, level="lossless", importance="prefill")
 
 
+def test_precache_spends_bits_as_the_profile_says(km, docs, tmp_path):
+    """A profile that turns prefill importance on weighs precache's passages as it weighs
+    encode's; --importance none codes them uniformly again; a uniform profile weighs nothing."""
+    from kvzip.codecs.profile import profile_to_bytes
+    from kvzip.levels import write_profile
+    from kvzip.levels.calibrate import CalibrationOptions, calibrate
+
+    cal = "".join(TOPICS.values()) * 4
+    data, _ = calibrate(km, [("a.txt", cal), ("b.txt", cal[::-1])], CalibrationOptions(tokens_per_text=320, continuation=64))
+    uniform = write_profile(data, path=tmp_path / "uniform.kvzprofile")
+    weighing = write_profile(profile_to_bytes(uniform.tensors, {**uniform.meta, "importance": "prefill"}),
+                             path=tmp_path / "weighing.kvzprofile")
+    assert uniform.importance is None
+    got = {}
+    for name, prof, asked in (("uniform", uniform, None), ("profile", weighing, None), ("none", weighing, "none")):
+        with PassageStore(tmp_path / name, create=True) as store:
+            summary = precache([docs], store, km, passage_tokens=PASSAGE_TOKENS, level="balanced",
+                               profile=str(prof.path), importance=asked)
+            scorers = set()
+            for artifact in store.index.artifact_names():
+                with store.artifacts.open(artifact) as reader:
+                    scorers.add((reader.header.raw.get("importance") or {}).get("scorer"))
+            got[name] = (summary.importance, scorers)
+            result = ask(store, "Why does bread rise?", km, max_new_tokens=4, compare=False)
+            assert len(result.new_token_ids) == 4
+    assert got == {"uniform": (None, {None}), "profile": ("prefill", {"prefill"}), "none": (None, {None})}
+
+
 def test_ask_recomputes_when_the_model_reads_faster_than_the_caches_decode(km, docs, tmp_path, monkeypatch):
     """On an accelerator, ask measures the first passage's decode and the model's prefill:
     a model that would read the whole context sooner recomputes it (exact), else the caches."""

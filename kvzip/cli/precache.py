@@ -7,10 +7,11 @@ from pathlib import Path
 import typer
 
 from kvzip import api
+from kvzip import importance as scoring
 from kvzip.cli.console import err_console, human_bytes, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
 from kvzip.cli.options import device_option, keep_by_option, keep_option, keep_rule_option, model_dtype_option
-from kvzip.importance.keep import check_keep, check_keep_by
+from kvzip.importance.keep import check_keep
 from kvzip.store import DEFAULT_PASSAGE_TOKENS, ENGINES, PassageStore, check_level, precache
 
 
@@ -27,7 +28,7 @@ def precache_command(
     engine: str = typer.Option("local", "--engine", help=f"Run passages here or as Ray tasks ({', '.join(ENGINES)})."),
     profile: str = typer.Option(None, "--profile", help="Calibration profile (.kvzprofile file or digest) for a lossy level (default: the newest one for the model)."),
     if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="When the model has no profile yet: calibrate, uncalibrated or error."),
-    importance: str = typer.Option(None, "--importance", help="Score each passage's entries (reconstruct | prefill | keynorm) and spend the lossy level's bits by importance, as encode --importance does."),
+    importance: str = typer.Option(None, "--importance", help="Score each passage's entries (reconstruct | prefill | keynorm) and spend the lossy level's bits by importance, as encode --importance does; none: uniform precision (default: as the model's calibration profile says)."),
     keep: float = keep_option(),
     keep_by: str = keep_by_option(),
     keep_rule: str = keep_rule_option(),
@@ -36,8 +37,9 @@ def precache_command(
 ) -> None:
     """Split documents into passages, prefill each once on its own, and store its cache."""
     level = check_level(level)
-    check_keep(keep, keep_rule)  # before the model loads
-    check_keep_by(keep_by, importance)
+    scoring.requested(importance)  # before the model loads
+    check_keep(keep, keep_rule)
+    scoring.keep_scorer(importance, keep_by)
     with PassageStore(store, artifacts=artifacts, create=True) as passage_store:
         with status("loading model…", not quiet):
             km = api.load_model(model, device=device, model_dtype=model_dtype)
@@ -52,8 +54,9 @@ def precache_command(
         return
     err_console.print(
         f"[bold green]{summary.store}[/]: {summary.documents} documents, {summary.passages} passages "
-        f"({summary.unique_passages} distinct), level {summary.level}\n"
-        f"  cached now {summary.cached} ({summary.cached_tokens} tokens, "
+        f"({summary.unique_passages} distinct), level {summary.level}"
+        + (f", bits spent by importance ({summary.importance})" if summary.importance else "") + "\n"
+        + f"  cached now {summary.cached} ({summary.cached_tokens} tokens, "
         f"{human_bytes(summary.written_bytes)}) at {summary.passages_per_second:.2f} passages/s; "
         f"already there {summary.already_cached}, recovered {summary.adopted}",
         highlight=False,

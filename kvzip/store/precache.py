@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvzip import importance as scoring
 from kvzip.errors import InputError, KvzipError, ModelMismatchError
-from kvzip.importance.keep import DEFAULT_KEEP_RULE, check_keep, check_keep_by
+from kvzip.importance.keep import DEFAULT_KEEP_RULE, check_keep
 from kvzip.levels import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_LEVEL,
@@ -174,6 +174,7 @@ class PrecacheSummary:
     store: str
     engine: str
     level: str
+    importance: str | None  # the scorer whose classes weighed the steps (asked, or the profile's)
     documents: int
     passages: int
     unique_passages: int
@@ -267,19 +268,20 @@ def precache(
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     level = check_level(level)
     check_if_missing(if_no_profile)
-    if importance is not None:
-        scoring.scorer(importance)  # an unknown scorer is refused before any work
-        if not is_calibrated(level):
-            raise InputError(f"--importance weighs a lossy level's steps; level {level!r} codes every entry alike")
+    importance = scoring.requested(importance)  # an unknown scorer is refused before any work
+    if scoring.is_asked(importance) and not is_calibrated(level):
+        raise InputError(f"--importance weighs a lossy level's steps; level {level!r} codes every entry alike")
     check_keep(keep, keep_rule)
-    kept = None if keep is None else Keep(float(keep), keep_rule, check_keep_by(keep_by, importance))
+    kept = None if keep is None else Keep(float(keep), keep_rule, scoring.keep_scorer(importance, keep_by))
     started = time.perf_counter()
+    weigh_by = scoring.choose(importance, None)
     passages, jobs = plan(inputs, store, km, passage_tokens=passage_tokens, level=level,
-                          importance=importance, keep=kept, progress=progress)
+                          importance=weigh_by, keep=kept, progress=progress)
     if is_calibrated(level):  # found or built once the documents are known to hold text
-        prof = resolve([level], km, profile, if_no_profile, progress).profile
-        if prof is not None:
-            jobs = [make_job(job.token_ids, km, level, prof.digest, importance, kept) for job in jobs]
+        resolved = resolve([level], km, profile, if_no_profile, progress)
+        weigh_by = scoring.choose(importance, resolved.importance)  # as encode: the profile may ask
+        if resolved.profile is not None:
+            jobs = [make_job(job.token_ids, km, level, resolved.profile.digest, weigh_by, kept) for job in jobs]
     save_opening(store, km)  # the prompt's fixed opening, so that ask need not prefill it
     known = store.index.artifact_names()
     todo, adopted = [], 0
@@ -309,7 +311,7 @@ def precache(
         _run_ray(todo, km, store.artifacts, done)
     return PrecacheSummary(
         store=str(store.root), engine=engine, level=level,
-        documents=len({p.doc_key for p in passages}), passages=len(passages),
+        importance=weigh_by, documents=len({p.doc_key for p in passages}), passages=len(passages),
         unique_passages=len(jobs), already_cached=len(jobs) - len(written) - adopted,
         adopted=adopted, cached=len(written), cached_tokens=sum(r.tokens for r in written),
         written_bytes=sum(r.bytes for r in written), seconds=time.perf_counter() - started,
