@@ -22,7 +22,7 @@ from kvzip.codecs import STORAGE_DTYPES
 from kvzip.errors import ContextTooLongError, InputError, KvzipError
 from kvzip.formats import ChatInfo, SourceInfo, open_kvz
 from kvzip.formats.limits import memory_limit
-from kvzip.importance.keep import DEFAULT_KEEP_RULE, check_keep
+from kvzip.importance.keep import DEFAULT_KEEP_RULE
 from kvzip.levels import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_LEVEL,
@@ -196,9 +196,7 @@ def encode(
     """
     check_levels(levels)
     check_if_missing(if_no_profile)
-    scoring.requested(importance)  # an unknown scorer is refused before the model loads
-    check_keep(keep, keep_rule)
-    keep_scorer = scoring.keep_scorer(importance, keep_by)
+    keep_scorer = scoring.check_options(importance, keep, keep_rule, keep_by)  # before the model loads
     if chunk_tokens <= 0:
         raise InputError(f"--chunk-tokens must be positive, got {chunk_tokens}")
     if dtype is not None and dtype not in STORAGE_DTYPES:

@@ -27,7 +27,6 @@ from kvzip.cli.options import (
     model_dtype_option,
 )
 from kvzip.errors import ContextTooLongError, InputError
-from kvzip.importance.keep import check_keep
 from kvzip.levels import DEFAULT_LEVEL
 
 
@@ -72,9 +71,7 @@ def encode_command(
     if input != "-":
         api.input_size(input)  # a missing or unreadable input fails before the model loads
     levels = [x.strip() for x in level.split(",") if x.strip()]
-    check_keep(keep, keep_rule)  # before the model loads
-    scoring.requested(importance)
-    scoring.keep_scorer(importance, keep_by)
+    scoring.check_options(importance, keep, keep_rule, keep_by)  # before the model loads
     with status("loading model…", not quiet):
         km = api.load_model(model, device=device, model_dtype=model_dtype)
     text, name = read_input(input, km.max_text_bytes)

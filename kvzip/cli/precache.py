@@ -11,7 +11,6 @@ from kvzip import importance as scoring
 from kvzip.cli.console import err_console, human_bytes, out_console, progress_bars, status
 from kvzip.cli.errors import handle_errors
 from kvzip.cli.options import device_option, keep_by_option, keep_option, keep_rule_option, model_dtype_option
-from kvzip.importance.keep import check_keep
 from kvzip.store import DEFAULT_PASSAGE_TOKENS, ENGINES, PassageStore, check_level, precache
 
 
@@ -37,9 +36,7 @@ def precache_command(
 ) -> None:
     """Split documents into passages, prefill each once on its own, and store its cache."""
     level = check_level(level)
-    scoring.requested(importance)  # before the model loads
-    check_keep(keep, keep_rule)
-    scoring.keep_scorer(importance, keep_by)
+    scoring.check_options(importance, keep, keep_rule, keep_by)  # before the model loads
     with PassageStore(store, artifacts=artifacts, create=True) as passage_store:
         with status("loading model…", not quiet):
             km = api.load_model(model, device=device, model_dtype=model_dtype)
@@ -52,11 +49,11 @@ def precache_command(
     if json_out:
         out_console.print_json(data=summary.to_json())
         return
+    weighed = f", bits spent by importance ({summary.importance})" if summary.importance else ""
     err_console.print(
         f"[bold green]{summary.store}[/]: {summary.documents} documents, {summary.passages} passages "
-        f"({summary.unique_passages} distinct), level {summary.level}"
-        + (f", bits spent by importance ({summary.importance})" if summary.importance else "") + "\n"
-        + f"  cached now {summary.cached} ({summary.cached_tokens} tokens, "
+        f"({summary.unique_passages} distinct), level {summary.level}{weighed}\n"
+        f"  cached now {summary.cached} ({summary.cached_tokens} tokens, "
         f"{human_bytes(summary.written_bytes)}) at {summary.passages_per_second:.2f} passages/s; "
         f"already there {summary.already_cached}, recovered {summary.adopted}",
         highlight=False,

@@ -131,6 +131,15 @@ def keep_scorer(name: str | None, keep_by: str | None) -> str:
     return dropping.check_keep_by(keep_by, name if is_asked(name) else None)
 
 
+def check_options(importance: str | None, keep: float | None, keep_rule: str, keep_by: str | None) -> str:
+    """``--importance``, ``--keep``, ``--keep-rule`` and ``--keep-by`` checked together before
+    any work (each command refuses the same inputs with the same message); the scorer
+    ``--keep`` drops by (:func:`keep_scorer`)."""
+    requested(importance)
+    dropping.check_keep(keep, keep_rule)
+    return keep_scorer(importance, keep_by)
+
+
 def is_asked(name: str | None) -> bool:
     """Whether ``--importance`` names a scorer (not absent, not :data:`UNIFORM`)."""
     return name not in (None, UNIFORM)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvzip import importance as scoring
 from kvzip.errors import InputError, KvzipError, ModelMismatchError
-from kvzip.importance.keep import DEFAULT_KEEP_RULE, check_keep
+from kvzip.importance.keep import DEFAULT_KEEP_RULE
 from kvzip.levels import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_LEVEL,
@@ -268,11 +268,10 @@ def precache(
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     level = check_level(level)
     check_if_missing(if_no_profile)
-    importance = scoring.requested(importance)  # an unknown scorer is refused before any work
+    drop_by = scoring.check_options(importance, keep, keep_rule, keep_by)  # refused before any work
     if scoring.is_asked(importance) and not is_calibrated(level):
         raise InputError(f"--importance weighs a lossy level's steps; level {level!r} codes every entry alike")
-    check_keep(keep, keep_rule)
-    kept = None if keep is None else Keep(float(keep), keep_rule, scoring.keep_scorer(importance, keep_by))
+    kept = None if keep is None else Keep(float(keep), keep_rule, drop_by)
     started = time.perf_counter()
     weigh_by = scoring.choose(importance, None)
     passages, jobs = plan(inputs, store, km, passage_tokens=passage_tokens, level=level,
