@@ -33,6 +33,7 @@ from kvzip.levels import (
     attach_kv,
     check_if_missing,
     check_levels,
+    chunk_span,
     find_profile,
     kv_to_storage,
     load_kv,
@@ -151,7 +152,7 @@ def encode(
     *,
     model: ModelLike = None,
     levels: Sequence[str] = (DEFAULT_LEVEL,),
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     dtype: str | None = None,
     chat: bool = False,
     source_name: str | None = None,
@@ -180,6 +181,10 @@ def encode(
     and layers) or ``"head"`` (the same fraction in every head); see
     :mod:`kvzip.importance.keep`.
 
+    ``chunk_tokens``: positions per independently decodable chunk; by default
+    ``DEFAULT_CHUNK_TOKENS``, and with ``keep`` about ``DEFAULT_CHUNK_TOKENS / keep`` so
+    that a pruned chunk holds as many entries as a dense one (:func:`kvzip.levels.chunk_span`).
+
     Lossy levels use the model's calibration profile (``profile``: a file or a
     digest; by default the newest one for the model in the profile directories).
     With none, ``if_no_profile`` picks: ``"calibrate"`` builds and stores one
@@ -197,8 +202,9 @@ def encode(
     check_levels(levels)
     check_if_missing(if_no_profile)
     keep_scorer = scoring.check_options(importance, keep, keep_rule, keep_by)  # before the model loads
-    if chunk_tokens <= 0:
+    if chunk_tokens is not None and chunk_tokens <= 0:
         raise InputError(f"--chunk-tokens must be positive, got {chunk_tokens}")
+    chunk_tokens = chunk_span(chunk_tokens, keep)
     if dtype is not None and dtype not in STORAGE_DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     if prefill_cache not in PREFILL_CACHE_CHOICES:

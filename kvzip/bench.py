@@ -59,6 +59,7 @@ from kvzip.levels import (
     DEFAULT_LEVEL,
     LEVELS,
     check_level,
+    chunk_span,
     codec_for_level,
     is_calibrated,
     level_config,
@@ -274,7 +275,7 @@ class BenchConfig:
     codecs: Sequence[str]
     prefix: int = 2048
     cont: int = 384
-    chunk_tokens: int = api.DEFAULT_CHUNK_TOKENS
+    chunk_tokens: int | None = None  # None: chunk_span's default (wider for the --keep rows)
     baselines: bool = True
     profile: str | os.PathLike[str] | None = None  # a .kvzprofile file or a digest
     if_no_profile: str = "calibrate"  # "calibrate" | "uncalibrated" | "error"
@@ -530,7 +531,7 @@ def _bench_text(
         out = tmp / f"{name}.{method}.kvz"
         codec, by_class = _as_encoded(codec, profile, classes)
         summary = api.write_kvz(
-            kv, ids[:P], out, km, levels=[(method, codec)], chunk_tokens=config.chunk_tokens,
+            kv, ids[:P], out, km, levels=[(method, codec)], chunk_tokens=chunk_span(config.chunk_tokens),
             dtype=dtype, importance=by_class,
         )
         t0 = time.perf_counter()
@@ -570,7 +571,7 @@ def _bench_text(
         else:
             out = tmp / f"{name}.{method}.kvz"
             api.write_kvz(kv, ids[:P], out, km, levels=[(method, codec)],
-                          chunk_tokens=config.chunk_tokens, dtype="float32")
+                          chunk_tokens=chunk_span(config.chunk_tokens), dtype="float32")
             uncal_bytes = out.stat().st_size
             out.unlink()
             tick()
@@ -606,7 +607,7 @@ def _bench_text(
                 used = scoring.apply(scored, pair, profile, weigh=mode == "importance", keep=f,
                                      keep_rule=rule or "shared")
                 out = tmp / f"{name}.{scorer}.{level}.kvz"
-                api.write_kvz(used.kv, ids[:P], out, km, levels=used.pairs, chunk_tokens=config.chunk_tokens,
+                api.write_kvz(used.kv, ids[:P], out, km, levels=used.pairs, chunk_tokens=chunk_span(config.chunk_tokens, f),
                               dtype="float32", importance=used.classes, extra_header=used.header)
                 file_bytes = out.stat().st_size
                 s = quality(api.load_kv(out).kv)
@@ -725,7 +726,7 @@ def run_speed(km: KVModel, config: BenchConfig, profile: Profile | None, tmp: Pa
         out = tmp / f"speed-{n}.kvz"
         coded, classes = _as_encoded(codec, profile, _profile_classes(km, ids[:n], _weigh_by(profile, config)))
         summary = api.write_kvz(kv, ids[:n], out, km, levels=[(config.speed_level, coded)],
-                                chunk_tokens=config.chunk_tokens, dtype="float32", importance=classes)
+                                chunk_tokens=chunk_span(config.chunk_tokens), dtype="float32", importance=classes)
         numel = kv.elements()
         del kv
         decoders = threads_for([codec], numel, summary.chunks, config.decoders)

@@ -16,6 +16,7 @@ from kvzip import api, errors
 from kvzip import importance as scoring
 from kvzip.formats import LayeredKV, PositionLayout
 from kvzip.importance.keep import choose
+from kvzip.levels.files import DEFAULT_CHUNK_TOKENS, MAX_CHUNK_TOKENS, chunk_span
 from kvzip.model.pruned import is_pruned
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
@@ -496,3 +497,30 @@ def test_any_per_head_selection_round_trips_losslessly(tmp_path, seed):
         assert got.layout.layer_positions(i).tolist() == kept.layout.layer_positions(i).tolist()
         assert torch.equal(got.layers[i], layer)
     check(attach_kv(out, km).cache)
+
+
+# ------------------------------------------------------------------ chunk span
+def test_a_pruned_file_spans_wider_chunks_unless_told():
+    assert chunk_span() == chunk_span(keep=1.0) == chunk_span(keep=0.9) == DEFAULT_CHUNK_TOKENS == 256
+    assert chunk_span(keep=0.5) == 512
+    assert chunk_span(keep=0.3) == 832  # about 256 / 0.3, a multiple of 64
+    assert chunk_span(keep=0.001) == MAX_CHUNK_TOKENS
+    assert chunk_span(100, keep=0.5) == chunk_span(100) == 100
+
+
+def test_wider_chunks_make_a_pruned_file_smaller_and_keep_the_same_entries(tmp_path):
+    """Each chunk pays its rows' side information once: at --keep 0.5 a default chunk spans
+    twice the positions, so it holds as many entries as a dense chunk, for the same entries."""
+    km = tiny_model("llama")
+    text = (TEXT * 4)[:500]  # 500 tokens (bytes): one chunk of 512 positions, or two of 256
+    wide, narrow = tmp_path / "wide.kvz", tmp_path / "narrow.kvz"
+    options = dict(model=km, levels=["balanced"], if_no_profile="uncalibrated", keep=0.5, keep_by="keynorm")
+    api.encode(text, wide, **options)
+    api.encode(text, narrow, chunk_tokens=256, **options)
+    assert api.info(wide)["chunk_tokens"] == 512 and api.info(narrow)["chunk_tokens"] == 256
+    assert api.info(wide)["chunks"] < api.info(narrow)["chunks"]
+    assert wide.stat().st_size < narrow.stat().st_size
+    assert api.load_kv(wide).kv.layout.to_bytes() == api.load_kv(narrow).kv.layout.to_bytes()
+    dense = tmp_path / "dense.kvz"
+    api.encode(text, dense, model=km, levels=["balanced"], if_no_profile="uncalibrated")
+    assert api.info(dense)["chunk_tokens"] == DEFAULT_CHUNK_TOKENS

@@ -16,7 +16,7 @@ from kvzip.cli.errors import handle_errors
 from kvzip.cli.options import device_option, model_dtype_option
 from kvzip.codecs import codec_ids
 from kvzip.errors import InputError
-from kvzip.levels import DEFAULT_CHUNK_TOKENS, DEFAULT_LEVEL, LEVELS, is_calibrated
+from kvzip.levels import DEFAULT_CHUNK_TOKENS, DEFAULT_LEVEL, LEVELS, chunk_span, is_calibrated
 
 if TYPE_CHECKING:  # the bench (and torch) load when it runs
     from kvzip import bench
@@ -119,7 +119,7 @@ def bench_command(
     codecs: str = typer.Option(None, "--codecs", help="Comma-separated reference codec ids (default: cachegen)."),
     prefix: int = typer.Option(2048, "--prefix", help="Tokens prefilled and compressed."),
     cont: int = typer.Option(384, "--cont", help="Tokens teacher-forced after the prefix."),
-    chunk_tokens: int = typer.Option(DEFAULT_CHUNK_TOKENS, "--chunk-tokens", help="Tokens per chunk."),
+    chunk_tokens: int = typer.Option(None, "--chunk-tokens", help=f"Tokens per chunk (default: {DEFAULT_CHUNK_TOKENS}; the --keep F rows about {DEFAULT_CHUNK_TOKENS}/F, as kvzip encode --keep)."),
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the fp16, zstd and KIVI rows."),
     profile: str = typer.Option(None, "--profile", help="Calibration profile FILE or DIGEST (default: the newest for the model)."),
     if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="Without a profile: calibrate | uncalibrated | error."),
@@ -165,6 +165,8 @@ def bench_command(
     )
     if config.keeps and not config.scorers:
         raise InputError("--keep is part of the importance section: give --importance SCORERS")
+    if chunk_tokens is not None and chunk_tokens <= 0:
+        raise InputError(f"--chunk-tokens must be positive, got {chunk_tokens}")
     if plot is not None and speed_only:
         raise InputError("--plot draws the quality rows; drop --speed-only")
     with status("loading model…", not quiet):
@@ -175,10 +177,9 @@ def bench_command(
     means = bench.summarize(rows)
     sweep_means = bench.summarize_sweep(result.sweep)
     importance_means = bench.summarize_importance(result.importance)
-    title = (
-        f"{km.name}: prefix {prefix}, continuation {cont}, chunk {chunk_tokens} tokens, "
-        f"{len(result.texts)} texts"
-    )
+    span, spans = chunk_span(chunk_tokens), {f: chunk_span(chunk_tokens, f) for f in config.keeps}
+    wider = "".join(f" ({n} at --keep {f:g})" for f, n in spans.items() if n != span)
+    title = f"{km.name}: prefix {prefix}, continuation {cont}, chunk {span} tokens{wider}, {len(result.texts)} texts"
     if result.profile is not None:
         title += f", profile {result.profile.digest[:12]}"
         if result.profile.importance:
@@ -188,7 +189,8 @@ def bench_command(
         err_console.print(f"wrote {plot}")
     if json_out:
         out_console.print_json(json.dumps({
-            "config": {"model": km.name, "prefix": prefix, "cont": cont, "chunk_tokens": chunk_tokens,
+            "config": {"model": km.name, "prefix": prefix, "cont": cont, "chunk_tokens": span,
+                       "keep_chunk_tokens": {f"{f:g}": n for f, n in spans.items()},
                        "texts": sorted(result.texts), "speed_texts": result.speed_texts,
                        "lengths": list(config.lengths), "speed_level": speed_level},
             "profile": None if result.profile is None else asdict(result.profile),

@@ -52,7 +52,7 @@ def encode_command(
     device: str = device_option(),
     model_dtype: str = model_dtype_option(),
     level: str = typer.Option(DEFAULT_LEVEL, "--level", "--levels", "-l", help="Quality level: lossless, high, balanced, small; several comma-separated store them all (e.g. --levels small,balanced,high)."),
-    chunk_tokens: int = typer.Option(api.DEFAULT_CHUNK_TOKENS, "--chunk-tokens", help="Tokens per independently decodable chunk."),
+    chunk_tokens: int = typer.Option(None, "--chunk-tokens", help=f"Tokens per independently decodable chunk (default: {api.DEFAULT_CHUNK_TOKENS}; with --keep F, about {api.DEFAULT_CHUNK_TOKENS}/F so that a chunk holds as many entries)."),
     dtype: str = typer.Option(None, "--dtype", help="Store the cache as float32, bfloat16 or float16 (default: as captured)."),
     chat: bool = typer.Option(False, "--chat", help="Cache the text as the opening of a user turn in the model's chat template."),
     profile: str = typer.Option(None, "--profile", help="Calibration profile (.kvzprofile file or digest) for the lossy levels (default: the newest one for the model in the profile directory)."),

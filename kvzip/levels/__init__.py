@@ -25,6 +25,7 @@ from kvzip.levels.files import (
     EncodeSummary,
     LoadedKV,
     attach_kv,
+    chunk_span,
     kv_to_storage,
     load_kv,
     open_cache,
@@ -59,6 +60,7 @@ from kvzip.levels.table import (
 __all__ = [
     "CALIBRATED_LEVELS",
     "DEFAULT_CHUNK_TOKENS",
+    "chunk_span",
     "DEFAULT_LEVEL",
     "IF_NO_PROFILE",
     "LEVELS",

@@ -27,10 +27,10 @@ from kvzip import importance as scoring
 from kvzip.errors import InputError, KvzipError, ModelMismatchError
 from kvzip.importance.keep import DEFAULT_KEEP_RULE
 from kvzip.levels import (
-    DEFAULT_CHUNK_TOKENS,
     DEFAULT_LEVEL,
     Progress,
     check_if_missing,
+    chunk_span,
     codec_for_level,
     find_profile,
     is_calibrated,
@@ -144,7 +144,7 @@ def cache_passage(km: KVModel, job: PassageJob, artifacts: ArtifactStore) -> Art
         job.name,
         lambda path: write_kvz(
             kv, job.token_ids, path, km, levels=levels,
-            chunk_tokens=DEFAULT_CHUNK_TOKENS, dtype=job.dtype, profile=profile,
+            chunk_tokens=chunk_span(keep=job.keep and job.keep.fraction), dtype=job.dtype, profile=profile,
             importance=classes, extra_header=extra,
         ),
     )
