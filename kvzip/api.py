@@ -173,7 +173,9 @@ def encode(
     ``keynorm``): every entry is scored and the lossy levels code the most important ones
     at a finer step and the least at a coarser one, at about the level's size.  Not given,
     the calibration profile decides (``kvzip calibrate`` turns ``prefill`` on for a model
-    whose uniform levels miss its quality bound); ``"none"``: uniform precision.
+    whose uniform levels miss its quality bound), and without a profile the uncalibrated
+    levels use ``prefill`` (:data:`kvzip.levels.UNCALIBRATED_IMPORTANCE`); ``"none"``:
+    uniform precision.
 
     ``keep`` (a fraction in (0, 1]) drops entries: the file keeps that fraction of them by
     score (``keep_by``, else ``importance``'s scorer, else ``reconstruct``), the attention

@@ -63,6 +63,7 @@ from kvzip.levels import (
     codec_for_level,
     is_calibrated,
     level_config,
+    level_importance,
     resolve,
     threads_for,
 )
@@ -415,11 +416,10 @@ def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None
                         + len(config.scorers) * len(config.levels)
                         * (1 + len(config.keeps) * len(config.keep_rules)))
             ticker = _Ticker(progress, "bench", len(usable) * per_text)
-            weigh_by = _weigh_by(profile, config)
             for path, ids in usable:
                 used_texts.append(path.name)
                 text_rows, points, sizes, weighed = _bench_text(
-                    km, config, path, ids, methods, uncal, sweeps, Path(tmp), ticker.tick, profile, weigh_by)
+                    km, config, path, ids, methods, uncal, sweeps, Path(tmp), ticker.tick, profile)
                 rows.extend(text_rows)
                 importance_rows.extend(weighed)
                 sweep.extend(points)
@@ -463,9 +463,10 @@ class _Ticker:
 
 
 def _weigh_by(profile: Profile | None, config: BenchConfig) -> str | None:
-    """The scorer the calibrated levels are coded by, as `kvzip encode` codes them with
-    ``profile`` (its calibration's choice), unless ``config.uniform``."""
-    return None if profile is None or config.uniform else profile.importance
+    """The scorer the lossy levels coded with ``profile`` (None: the uncalibrated codecs)
+    are weighted by, as `kvzip encode` codes them (:func:`kvzip.levels.level_importance`),
+    unless ``config.uniform``."""
+    return None if config.uniform else level_importance(profile)
 
 
 def _profile_classes(km: KVModel, ids: Sequence[int], weigh_by: str | None) -> list[np.ndarray] | None:
@@ -478,11 +479,12 @@ def _profile_classes(km: KVModel, ids: Sequence[int], weigh_by: str | None) -> l
 
 def _as_encoded(codec: Codec, profile: Profile | None,
                 classes: list[np.ndarray] | None) -> tuple[Codec, list[np.ndarray] | None]:
-    """``codec`` and the classes to write it with, as `kvzip encode` does: a calibrated
-    codec weighted by ``classes`` when there are some, any other codec as it is."""
-    if classes is None or not codec.needs_profile:
+    """``codec`` and the classes to write it with, as `kvzip encode` does: one of kvzip's
+    lossy codecs weighted by ``classes`` when there are some, any other codec as it is."""
+    if classes is None:
         return codec, None
-    return scoring.weighted(codec, profile), classes
+    coded = scoring.weighted(codec, profile)
+    return (codec, None) if coded is codec else (coded, classes)
 
 
 def _bench_text(
@@ -496,7 +498,6 @@ def _bench_text(
     tmp: Path,
     tick: Callable[[], None],
     profile: Profile | None = None,
-    weigh_by: str | None = None,
 ) -> tuple[list[BenchRow], list[SweepPoint], dict[str, tuple[int, int]], list[ImportanceRow]]:
     P = config.prefix
     started = time.perf_counter()
@@ -525,11 +526,21 @@ def _bench_text(
                **extra},
         )
 
-    classes = _profile_classes(km, ids[:P], weigh_by)
+    by_scorer: dict[str, list[np.ndarray] | None] = {}
+
+    def as_encoded(codec: Codec) -> tuple[Codec, list[np.ndarray] | None]:
+        """``codec`` weighted as `kvzip encode` would (the profile's scorer for a calibrated
+        codec, the uncalibrated levels' otherwise), each scorer's classes computed once."""
+        by = _weigh_by(profile if codec.needs_profile else None, config)
+        if by is None or scoring.weighted(codec, profile) is codec:  # lossless, references
+            return codec, None
+        if by not in by_scorer:
+            by_scorer[by] = _profile_classes(km, ids[:P], by)
+        return _as_encoded(codec, profile, by_scorer[by])
 
     def roundtrip(method: str, codec: Codec, dtype: str) -> tuple[LayeredKV, dict[str, Any]]:
         out = tmp / f"{name}.{method}.kvz"
-        codec, by_class = _as_encoded(codec, profile, classes)
+        codec, by_class = as_encoded(codec)
         summary = api.write_kvz(
             kv, ids[:P], out, km, levels=[(method, codec)], chunk_tokens=chunk_span(config.chunk_tokens),
             dtype=dtype, importance=by_class,
@@ -570,8 +581,9 @@ def _bench_text(
             uncal_bytes = r.file_bytes
         else:
             out = tmp / f"{name}.{method}.kvz"
-            api.write_kvz(kv, ids[:P], out, km, levels=[(method, codec)],
-                          chunk_tokens=chunk_span(config.chunk_tokens), dtype="float32")
+            coded, by_class = as_encoded(codec)
+            api.write_kvz(kv, ids[:P], out, km, levels=[(method, coded)],
+                          chunk_tokens=chunk_span(config.chunk_tokens), dtype="float32", importance=by_class)
             uncal_bytes = out.stat().st_size
             out.unlink()
             tick()

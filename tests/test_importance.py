@@ -109,7 +109,7 @@ def test_encode_with_importance(tmp_path, tiny_model_dir):
 
     km = api.load_model(str(tiny_model_dir))
     out, plain = tmp_path / "i.kvz", tmp_path / "p.kvz"
-    api.encode(TEXT, plain, model=km, levels=["balanced"], if_no_profile="uncalibrated")
+    api.encode(TEXT, plain, model=km, levels=["balanced"], if_no_profile="uncalibrated", importance="none")
     api.encode(TEXT, out, model=km, levels=["lossless", "balanced"], if_no_profile="uncalibrated",
                importance="prefill")
     with open_cache(out) as f:

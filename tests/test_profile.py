@@ -20,6 +20,7 @@ from kvzip.codecs.profile import profile_from_bytes, profile_to_bytes
 from kvzip.errors import CodecError, InputError, ProfileError, ProfileMismatchError, ProfileNotFoundError
 from kvzip.formats import open_kvz
 from kvzip.levels import (
+    UNCALIBRATED_IMPORTANCE,
     codec_for_level,
     find_profile,
     level_config,
@@ -341,6 +342,24 @@ def test_encode_spends_bits_by_the_importance_the_profile_names(km, profile_byte
     with pytest.raises(InputError):
         api.encode(TEXT, tmp_path / "bad.kvz", model=km, importance="psychic")
     assert not (tmp_path / "bad.kvz").exists()
+
+
+def test_without_a_profile_the_lossy_levels_spend_bits_by_the_prefills_attention(km, tmp_path, profile_dir):
+    """No profile, no measurement to choose by: the uncalibrated levels weigh by
+    UNCALIBRATED_IMPORTANCE unless told --importance none."""
+    assert UNCALIBRATED_IMPORTANCE == "prefill"
+    runs = {"default": {}, "none": dict(importance="none"), "lossless": dict(levels=["lossless"])}
+    got = {}
+    for name, kwargs in runs.items():
+        out = tmp_path / f"{name}.kvz"
+        summary = api.encode(TEXT, out, model=km, **{"levels": ["balanced"], "if_no_profile": "uncalibrated", **kwargs})
+        with open_kvz(out) as r:
+            record = r.header.raw.get("importance")
+            assert r.header.raw.get("profile") is None
+        got[name] = (summary.importance, None if record is None else record["scorer"])
+    assert got == {"default": ("prefill", "prefill"), "none": (None, None), "lossless": (None, None)}
+    assert api.info(tmp_path / "default.kvz")["levels"][0]["importance_classes"] is not None
+    assert api.verify(tmp_path / "default.kvz").ok
 
 
 def test_cli_encode_importance_none_and_calibrate_bound(tiny_model_dir, tmp_path, profile_dir):

@@ -16,7 +16,14 @@ from kvzip.cli.errors import handle_errors
 from kvzip.cli.options import device_option, model_dtype_option
 from kvzip.codecs import codec_ids
 from kvzip.errors import InputError
-from kvzip.levels import DEFAULT_CHUNK_TOKENS, DEFAULT_LEVEL, LEVELS, chunk_span, is_calibrated
+from kvzip.levels import (
+    DEFAULT_CHUNK_TOKENS,
+    DEFAULT_LEVEL,
+    LEVELS,
+    UNCALIBRATED_IMPORTANCE,
+    chunk_span,
+    is_calibrated,
+)
 
 if TYPE_CHECKING:  # the bench (and torch) load when it runs
     from kvzip import bench
@@ -123,7 +130,7 @@ def bench_command(
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the fp16, zstd and KIVI rows."),
     profile: str = typer.Option(None, "--profile", help="Calibration profile FILE or DIGEST (default: the newest for the model)."),
     if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="Without a profile: calibrate | uncalibrated | error."),
-    uniform: bool = typer.Option(False, "--uniform", help="Code the calibrated levels at uniform precision even where the profile has them spend bits by importance (kvzip calibrate --importance-above)."),
+    uniform: bool = typer.Option(False, "--uniform", help=f"Code the lossy levels at uniform precision: the calibrated ones even where the profile has them spend bits by importance (kvzip calibrate --importance-above), the uncalibrated ones instead of by {UNCALIBRATED_IMPORTANCE} importance."),
     uncalibrated: bool = typer.Option(False, "--uncalibrated", help="Also rows LEVEL-uncal with the uncalibrated codecs (and their sweep curve)."),
     sweep: bool = typer.Option(False, "--sweep", help="Trace each method's rate–quality curve (kvzip step, cachegen bins, KIVI bits)."),
     lengths: str = typer.Option(None, "--lengths", help="Speed section at these context lengths, e.g. 2048,4096,8192."),
@@ -184,6 +191,9 @@ def bench_command(
         title += f", profile {result.profile.digest[:12]}"
         if result.profile.importance:
             title += f" (calibrated levels by {result.profile.importance} importance)"
+    uncal_by = None if uniform else UNCALIBRATED_IMPORTANCE
+    if uncal_by and (result.profile is None or uncalibrated):
+        title += f" (uncalibrated levels by {uncal_by} importance)"
     if plot is not None:
         bench.plot(means, plot, title, sweep_means)
         err_console.print(f"wrote {plot}")
@@ -191,6 +201,7 @@ def bench_command(
         out_console.print_json(json.dumps({
             "config": {"model": km.name, "prefix": prefix, "cont": cont, "chunk_tokens": span,
                        "keep_chunk_tokens": {f"{f:g}": n for f, n in spans.items()},
+                       "uncalibrated_importance": uncal_by,
                        "texts": sorted(result.texts), "speed_texts": result.speed_texts,
                        "lengths": list(config.lengths), "speed_level": speed_level},
             "profile": None if result.profile is None else asdict(result.profile),

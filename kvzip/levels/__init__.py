@@ -44,7 +44,15 @@ from kvzip.levels.profiles import (
     write_profile,
 )
 from kvzip.levels.progress import Progress, no_progress
-from kvzip.levels.resolve import IF_NO_PROFILE, Resolved, check_if_missing, model_profile, resolve
+from kvzip.levels.resolve import (
+    IF_NO_PROFILE,
+    UNCALIBRATED_IMPORTANCE,
+    Resolved,
+    check_if_missing,
+    level_importance,
+    model_profile,
+    resolve,
+)
 from kvzip.levels.table import (
     CALIBRATED_LEVELS,
     DEFAULT_LEVEL,
@@ -60,7 +68,6 @@ from kvzip.levels.table import (
 __all__ = [
     "CALIBRATED_LEVELS",
     "DEFAULT_CHUNK_TOKENS",
-    "chunk_span",
     "DEFAULT_LEVEL",
     "IF_NO_PROFILE",
     "LEVELS",
@@ -72,11 +79,13 @@ __all__ = [
     "LoadedKV",
     "Progress",
     "Resolved",
+    "UNCALIBRATED_IMPORTANCE",
     "attach_kv",
     "check_if_missing",
     "check_level",
     "check_levels",
     "chunk_ranges",
+    "chunk_span",
     "codec_for_level",
     "default_threads",
     "encode_chunks",
@@ -85,6 +94,7 @@ __all__ = [
     "is_digest",
     "kv_to_storage",
     "level_config",
+    "level_importance",
     "list_profiles",
     "load_kv",
     "model_profile",

@@ -33,6 +33,20 @@ if TYPE_CHECKING:
 
 IF_NO_PROFILE = ("calibrate", "uncalibrated", "error")
 
+# The scorer the uncalibrated lossy levels spend their bits by.  A profile decides for its
+# model from a measurement (``kvzip calibrate``'s quality check); without one there is
+# nothing to measure by, so the uncalibrated codec takes what was better on every model
+# measured: the attention each entry received during the prefill (no extra pass) halved
+# Gemma 3 270M's uncalibrated KL and lowered SmolLM2's, at about the same size
+# (docs/architecture.md, "Decisions").
+UNCALIBRATED_IMPORTANCE = "prefill"
+
+
+def level_importance(profile: Profile | None) -> str | None:
+    """The scorer the lossy levels coded with ``profile`` (None: uncalibrated) spend their
+    bits by when the encoder is not told, or None: uniform precision."""
+    return UNCALIBRATED_IMPORTANCE if profile is None else profile.importance
+
 
 @dataclass(frozen=True)
 class Resolved:
@@ -47,11 +61,12 @@ class Resolved:
 
     @property
     def importance(self) -> str | None:
-        """The scorer the calibrated levels spend their bits by when the encoder is not told
-        (the profile's, from its calibration's quality check), or None: uniform precision."""
-        if self.profile is None or not any(is_calibrated(name) for name in self.names):
+        """The scorer the lossy levels spend their bits by when the encoder is not told (the
+        profile's, from its calibration's quality check; without a profile
+        :data:`UNCALIBRATED_IMPORTANCE`), or None: uniform precision."""
+        if not any(is_calibrated(name) for name in self.names):
             return None
-        return self.profile.importance
+        return level_importance(self.profile)
 
 
 def check_if_missing(if_missing: str) -> str:
