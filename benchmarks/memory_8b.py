@@ -72,6 +72,9 @@ def main() -> None:
     ap.add_argument("--level", default="balanced")
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     ap.add_argument("--prefill-cache", default="auto", help="kvzip encode's --prefill-cache")
+    ap.add_argument("--importance", default="none",
+                    help="kvzip encode's --importance (default none: the chunk-by-chunk path; without a profile "
+                         "encode would weigh by prefill attention, which scores the whole cache in memory)")
     ap.add_argument("--json", action="store_true")
     opts = ap.parse_args()
     model = build_model(MODEL_DIR)
@@ -87,6 +90,7 @@ def main() -> None:
             kvz = Path(tmp) / f"doc{n}.kvz"
             enc, enc_s, _ = peak_rss(["encode", str(doc), "-m", str(model), "-l", opts.level,
                                       "--if-no-profile", "uncalibrated", "--prefill-cache", opts.prefill_cache,
+                                      "--importance", opts.importance,
                                       "-o", str(kvz), "-q"])
             gen, gen_s, _ = peak_rss(["generate", str(kvz), "-m", str(model), "-p", " The end.",
                                       "-n", "4", "-q"])
