@@ -355,6 +355,26 @@ def test_precache_spends_bits_as_the_profile_says(km, docs, tmp_path):
     assert got == {"uniform": (None, {None}), "profile": ("prefill", {"prefill"}), "none": (None, {None})}
 
 
+def test_ask_prefers_a_passages_weighted_cache_unless_told(km, docs, tmp_path):
+    """A store holding each passage both uniform and by importance: ask, not told, uses the
+    weighted cache (what precache stores by default where the profile weighs, and the closer
+    one at the same size), --importance none the uniform one, --keep the pruned one."""
+    from kvzip.store.ask import _treatment, retrieve
+
+    with PassageStore(tmp_path / "s", create=True) as store:
+        kwargs = dict(passage_tokens=PASSAGE_TOKENS, level="balanced", if_no_profile="uncalibrated")
+        precache([docs], store, km, importance="none", **kwargs)  # stored first
+        precache([docs], store, km, importance="prefill", **kwargs)
+        precache([docs], store, km, keep=0.5, keep_by="keynorm", importance="none", **kwargs)
+        got = {}
+        for name, asked in (("default", {}), ("none", dict(importance="none")), ("keep", dict(keep=0.5))):
+            _, hits = retrieve(store, "Why does bread rise?", km, top_k=2, **asked)
+            got[name] = {_treatment(store, h.artifact) for h in hits}
+        result = ask(store, "Why does bread rise?", km, max_new_tokens=4, compare=False, importance="none")
+        assert len(result.new_token_ids) == 4
+    assert got == {"default": {("prefill", None)}, "none": {(None, None)}, "keep": {(None, 0.5)}}
+
+
 def test_ask_recomputes_when_the_model_reads_faster_than_the_caches_decode(km, docs, tmp_path, monkeypatch):
     """On an accelerator, ask measures the first passage's decode and the model's prefill:
     a model that would read the whole context sooner recomputes it (exact), else the caches."""

@@ -67,8 +67,9 @@ def retrieve(
 ) -> tuple[str, list[Hit]]:
     """(level, the ``top_k`` best passages that have a cache for ``km`` at that level), each
     hit's ``artifact`` the cache to use: stored with ``keep`` / ``importance`` when they are
-    given (``precache --keep`` / ``--importance``), else the passage's plain cache where the
-    store has one (a passage cached only one way uses that)."""
+    given (``precache --keep`` / ``--importance``; ``importance="none"``: uniform precision),
+    else the passage's best unpruned cache (:func:`_artifact_for`; a passage cached only one
+    way uses that)."""
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {top_k}")
     identity = km.identity()
@@ -108,9 +109,14 @@ def _artifact_for(store: PassageStore, hit: Hit, keep: float | None, importance:
         return names[0]
     ways = {name: _treatment(store, name) for name in names}
     if keep is None and importance is None:
-        return next((n for n, way in ways.items() if way == (None, None)), names[0])
+        # Not told: every entry before a pruned cache, and bits spent by importance before
+        # uniform precision (at the same size it is the closer cache with every scorer
+        # measured; it is also what precache stores by default where the profile weighs,
+        # or without a profile); else the order they were stored in.
+        return min(names, key=lambda n: (ways[n][1] is not None, ways[n][0] is None))
+    want = None if importance == "none" else importance
     return next((n for n, (imp, kept) in ways.items()
-                 if (importance is None or imp == importance) and (keep is None or kept == keep)), None)
+                 if (importance is None or imp == want) and (keep is None or kept == keep)), None)
 
 
 def load_passage(
@@ -248,8 +254,8 @@ def ask(
     ``recompute_window``: on a model with sliding-window layers, recompute their last
     window from the text instead of using the passages' moved keys there
     (:func:`~kvzip.store.assemble.assemble`).  ``keep`` / ``importance``: use the passages'
-    caches stored with ``precache --keep`` / ``--importance`` (default: the plain ones where
-    the store has them; :func:`retrieve`)."""
+    caches stored with ``precache --keep`` / ``--importance`` (``"none"``: the uniform ones;
+    default: each passage's best unpruned cache, :func:`retrieve`)."""
     if max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
     if not 0.0 <= blend_recompute <= 1.0:
