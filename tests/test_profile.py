@@ -362,6 +362,22 @@ def test_without_a_profile_the_lossy_levels_spend_bits_by_the_prefills_attention
     assert api.verify(tmp_path / "default.kvz").ok
 
 
+def test_the_default_importance_gives_way_where_the_scored_cache_would_not_fit(km, tmp_path, profile_dir, monkeypatch):
+    """Scoring holds the model's cache and the copy it scores: where the two would pass half
+    the memory limit (the cache alone does not, so the prefill keeps it in memory) the file
+    is coded uniformly; scoring that is asked for still runs."""
+    cache = api._cache_bytes(km, len(km.document_ids(TEXT, None)))
+    options = dict(model=km, levels=["balanced"], if_no_profile="uncalibrated")
+    monkeypatch.setattr(api, "memory_limit", lambda: 3 * cache)  # cache <= limit / 2 < 2 x cache
+    summary = api.encode(TEXT, tmp_path / "u.kvz", **options)
+    assert summary.importance is None
+    with open_kvz(tmp_path / "u.kvz") as r:
+        assert r.header.raw.get("importance") is None
+    assert api.encode(TEXT, tmp_path / "a.kvz", importance="prefill", **options).importance == "prefill"
+    monkeypatch.setattr(api, "memory_limit", lambda: 4 * cache)  # 2 x cache = limit / 2: fits
+    assert api.encode(TEXT, tmp_path / "w.kvz", **options).importance == "prefill"
+
+
 def test_cli_encode_importance_none_and_calibrate_bound(tiny_model_dir, tmp_path, profile_dir):
     text = tmp_path / "cal.txt"
     text.write_text(CAL_TEXT)
