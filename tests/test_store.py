@@ -356,16 +356,17 @@ def test_precache_spends_bits_as_the_profile_says(km, docs, tmp_path):
 
 
 def test_ask_prefers_a_passages_weighted_cache_unless_told(km, docs, tmp_path):
-    """A store holding each passage both uniform and by importance: ask, not told, uses the
-    weighted cache (what precache stores by default where the profile weighs, and the closer
-    one at the same size), --importance none the uniform one, --keep the pruned one."""
+    """A store holding each passage uniform, by importance and pruned: ask, not told, uses
+    the weighted cache (what precache stores by default where the profile weighs, and the
+    closer one at the same size), --importance none the uniform one that keeps every
+    entry, --keep the pruned one."""
     from kvzip.store.ask import _treatment, retrieve
 
+    ways = [dict(importance="none"), dict(importance="prefill"), dict(keep=0.5, keep_by="keynorm", importance="none")]
     with PassageStore(tmp_path / "s", create=True) as store:
         kwargs = dict(passage_tokens=PASSAGE_TOKENS, level="balanced", if_no_profile="uncalibrated")
-        precache([docs], store, km, importance="none", **kwargs)  # stored first
-        precache([docs], store, km, importance="prefill", **kwargs)
-        precache([docs], store, km, keep=0.5, keep_by="keynorm", importance="none", **kwargs)
+        for way in ways:
+            precache([docs], store, km, **way, **kwargs)
         got = {}
         for name, asked in (("default", {}), ("none", dict(importance="none")), ("keep", dict(keep=0.5))):
             _, hits = retrieve(store, "Why does bread rise?", km, top_k=2, **asked)
@@ -373,6 +374,28 @@ def test_ask_prefers_a_passages_weighted_cache_unless_told(km, docs, tmp_path):
         result = ask(store, "Why does bread rise?", km, max_new_tokens=4, compare=False, importance="none")
         assert len(result.new_token_ids) == 4
     assert got == {"default": {("prefill", None)}, "none": {(None, None)}, "keep": {(None, 0.5)}}
+
+
+@pytest.mark.parametrize("names", [("u", "w", "p"), ("p", "w", "u"), ("w", "p", "u")])
+def test_the_cache_ask_takes_does_not_depend_on_the_order_the_store_lists_them(names, monkeypatch):
+    """Artifacts are listed in the index's order (by name), not the order stored."""
+    import importlib
+    from types import SimpleNamespace
+
+    ask_mod = importlib.import_module("kvzip.store.ask")  # the module, not the function
+    ways = {"u": (None, None), "w": ("prefill", None), "p": (None, 0.5), "pw": ("prefill", 0.5)}
+    monkeypatch.setattr(ask_mod, "_treatment", lambda store, name: ways[name])
+    for listed in (names, (*names, "pw")):
+        hit = SimpleNamespace(artifacts=listed, artifact=listed[0])
+
+        def choose(hit=hit, **asked):
+            return ask_mod._artifact_for(None, hit, asked.get("keep"), asked.get("importance"))
+        assert choose() == "w"
+        assert choose(importance="none") == "u"
+        assert choose(importance="prefill") == "w"
+        assert choose(keep=0.5) == ("pw" if "pw" in listed else "p")
+        assert choose(keep=0.5, importance="none") == "p"
+        assert choose(importance="keynorm") is None
 
 
 def test_ask_recomputes_when_the_model_reads_faster_than_the_caches_decode(km, docs, tmp_path, monkeypatch):

@@ -108,15 +108,14 @@ def _artifact_for(store: PassageStore, hit: Hit, keep: float | None, importance:
     if keep is None and importance is None and len(names) == 1:
         return names[0]
     ways = {name: _treatment(store, name) for name in names}
-    if keep is None and importance is None:
-        # Not told: every entry before a pruned cache, and bits spent by importance before
-        # uniform precision (at the same size it is the closer cache with every scorer
-        # measured; it is also what precache stores by default where the profile weighs,
-        # or without a profile); else the order they were stored in.
-        return min(names, key=lambda n: (ways[n][1] is not None, ways[n][0] is None))
     want = None if importance == "none" else importance
-    return next((n for n, (imp, kept) in ways.items()
-                 if (importance is None or imp == want) and (keep is None or kept == keep)), None)
+    matching = [n for n, (imp, kept) in ways.items()
+                if (importance is None or imp == want) and (keep is None or kept == keep)]
+    # Of those that match what was asked: every entry before a pruned cache, and bits spent
+    # by importance before uniform precision (at the same size it is the closer cache with
+    # every scorer measured; it is also what precache stores by default where the profile
+    # weighs, or without a profile); else the order they were stored in.
+    return min(matching, key=lambda n: (ways[n][1] is not None, ways[n][0] is None), default=None)
 
 
 def load_passage(
