@@ -532,11 +532,12 @@ def _bench_text(
         """``codec`` weighted as `kvzip encode` would (the profile's scorer for a calibrated
         codec, the uncalibrated levels' otherwise), each scorer's classes computed once."""
         by = _weigh_by(profile if codec.needs_profile else None, config)
-        if by is None or scoring.weighted(codec, profile) is codec:  # lossless, references
+        coded = None if by is None else scoring.weighted(codec, profile)
+        if coded is None or coded is codec:  # uniform; lossless and the references always
             return codec, None
         if by not in by_scorer:
             by_scorer[by] = _profile_classes(km, ids[:P], by)
-        return _as_encoded(codec, profile, by_scorer[by])
+        return coded, by_scorer[by]
 
     def roundtrip(method: str, codec: Codec, dtype: str) -> tuple[LayeredKV, dict[str, Any]]:
         out = tmp / f"{name}.{method}.kvz"

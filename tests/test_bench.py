@@ -302,3 +302,20 @@ def test_calibrated_rows_spend_bits_as_the_profile_says(bench_env, monkeypatch, 
                                lengths=[200], chunk_tokens=64)
     sizes = [bench.run_speed(km, config, p, tmp_path)[0][0].file_bytes for p in (base, weighing)]
     assert sizes[0] != sizes[1]
+
+
+def test_uncalibrated_rows_spend_bits_as_encode_does_without_a_profile(bench_env, monkeypatch, tmp_path):
+    """The -uncal rows are coded as an encode without a profile codes them (by
+    UNCALIBRATED_IMPORTANCE); --uniform codes them uniformly; the calibrated row of a
+    uniform profile stays uniform."""
+    monkeypatch.setenv("KVZIP_PROFILE_DIR", str(bench_env["root"] / "profiles"))
+    km = bench_env["km"]
+    got = {}
+    for uniform in (False, True):
+        config = bench.BenchConfig(texts=[bench_env["text"]], levels=["balanced"], codecs=[], baselines=False,
+                                   prefix=300, cont=64, profile=str(bench_env["profile"].path),
+                                   uncalibrated=True, uniform=uniform)
+        rows = {r.method: r.file_bytes for r in bench.run_bench(km, config).rows}
+        got[uniform] = rows
+    assert got[False]["balanced"] == got[True]["balanced"]  # the profile weighs nothing
+    assert got[False]["balanced-uncal"] != got[True]["balanced-uncal"]  # the classes travel in the chunk
