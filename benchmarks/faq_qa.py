@@ -59,6 +59,7 @@ PAGES = ("general", "programming", "design", "library", "extending", "windows")
 # name -> (level, importance, keep, keep rule, keep by)
 METHODS = {
     "lossless": ("lossless", None, None, None, None),
+    "high": ("high", None, None, None, None),
     "balanced": ("balanced", None, None, None, None),
     "balanced + importance prefill": ("balanced", "prefill", None, None, None),
     "balanced + importance reconstruct": ("balanced", "reconstruct", None, None, None),
