@@ -30,6 +30,7 @@ Two optional sections:
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
@@ -477,14 +478,17 @@ def _profile_classes(km: KVModel, ids: Sequence[int], weigh_by: str | None) -> l
     return None if weigh_by is None else scoring.classes(scoring.score(km, ids, weigh_by).scores)
 
 
-def _as_encoded(codec: Codec, profile: Profile | None,
-                classes: list[np.ndarray] | None) -> tuple[Codec, list[np.ndarray] | None]:
+def _as_encoded(codec: Codec, profile: Profile | None, config: BenchConfig,
+                classes: Callable[[str], list[np.ndarray] | None]) -> tuple[Codec, list[np.ndarray] | None]:
     """``codec`` and the classes to write it with, as `kvzip encode` does: one of kvzip's
-    lossy codecs weighted by ``classes`` when there are some, any other codec as it is."""
-    if classes is None:
+    lossy codecs weighted by the scorer its profile names (a calibrated codec) or the
+    uncalibrated levels' (:func:`_weigh_by`), with ``classes(scorer)``; any other codec,
+    or with ``config.uniform``, as it is (and no scoring pass)."""
+    by = _weigh_by(profile if codec.needs_profile else None, config)
+    coded = None if by is None else scoring.weighted(codec, profile)
+    if coded is None or coded is codec:  # uniform; lossless and the references always
         return codec, None
-    coded = scoring.weighted(codec, profile)
-    return (codec, None) if coded is codec else (coded, classes)
+    return coded, classes(by)
 
 
 def _bench_text(
@@ -526,18 +530,12 @@ def _bench_text(
                **extra},
         )
 
-    by_scorer: dict[str, list[np.ndarray] | None] = {}
+    @functools.cache
+    def classes_by(scorer: str) -> list[np.ndarray] | None:  # each scorer's pass once per text
+        return _profile_classes(km, ids[:P], scorer)
 
     def as_encoded(codec: Codec) -> tuple[Codec, list[np.ndarray] | None]:
-        """``codec`` weighted as `kvzip encode` would (the profile's scorer for a calibrated
-        codec, the uncalibrated levels' otherwise), each scorer's classes computed once."""
-        by = _weigh_by(profile if codec.needs_profile else None, config)
-        coded = None if by is None else scoring.weighted(codec, profile)
-        if coded is None or coded is codec:  # uniform; lossless and the references always
-            return codec, None
-        if by not in by_scorer:
-            by_scorer[by] = _profile_classes(km, ids[:P], by)
-        return coded, by_scorer[by]
+        return _as_encoded(codec, profile, config, classes_by)
 
     def roundtrip(method: str, codec: Codec, dtype: str) -> tuple[LayeredKV, dict[str, Any]]:
         out = tmp / f"{name}.{method}.kvz"
@@ -737,7 +735,7 @@ def run_speed(km: KVModel, config: BenchConfig, profile: Profile | None, tmp: Pa
         km.teacher_force(kv, ids[n:])
         ttft_prefill = time.perf_counter() - t0
         out = tmp / f"speed-{n}.kvz"
-        coded, classes = _as_encoded(codec, profile, _profile_classes(km, ids[:n], _weigh_by(profile, config)))
+        coded, classes = _as_encoded(codec, profile, config, lambda scorer, prefix=ids[:n]: _profile_classes(km, prefix, scorer))
         summary = api.write_kvz(kv, ids[:n], out, km, levels=[(config.speed_level, coded)],
                                 chunk_tokens=chunk_span(config.chunk_tokens), dtype="float32", importance=classes)
         numel = kv.elements()
