@@ -62,7 +62,8 @@ for name in texts:
         t0 = time.time()
         sc = imp.score(km, ids[:P], scorer)
         ts = time.time() - t0
-        cls = imp.classes(sc.scores, shares)
-        r = run(sc.kv, imp.weighted(base, res.profile, factors), cls, ids, ref, follow, targets)
+        coded = imp.weighted(base, res.profile, factors)
+        cls = imp.classes(sc.scores, shares, heads_together=imp.heads_together(km.kv_heads, [coded]))
+        r = run(sc.kv, coded, cls, ids, ref, follow, targets)
         print(name, scorer, f"{r[0]:.3f} {r[1]:.5f} {r[2]:.3f}  cost {ts / tp:.2f}x prefill", flush=True)
 os.unlink(OUT)

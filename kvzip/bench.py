@@ -470,25 +470,28 @@ def _weigh_by(profile: Profile | None, config: BenchConfig) -> str | None:
     return None if config.uniform else level_importance(profile)
 
 
-def _profile_classes(km: KVModel, ids: Sequence[int], weigh_by: str | None) -> list[np.ndarray] | None:
-    """The importance classes of the entries of ``ids``'s cache by ``weigh_by`` (None: none).
-    They are computed by a prefill of their own, and applied to the reference prefill's
-    cache (the two can differ by float rounding, since their attention is computed
-    another way)."""
-    return None if weigh_by is None else scoring.classes(scoring.score(km, ids, weigh_by).scores)
+def _profile_classes(km: KVModel, ids: Sequence[int], weigh_by: str | None,
+                     together: bool = False) -> list[np.ndarray] | None:
+    """The importance classes of the entries of ``ids``'s cache by ``weigh_by`` (None: none),
+    a position's for all of a layer's heads when ``together``.  They are computed by a
+    prefill of their own, and applied to the reference prefill's cache (the two can differ
+    by float rounding, since their attention is computed another way)."""
+    if weigh_by is None:
+        return None
+    return scoring.classes(scoring.score(km, ids, weigh_by).scores, heads_together=together)
 
 
 def _as_encoded(codec: Codec, profile: Profile | None, config: BenchConfig,
-                classes: Callable[[str], list[np.ndarray] | None]) -> tuple[Codec, list[np.ndarray] | None]:
+                classes: Callable[[str, bool], list[np.ndarray] | None]) -> tuple[Codec, list[np.ndarray] | None]:
     """``codec`` and the classes to write it with, as `kvzip encode` does: one of kvzip's
     lossy codecs weighted by the scorer its profile names (a calibrated codec) or the
-    uncalibrated levels' (:func:`_weigh_by`), with ``classes(scorer)``; any other codec,
-    or with ``config.uniform``, as it is (and no scoring pass)."""
+    uncalibrated levels' (:func:`_weigh_by`), with ``classes(scorer, heads_together)``; any
+    other codec, or with ``config.uniform``, as it is (and no scoring pass)."""
     by = _weigh_by(profile if codec.needs_profile else None, config)
     coded = None if by is None else scoring.weighted(codec, profile)
     if coded is None or coded is codec:  # uniform; lossless and the references always
         return codec, None
-    return coded, classes(by)
+    return coded, classes(by, not coded.codes_heads_apart())
 
 
 def _bench_text(
@@ -531,8 +534,8 @@ def _bench_text(
         )
 
     @functools.cache
-    def classes_by(scorer: str) -> list[np.ndarray] | None:  # each scorer's pass once per text
-        return _profile_classes(km, ids[:P], scorer)
+    def classes_by(scorer: str, together: bool) -> list[np.ndarray] | None:  # each pass once per text
+        return _profile_classes(km, ids[:P], scorer, together)
 
     def as_encoded(codec: Codec) -> tuple[Codec, list[np.ndarray] | None]:
         return _as_encoded(codec, profile, config, classes_by)
@@ -735,7 +738,8 @@ def run_speed(km: KVModel, config: BenchConfig, profile: Profile | None, tmp: Pa
         km.teacher_force(kv, ids[n:])
         ttft_prefill = time.perf_counter() - t0
         out = tmp / f"speed-{n}.kvz"
-        coded, classes = _as_encoded(codec, profile, config, lambda scorer, prefix=ids[:n]: _profile_classes(km, prefix, scorer))
+        coded, classes = _as_encoded(codec, profile, config,
+                                     lambda scorer, together, prefix=ids[:n]: _profile_classes(km, prefix, scorer, together))
         summary = api.write_kvz(kv, ids[:n], out, km, levels=[(config.speed_level, coded)],
                                 chunk_tokens=chunk_span(config.chunk_tokens), dtype="float32", importance=classes)
         numel = kv.elements()

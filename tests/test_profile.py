@@ -411,3 +411,35 @@ def test_a_cache_kept_on_disk_is_coded_uniformly_and_explicit_scoring_there_is_r
         with pytest.raises(InputError, match="prefill-cache disk"):
             api.encode(TEXT, tmp_path / "no.kvz", model=km, profile=weighing.digest, prefill_cache="disk", **kwargs)
     assert not (tmp_path / "no.kvz").exists()
+
+
+@pytest.mark.parametrize("basis", ["pca-layer", "pca"])
+def test_importance_classes_are_a_positions_where_the_basis_maps_a_layers_heads_jointly(km, basis, tmp_path, profile_dir):
+    """A per-layer basis mixes a layer's heads: its "head" blocks hold components of all of
+    them, so classes drawn per head would scale the wrong components.  There a position has
+    one class in every head, by its scores summed over the heads; a per-head basis keeps
+    each head's own classes."""
+    from kvzip import importance
+
+    assert km.kv_heads > 1
+    opts = CalibrationOptions(basis=basis, allocation="flat", tokens_per_text=320, continuation=64)
+    prof = write_profile(calibrate(km, [("a", CAL_TEXT)], opts)[0])
+    codec = codec_for_level("balanced", prof)
+    assert codec.codes_heads_apart() == (basis == "pca")
+    scored = importance.score(km, km.document_ids(TEXT, None), "prefill")
+    used = importance.apply(scored, [("balanced", codec)], prof, weigh=True)
+    own = importance.classes(scored.scores)  # each head's classes from its own scores
+    assert any((c != c[:1]).any() for c in own)  # the heads do disagree on this text
+    if basis == "pca-layer":
+        summed = importance.classes([s.sum(axis=0, keepdims=True) for s in scored.scores])
+        for got, want in zip(used.classes, summed):
+            assert (got == want).all()  # broadcast: the same class in every head
+        assert used.header["importance"]["heads"] == "layer"
+    else:
+        assert all((got == want).all() for got, want in zip(used.classes, own))
+        assert "heads" not in used.header["importance"]
+    out = tmp_path / "w.kvz"
+    api.encode(TEXT, out, model=km, levels=["balanced"], profile=str(prof.path), importance="prefill")
+    with open_kvz(out) as r:
+        assert r.header.raw["importance"] == used.header["importance"]
+    assert api.verify(out).ok

@@ -57,7 +57,8 @@ def info_command(
     if imp:
         parts = ", ".join(f"{share:.0%} at ×{factor:g}" for share, factor in
                           zip(imp.get("shares", []), imp.get("factors", [])))
-        rows.append(("importance", f"{imp.get('scorer')}: each head's entries {parts} of the level's step"))
+        unit = "each layer's positions (all its heads)" if imp.get("heads") == "layer" else "each head's entries"
+        rows.append(("importance", f"{imp.get('scorer')}: {unit} {parts} of the level's step"))
         for level in data["levels"]:
             classes = level.get("importance_classes")
             if classes:

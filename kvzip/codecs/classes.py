@@ -26,9 +26,19 @@ DEFAULT_SHARES = (0.15, 0.40, 0.45)
 DEFAULT_FACTORS = (0.5, 1.0, 1.6)
 
 
-def classes(scores: list[np.ndarray], shares: Sequence[float] = DEFAULT_SHARES) -> list[np.ndarray]:
+def classes(scores: list[np.ndarray], shares: Sequence[float] = DEFAULT_SHARES, *,
+            heads_together: bool = False) -> list[np.ndarray]:
     """Per layer ``[heads, n]`` uint8 classes: in each (layer, head), the top ``shares[0]``
-    of its entries by score are class 0, the next ``shares[1]`` class 1, and so on."""
+    of its entries by score are class 0, the next ``shares[1]`` class 1, and so on.
+
+    ``heads_together``: for a codec that maps a layer's heads jointly (a per-layer basis:
+    its "head" blocks hold components of every head, not one head's channels), one class
+    per position, the same in every head, by the position's scores summed over the heads.
+    An error in the joint basis lands in every head, so what it costs is the attention all
+    of them give the position; a head's own classes would scale the wrong components."""
+    if heads_together:
+        joint = classes([np.asarray(s).sum(axis=0, keepdims=True) for s in scores], shares)
+        return [np.ascontiguousarray(np.broadcast_to(c, np.shape(s))) for c, s in zip(joint, scores)]
     bounds = np.cumsum(shares)[:-1]
     out = []
     for layer in scores:

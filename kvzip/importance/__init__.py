@@ -25,7 +25,7 @@ codecs' ``importance_factors``.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -158,9 +158,18 @@ def score(km: KVModel, ids: Sequence[int], name: str) -> Scored:
     return scorer(name).run(km, ids)
 
 
-def header_record(name: str) -> dict:
-    """What a file's header records of the importance it was coded with (``importance``)."""
-    return {"scorer": scorer(name).name, "shares": list(DEFAULT_SHARES), "factors": list(DEFAULT_FACTORS)}
+def heads_together(kv_heads: int, codecs: Iterable[Codec]) -> bool:
+    """Whether a layer's kv heads are kept and classed together: they are several and some
+    codec maps them jointly (a per-layer basis), so a position is one unit of its layer."""
+    return kv_heads > 1 and not all(codec.codes_heads_apart() for codec in codecs)
+
+
+def header_record(name: str, together: bool = False) -> dict:
+    """What a file's header records of the importance it was coded with (``importance``);
+    ``"heads": "layer"`` where the classes are a position's in all of a layer's heads
+    (:func:`heads_together`), absent where each head has its own."""
+    record = {"scorer": scorer(name).name, "shares": list(DEFAULT_SHARES), "factors": list(DEFAULT_FACTORS)}
+    return {**record, "heads": "layer"} if together else record
 
 
 @dataclass
@@ -177,12 +186,12 @@ class Applied:
 def apply(scored: Scored, pairs: Sequence[tuple[str, Codec]], profile: Profile | None, *, weigh: bool,
           keep: float | None = None, keep_rule: str = "shared") -> Applied:
     """What ``kvzip encode --importance/--keep`` writes from ``scored``: with ``keep``, the
-    fraction of entries :mod:`kvzip.importance.keep` keeps (a layer's heads together when
-    a codec maps them jointly); with ``weigh``, the levels' steps scaled by importance
-    class, the classes drawn among the entries kept."""
+    fraction of entries :mod:`kvzip.importance.keep` keeps; with ``weigh``, the levels'
+    steps scaled by importance class, the classes drawn among the entries kept.  Both take
+    a layer's heads together where a codec maps them jointly (:func:`heads_together`)."""
     kv, scores, header = scored.kv, scored.scores, {}
+    together = heads_together(kv.kv_heads, (codec for _, codec in pairs))
     if keep is not None:
-        together = kv.kv_heads > 1 and not all(codec.codes_heads_apart() for _, codec in pairs)
         before = kv.layout.stored()
         if keep < 1:
             masks = dropping.choose(scores, kv.layout, keep, keep_rule, heads_together=together)
@@ -193,7 +202,7 @@ def apply(scored: Scored, pairs: Sequence[tuple[str, Codec]], profile: Profile |
     per_entry = None
     out = list(pairs)
     if weigh:
-        per_entry = classes(scores)
+        per_entry = classes(scores, heads_together=together)
         out = [(name, weighted(codec, profile)) for name, codec in pairs]
-        header["importance"] = header_record(scored.scorer)
+        header["importance"] = header_record(scored.scorer, together)
     return Applied(kv, per_entry, out, header)

@@ -340,7 +340,8 @@ def _quality(km: KVModel, items: list[_Text], caches: list[LayeredKV], profile: 
     def measure(codec: Codec, stage: str, by_prefill: bool) -> dict[str, Any]:
         kl, bits = [], []
         for i, (t, kv, ref) in enumerate(zip(items, caches, refs)):
-            per_entry = classes(prefill_attention(km, t.prefix)[1]) if by_prefill else None
+            per_entry = (classes(prefill_attention(km, t.prefix)[1], heads_together=not codec.codes_heads_apart())
+                         if by_prefill else None)
             decoded, nbytes = _roundtrip(km, kv, codec, per_entry)
             kl.append(_kl(ref, km.teacher_force(decoded, t.cont)))
             bits.append(nbytes * 8 / kv.elements())

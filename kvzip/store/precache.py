@@ -76,6 +76,7 @@ class PassageJob:
     profile: str | None = None  # digest of the calibration profile behind the level
     importance: str | None = None  # the scorer whose classes weigh the level's steps
     keep: Keep | None = None  # the entries kept, as `kvzip encode --keep`
+    heads_together: bool = False  # one class per position for all of a layer's heads (a joint basis)
 
 
 @dataclass(frozen=True)
@@ -93,15 +94,22 @@ class Keep:
 def make_job(passage_ids: Sequence[int], km: KVModel, level: str, profile: str | None = None,
              importance: str | None = None, keep: Keep | None = None) -> PassageJob:
     model = km.identity()["fingerprint"]
-    job = PassageJob(tuple(passage_ids), "", level, km.dtype, model, profile, importance, keep)
+    together = importance is not None and _heads_together(level, profile, km.kv_heads)
+    job = PassageJob(tuple(passage_ids), "", level, km.dtype, model, profile, importance, keep, together)
     name = artifact_name(model, level, km.dtype, token_sha256(passage_ids), profile, _treatment(job))
     return dataclasses.replace(job, name=name)
+
+
+@functools.lru_cache(maxsize=8)
+def _heads_together(level: str, profile: str | None, kv_heads: int) -> bool:
+    """Whether the level's codec classes a layer's heads together (:func:`scoring.heads_together`)."""
+    return scoring.heads_together(kv_heads, [codec_for_level(level, None if profile is None else find_profile(profile))])
 
 
 def _treatment(job: PassageJob) -> dict | None:
     """What the artifact's name and codec hash record besides the level: the importance
     scorer (as its header records it) and what ``--keep`` kept; None for plain artifacts."""
-    record = None if job.importance is None else scoring.header_record(job.importance)
+    record = _importance(job)
     if job.keep is not None:
         record = {**(record or {}), "keep": job.keep.record()}
     return record
@@ -114,8 +122,9 @@ def _record(job: PassageJob, size: int) -> ArtifactRecord:
     )
 
 
-def _importance(name: str | None) -> dict | None:
-    return None if name is None else scoring.header_record(name)
+def _importance(job: PassageJob) -> dict | None:
+    """The header's ``importance`` record of the job's artifact."""
+    return None if job.importance is None else scoring.header_record(job.importance, job.heads_together)
 
 
 def _kept(record: dict | None) -> Keep | None:
@@ -159,7 +168,7 @@ def adopt_artifact(job: PassageJob, artifacts: ArtifactStore) -> ArtifactRecord 
                 reader.header.model_fingerprint == job.model
                 and job.level in reader.header.level_names
                 and tuple(reader.token_ids().tolist()) == job.token_ids
-                and reader.header.raw.get("importance") == _importance(job.importance)
+                and reader.header.raw.get("importance") == _importance(job)
                 and _kept(reader.header.raw.get("keep")) == job.keep
             )
             size = reader.source.size()
