@@ -64,7 +64,7 @@ def test_scorers_score_every_stored_entry():
         assert all(np.isfinite(s).all() for s in scored.scores) and scored.seconds > 0
     cls = importance.classes(importance.score(km, ids, "prefill").scores)
     full = cls[5]  # the full layer: 120 entries per head
-    assert [int((full[0] == c).sum()) for c in range(3)] == [18, 48, 54]
+    assert [int((full[0] == c).sum()) for c in range(4)] == [6, 18, 36, 60]
     with pytest.raises(errors.InputError, match="unknown importance scorer"):
         importance.scorer("magic")
 
