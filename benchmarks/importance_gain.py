@@ -2,13 +2,15 @@
 each scorer's importance classes, at (about) the same size, on the bench protocol.
 
     PYTHONPATH=. python benchmarks/importance_gain.py MODEL LEVEL SHARES FACTORS TEXTS
-    PYTHONPATH=. python benchmarks/importance_gain.py default balanced "[0.15,0.4,0.45]" "[0.5,1,1.6]" \
+    PYTHONPATH=. python benchmarks/importance_gain.py default balanced "[0.05,0.15,0.3,0.5]" "[0.35,0.6,1,1.8]" \
         GPL-3,GPL-2,GFDL-1.3,argparse.py,typing.py
 
 MODEL: "default" or a --model spec; the level is calibrated (its profile must exist). Prints,
 per text, bits per stored element, KL nats per token and top-1 for the uniform level and for
 each scorer (SCORERS=... to choose), and the scorer's time (prefill included) against a
-plain prefill on the same single thread.
+plain prefill on the same single thread. The shares and factors above are kvzip's defaults
+(``kvzip.codecs.classes.DEFAULT_SHARES`` / ``DEFAULT_FACTORS``); other values try a ladder
+without patching the package.
 """
 import json
 import os
