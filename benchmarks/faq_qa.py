@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--doc-tokens", type=int, default=2000)
     ap.add_argument("--per-doc", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--ask-prefix", default="", help="text put before every question (e.g. an instruction)")
     ap.add_argument("--methods", default=None, help="comma-separated names of METHODS (default: all)")
     ap.add_argument("--json", action="store_true")
     opts = ap.parse_args()
@@ -175,10 +176,11 @@ def main() -> None:
                 summary, encode_s, bits = encode_with(km, doc, out, method)
                 kv = load_kv(out).kv
                 for e in asked:
-                    result = api.generate(out, e.question, model=km, max_new_tokens=opts.new_tokens)
+                    ask = opts.ask_prefix + e.question
+                    result = api.generate(out, ask, model=km, max_new_tokens=opts.new_tokens)
                     ref = next((r for r in rows if r["method"] == REFERENCE and r["question"] == e.question), None)
                     answer = list(result.new_token_ids) if ref is None else ref["answer_ids"]
-                    prompt = km.prompt_ids(e.question, km.chat_template())
+                    prompt = km.prompt_ids(ask, km.chat_template())
                     logp = torch.log_softmax(km.teacher_force(kv, prompt + answer[:-1])[len(prompt) - 1:].double(), -1)
                     if ref is None:
                         reference[e.question] = logp
@@ -218,7 +220,8 @@ def main() -> None:
         }
     if opts.json:
         print(json.dumps({"model": km.name, "source": str(faq_dir()), "doc_tokens": opts.doc_tokens,
-                          "new_tokens": opts.new_tokens, "summary": summary_rows, "rows": rows}, indent=2))
+                          "new_tokens": opts.new_tokens,
+                          "ask_prefix": opts.ask_prefix, "summary": summary_rows, "rows": rows}, indent=2))
         return
     for name, s in summary_rows.items():
         print(f"{name:<34} identical {s['identical']:>2}/{s['questions']}  keyword-correct "
