@@ -35,6 +35,7 @@ METHODS = {  # name -> (level, importance, keep, keep rule, keep by)
     "lossless": ("lossless", None, None, None, None),
     "balanced": ("balanced", None, None, None, None),
     "balanced + importance prefill": ("balanced", "prefill", None, None, None),
+    "balanced + importance reconstruct": ("balanced", "reconstruct", None, None, None),
     "balanced keep 0.5 shared": ("balanced", None, 0.5, "shared", "reconstruct"),
     "balanced keep 0.5 head": ("balanced", None, 0.5, "head", "reconstruct"),
     "balanced keep 0.5 shared by prefill": ("balanced", None, 0.5, "shared", "prefill"),
