@@ -162,13 +162,14 @@ class SpeedRow:
 @dataclass
 class ImportanceRow:
     """One level coded by importance: its steps weighted by a scorer's classes
-    (``mode="importance"``) or its entries dropped to a fraction by the scorer
-    (``mode="keep"``), on the quality protocol."""
+    (``mode="importance"``), its entries dropped to a fraction by the scorer
+    (``mode="keep"``), or both: dropped, and the entries kept weighted by their classes
+    among themselves (``mode="keep+importance"``), on the quality protocol."""
 
     text: str
     level: str
     scorer: str
-    mode: str  # "importance" | "keep"
+    mode: str  # "importance" | "keep" | "keep+importance"
     keep: float | None  # the fraction kept (keep rows)
     rule: str | None  # the budget rule (keep rows)
     bits_per_element: float  # file bits per element the file stores
@@ -183,7 +184,8 @@ class ImportanceRow:
     def method(self) -> str:
         if self.mode == "importance":
             return f"{self.level} +{self.scorer}"
-        return f"{self.level} keep {self.keep:g} {self.rule} by {self.scorer}"
+        weighed = " +weighed" if self.mode == "keep+importance" else ""
+        return f"{self.level} keep {self.keep:g} {self.rule} by {self.scorer}{weighed}"
 
 
 @dataclass
@@ -292,6 +294,7 @@ class BenchConfig:
     scorers: Sequence[str] = ()
     keeps: Sequence[float] = ()
     keep_rules: Sequence[str] = ("shared",)
+    keep_weigh: bool = False  # each keep row also once with the kept entries' steps weighted
     # the calibrated level rows at uniform precision even where the profile has the levels
     # spend bits by importance (by default they are coded as `kvzip encode` codes them)
     uniform: bool = False
@@ -415,7 +418,7 @@ def run_bench(km: KVModel, config: BenchConfig, progress: Progress | None = None
             per_text = (len(methods) + len(uncal) + (4 if config.baselines else 0)
                         + (len(sweeps) + len(KIVI_SWEEP_BITS) if config.sweep else 0)
                         + len(config.scorers) * len(config.levels)
-                        * (1 + len(config.keeps) * len(config.keep_rules)))
+                        * (1 + len(config.keeps) * len(config.keep_rules) * (1 + config.keep_weigh)))
             ticker = _Ticker(progress, "bench", len(usable) * per_text)
             for path, ids in usable:
                 used_texts.append(path.name)
@@ -615,10 +618,11 @@ def _bench_text(
         scored = scoring.Scored(kv, scored.scores, scored.scorer, scored.seconds)
         for level in config.levels:
             pair = [(level, codec_for_level(level, profile))]
+            keep_modes = ("keep", "keep+importance") if config.keep_weigh else ("keep",)
             runs = [("importance", None, None)] + [
-                ("keep", f, rule) for f in config.keeps for rule in config.keep_rules]
+                (mode, f, rule) for f in config.keeps for rule in config.keep_rules for mode in keep_modes]
             for mode, f, rule in runs:
-                used = scoring.apply(scored, pair, profile, weigh=mode == "importance", keep=f,
+                used = scoring.apply(scored, pair, profile, weigh=mode != "keep", keep=f,
                                      keep_rule=rule or "shared")
                 out = tmp / f"{name}.{scorer}.{level}.kvz"
                 api.write_kvz(used.kv, ids[:P], out, km, levels=used.pairs, chunk_tokens=chunk_span(config.chunk_tokens, f),

@@ -276,6 +276,26 @@ def test_importance_section_rows_per_scorer_mode_and_fraction(tiny_model_dir, tm
     assert bad.exit_code != 0 and "--importance" in bad.stderr
 
 
+def test_keep_weigh_rows_drop_the_same_entries_and_weigh_them(tiny_model_dir, tmp_path, monkeypatch):
+    """--keep-weigh: each keep row once more with the kept entries coded by class, as
+    ``encode --keep F --importance SCORER`` writes them: the same entries, other bits."""
+    monkeypatch.setenv("KVZIP_PROFILE_DIR", str(tmp_path / "empty"))
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 3)
+    args = ["bench", str(text), "--model", str(tiny_model_dir), "--levels", "balanced", "--codecs", "",
+            "--no-baselines", "--prefix", "300", "--cont", "64", "--if-no-profile", "uncalibrated",
+            "--importance", "prefill", "--keep", "0.5", "-q"]
+    result = CliRunner().invoke(app, [*args, "--keep-weigh", "--json"])
+    assert result.exit_code == 0, result.output
+    by = {(r["mode"], r["keep"]): r for r in json.loads(result.stdout)["importance"]["means"]}
+    assert sorted(by, key=str) == sorted([("importance", None), ("keep", 0.5), ("keep+importance", 0.5)], key=str)
+    plain, weighed = by[("keep", 0.5)], by[("keep+importance", 0.5)]
+    assert weighed["kept_fraction"] == plain["kept_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert weighed["file_bytes"] != plain["file_bytes"] and weighed["kl"] != plain["kl"]
+    bad = CliRunner().invoke(app, [*args[:-3], "--keep-weigh", "-q"])
+    assert bad.exit_code != 0 and "--keep FRACTIONS" in bad.stderr
+
+
 def test_calibrated_rows_spend_bits_as_the_profile_says(bench_env, monkeypatch, tmp_path):
     """A profile that turns prefill importance on: the calibrated rows are coded by class
     (as encode codes them), and --uniform codes them uniformly again."""

@@ -139,6 +139,7 @@ def bench_command(
     importance: str = typer.Option(None, "--importance", help="Importance section: comma-separated scorers (reconstruct, prefill, keynorm); each level with its steps weighted by each scorer, and with --keep, its entries dropped by it."),
     keep: str = typer.Option(None, "--keep", help="With --importance: comma-separated fractions of entries kept, e.g. 0.9,0.7,0.5,0.3."),
     keep_rule: str = typer.Option("shared", "--keep-rule", help="With --keep: comma-separated budget rules (shared, head)."),
+    keep_weigh: bool = typer.Option(False, "--keep-weigh", help="With --keep: each keep row also with the kept entries' steps weighted by importance (as kvzip encode --keep F --importance SCORER)."),
     model: str = typer.Option(None, "--model", "-m", help="Model (default: embedded SmolLM2-135M-Instruct)."),
     device: str = device_option(),
     model_dtype: str = model_dtype_option(),
@@ -168,10 +169,13 @@ def bench_command(
         scorers=_split(importance) or [],
         keeps=_fractions(keep),
         keep_rules=_split(keep_rule) or ["shared"],
+        keep_weigh=keep_weigh,
         uniform=uniform,
     )
     if config.keeps and not config.scorers:
         raise InputError("--keep is part of the importance section: give --importance SCORERS")
+    if keep_weigh and not config.keeps:
+        raise InputError("--keep-weigh weighs the --keep rows: give --keep FRACTIONS")
     if chunk_tokens is not None and chunk_tokens <= 0:
         raise InputError(f"--chunk-tokens must be positive, got {chunk_tokens}")
     if plot is not None and speed_only:
