@@ -64,9 +64,13 @@ METHODS = {
     "balanced + importance prefill": ("balanced", "prefill", None, None, None),
     "balanced + importance reconstruct": ("balanced", "reconstruct", None, None, None),
     "balanced + importance keynorm": ("balanced", "keynorm", None, None, None),
-    "balanced keep 0.5 by reconstruct": ("balanced", None, 0.5, "shared", "reconstruct"),
-    "balanced keep 0.5 by prefill": ("balanced", None, 0.5, "shared", "prefill"),
-    "balanced keep 0.5 by keynorm": ("balanced", None, 0.5, "shared", "keynorm"),
+    # dropping only (--importance none): the rows measured before --keep weighed what it kept
+    "balanced keep 0.5 by reconstruct": ("balanced", "none", 0.5, "shared", "reconstruct"),
+    "balanced keep 0.5 by prefill": ("balanced", "none", 0.5, "shared", "prefill"),
+    "balanced keep 0.5 by keynorm": ("balanced", "none", 0.5, "shared", "keynorm"),
+    # what `kvzip encode --keep 0.5 [--keep-by S]` writes: the kept entries weighed by S
+    "balanced keep 0.5 by reconstruct +weighed": ("balanced", None, 0.5, "shared", "reconstruct"),
+    "balanced keep 0.5 by prefill +weighed": ("balanced", None, 0.5, "shared", "prefill"),
 }
 REFERENCE = "lossless"
 HEADING = re.compile(r"^(?P<title>\S.*)\n(?P<rule>[-=~^\"'`#*+]{3,})\n", re.M)

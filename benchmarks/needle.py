@@ -36,10 +36,14 @@ METHODS = {  # name -> (level, importance, keep, keep rule, keep by)
     "balanced": ("balanced", None, None, None, None),
     "balanced + importance prefill": ("balanced", "prefill", None, None, None),
     "balanced + importance reconstruct": ("balanced", "reconstruct", None, None, None),
-    "balanced keep 0.5 shared": ("balanced", None, 0.5, "shared", "reconstruct"),
-    "balanced keep 0.5 head": ("balanced", None, 0.5, "head", "reconstruct"),
-    "balanced keep 0.5 shared by prefill": ("balanced", None, 0.5, "shared", "prefill"),
-    "balanced keep 0.3 shared": ("balanced", None, 0.3, "shared", "reconstruct"),
+    # dropping only (--importance none): the rows measured before --keep weighed what it kept
+    "balanced keep 0.5 shared": ("balanced", "none", 0.5, "shared", "reconstruct"),
+    "balanced keep 0.5 head": ("balanced", "none", 0.5, "head", "reconstruct"),
+    "balanced keep 0.5 shared by prefill": ("balanced", "none", 0.5, "shared", "prefill"),
+    "balanced keep 0.3 shared": ("balanced", "none", 0.3, "shared", "reconstruct"),
+    # what `kvzip encode --keep F` writes: the kept entries weighed by the same scores
+    "balanced keep 0.5 shared +weighed": ("balanced", None, 0.5, "shared", "reconstruct"),
+    "balanced keep 0.3 shared +weighed": ("balanced", None, 0.3, "shared", "reconstruct"),
 }
 
 

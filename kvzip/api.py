@@ -181,7 +181,9 @@ def encode(
     score (``keep_by``, else ``importance``'s scorer, else ``reconstruct``), the attention
     sinks and the last position always; ``keep_rule``: ``"shared"`` (one budget across heads
     and layers) or ``"head"`` (the same fraction in every head); see
-    :mod:`kvzip.importance.keep`.
+    :mod:`kvzip.importance.keep`.  The same scores then weigh the kept entries' steps
+    (unless ``importance="none"``), whatever the profile says: ``--keep F`` alone writes
+    what ``--keep F --importance SCORER`` writes.
 
     ``chunk_tokens``: positions per independently decodable chunk; by default
     ``DEFAULT_CHUNK_TOKENS``, and with ``keep`` about ``DEFAULT_CHUNK_TOKENS / keep`` so
@@ -224,7 +226,7 @@ def encode(
     started = time.perf_counter()
     classes = extra = None
     pairs = resolved.pairs()
-    weigh_by = scoring.choose(importance, resolved.importance)
+    weigh_by = scoring.weighing(importance, resolved.importance, keep_scorer if keep is not None else None)
     on_disk = _offload_prefill(km, len(ids), prefill_cache)
     scoring_asked = keep is not None or scoring.is_asked(importance)
     if on_disk and scoring_asked and prefill_cache == "disk":
@@ -239,10 +241,12 @@ def encode(
         progress("score", 0, 1)
         # one pass serves both: with --keep its scorer's scores also weigh the steps
         scored = scoring.score(km, ids, keep_scorer if keep is not None else weigh_by)
+        # (weigh_by is None or that scorer: check_options refuses two names, weighing picks it)
         progress("score", 1, 1)
         used = scoring.apply(scored, pairs, resolved.profile, weigh=weigh_by is not None,
                              keep=keep, keep_rule=keep_rule)
         kv, classes, pairs, extra = used.kv, used.classes, used.pairs, used.header
+        weigh_by = used.weighed_by
     prefill_seconds = time.perf_counter() - started
     chat_info = None if template is None else ChatInfo(template.prefix, template.separator, template.suffix)
     source = None if not source_name else SourceInfo(source_name, hashlib.sha256(text.encode()).hexdigest())

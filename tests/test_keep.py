@@ -222,6 +222,51 @@ def test_keep_one_is_token_identical_to_no_pruning(tmp_path):
         api.generate(whole, "", model=km, max_new_tokens=4).new_token_ids
 
 
+def _layers(path):
+    return [t.clone() for t in api.load_kv(path).kv.layers]
+
+
+def test_keep_weighs_what_it_keeps_by_the_same_scores(tmp_path):
+    """--keep F alone spends the lossy level's bits by the scores it dropped by, exactly as
+    --keep F --importance SCORER does, and says so (not the profile's default scorer);
+    --importance none drops only."""
+    km = tiny_model("llama")
+    kw = dict(model=km, levels=["balanced"], chunk_tokens=64, dtype="float32", if_no_profile="uncalibrated", keep=0.5)
+    alone, asked, plain = (tmp_path / f"{n}.kvz" for n in ("alone", "asked", "plain"))
+    s_alone = api.encode(TEXT, alone, keep_by="keynorm", **kw)
+    s_asked = api.encode(TEXT, asked, importance="keynorm", **kw)
+    s_plain = api.encode(TEXT, plain, keep_by="keynorm", importance="none", **kw)
+    for a, b in zip(_layers(alone), _layers(asked)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert s_alone.importance == s_asked.importance == api.info(alone)["importance"]["scorer"] == "keynorm"
+    assert s_plain.importance is None and api.info(plain)["importance"] is None
+    assert api.info(plain)["keep"] == api.info(alone)["keep"]  # the same entries kept
+    assert any(not torch.equal(a, b) for a, b in zip(_layers(alone), _layers(plain)))
+
+
+def test_keep_one_at_a_lossy_level_answers_as_the_weighed_file_without_keep(tmp_path):
+    """What --keep adds besides dropping (the pruned layout's attention) changes no token:
+    --keep 1.0 writes the entries --importance SCORER writes, and generates the same."""
+    km = tiny_model("llama")
+    kw = dict(model=km, levels=["balanced"], chunk_tokens=64, dtype="float32", if_no_profile="uncalibrated")
+    whole, kept = tmp_path / "whole.kvz", tmp_path / "kept.kvz"
+    api.encode(TEXT, whole, importance="keynorm", **kw)
+    api.encode(TEXT, kept, keep=1.0, keep_by="keynorm", **kw)
+    for a, b in zip(_layers(whole), _layers(kept)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert api.generate(kept, " and then", model=km, max_new_tokens=8).new_token_ids == \
+        api.generate(whole, " and then", model=km, max_new_tokens=8).new_token_ids
+
+
+def test_a_lossless_file_records_no_importance(tmp_path):
+    """lossless codes every entry alike: asked to weigh, it takes no classes and says none."""
+    km = tiny_model("llama")
+    out = tmp_path / "l.kvz"
+    summary = api.encode(TEXT, out, model=km, levels=["lossless"], chunk_tokens=64, importance="prefill")
+    assert summary.importance is None and api.info(out)["importance"] is None
+    assert api.info(out)["levels"][0]["importance_classes"] is None
+
+
 def test_a_kept_file_with_no_prompt_rereads_its_last_token(tmp_path):
     km = tiny_model("llama")
     out = _encode(km, tmp_path, 0.4)

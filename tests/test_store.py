@@ -168,6 +168,30 @@ def test_an_artifact_written_but_not_recorded_is_adopted(km, docs, tmp_path, mon
     assert resumed.adopted == 1 and resumed.cached == resumed.unique_passages - 1
 
 
+def test_a_kept_passage_is_weighed_by_its_keep_scorer_and_adopted_as_such(km, docs, tmp_path, monkeypatch):
+    """precache --keep at a lossy level weighs the kept entries by the scorer it dropped by
+    (as encode --keep), and records that scorer: in the summary, the artifact's header and
+    the name it is looked up by, so an artifact killed before its row is adopted."""
+    real = StoreIndex.add_artifact
+
+    def fail_once(self, record):
+        monkeypatch.setattr(StoreIndex, "add_artifact", real)
+        raise KeyboardInterrupt
+
+    kwargs = dict(passage_tokens=PASSAGE_TOKENS, level="balanced", if_no_profile="uncalibrated",
+                  keep=0.5, keep_by="keynorm")
+    monkeypatch.setattr(StoreIndex, "add_artifact", fail_once)
+    with PassageStore(tmp_path / "s", create=True) as store, pytest.raises(KeyboardInterrupt):
+        precache([docs], store, km, **kwargs)
+    with PassageStore(tmp_path / "s") as store:
+        resumed = precache([docs], store, km, **kwargs)
+        assert resumed.importance == "keynorm"
+        assert resumed.adopted == 1 and resumed.cached == resumed.unique_passages - 1
+        for name in store.index.artifact_names():
+            with store.artifacts.open(name) as reader:
+                assert reader.header.raw["importance"]["scorer"] == reader.header.raw["keep"]["scorer"] == "keynorm"
+
+
 def test_a_passage_another_run_recorded_first_is_not_counted_twice(km, docs, tmp_path, monkeypatch):
     precache_module = sys.modules["kvzip.store.precache"]  # the package re-exports a function by that name
     real = precache_module.cache_passage

@@ -57,7 +57,7 @@ def encode_command(
     chat: bool = typer.Option(False, "--chat", help="Cache the text as the opening of a user turn in the model's chat template."),
     profile: str = typer.Option(None, "--profile", help="Calibration profile (.kvzprofile file or digest) for the lossy levels (default: the newest one for the model in the profile directory)."),
     if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="When the model has no profile yet: calibrate (build one now, once), uncalibrated (use the uncalibrated codec) or error."),
-    importance: str = typer.Option(None, "--importance", help="Score every entry (reconstruct | prefill | keynorm) and spend the lossy levels' bits by importance, at about the same size; none: uniform precision (default: as the model's calibration profile says, see kvzip calibrate --importance-above; without a profile, prefill)."),
+    importance: str = typer.Option(None, "--importance", help="Score every entry (reconstruct | prefill | keynorm) and spend the lossy levels' bits by importance, at about the same size; none: uniform precision (default: as the model's calibration profile says, see kvzip calibrate --importance-above; without a profile, prefill; with --keep, the scorer it drops by)."),
     keep: float = keep_option(),
     keep_by: str = keep_by_option(),
     keep_rule: str = keep_rule_option(),

@@ -41,7 +41,8 @@ def keep_option() -> float | None:
     return typer.Option(
         None, "--keep",
         help="Drop entries: keep this fraction (0-1] of them by importance score; attention sinks "
-        "and the last position always kept.",
+        "and the last position always kept. The same scores spend the lossy level's bits on "
+        "what is kept (--importance none: uniform precision).",
     )
 
 

@@ -27,7 +27,7 @@ def precache_command(
     engine: str = typer.Option("local", "--engine", help=f"Run passages here or as Ray tasks ({', '.join(ENGINES)})."),
     profile: str = typer.Option(None, "--profile", help="Calibration profile (.kvzprofile file or digest) for a lossy level (default: the newest one for the model)."),
     if_no_profile: str = typer.Option("calibrate", "--if-no-profile", help="When the model has no profile yet: calibrate, uncalibrated or error."),
-    importance: str = typer.Option(None, "--importance", help="Score each passage's entries (reconstruct | prefill | keynorm) and spend the lossy level's bits by importance, as encode --importance does; none: uniform precision (default: as the model's calibration profile says; without a profile, prefill)."),
+    importance: str = typer.Option(None, "--importance", help="Score each passage's entries (reconstruct | prefill | keynorm) and spend the lossy level's bits by importance, as encode --importance does; none: uniform precision (default: as the model's calibration profile says; without a profile, prefill; with --keep, the scorer it drops by)."),
     keep: float = keep_option(),
     keep_by: str = keep_by_option(),
     keep_rule: str = keep_rule_option(),

@@ -153,6 +153,17 @@ def choose(name: str | None, profile_default: str | None) -> str | None:
     return None if name == UNIFORM else scorer(name).name
 
 
+def weighing(name: str | None, profile_default: str | None, keep_by: str | None = None) -> str | None:
+    """The scorer whose classes weigh the lossy levels' steps, for a file or passage:
+    the one ``--importance`` asks for (:data:`UNIFORM`: none); else, with ``--keep``, the
+    scorer it drops by (``keep_by``: its pass is paid for anyway, and weighing what it
+    kept measured 16% less KL for 1.5% more bits at ``--keep 0.5``, docs/benchmarks.md);
+    else the profile's (``Resolved.importance``)."""
+    if name is not None:
+        return choose(name, None)
+    return keep_by if keep_by is not None else profile_default
+
+
 def score(km: KVModel, ids: Sequence[int], name: str) -> Scored:
     """Prefill ``ids`` and score every stored entry with scorer ``name``."""
     return scorer(name).run(km, ids)
@@ -182,13 +193,21 @@ class Applied:
     pairs: list[tuple[str, Codec]]
     header: dict
 
+    @property
+    def weighed_by(self) -> str | None:
+        """The scorer whose classes weigh the steps, as the header records it (None: some
+        level was asked to weigh but none is lossy, or none was asked)."""
+        record = self.header.get("importance")
+        return None if record is None else record["scorer"]
+
 
 def apply(scored: Scored, pairs: Sequence[tuple[str, Codec]], profile: Profile | None, *, weigh: bool,
           keep: float | None = None, keep_rule: str = "shared") -> Applied:
     """What ``kvzip encode --importance/--keep`` writes from ``scored``: with ``keep``, the
     fraction of entries :mod:`kvzip.importance.keep` keeps; with ``weigh``, the levels'
-    steps scaled by importance class, the classes drawn among the entries kept.  Both take
-    a layer's heads together where a codec maps them jointly (:func:`heads_together`)."""
+    steps scaled by importance class, the classes drawn among the entries kept (a level that
+    does not weigh, ``lossless``, takes none: a file of such levels alone records no
+    importance).  Both take a layer's heads together where a codec maps them jointly (:func:`heads_together`)."""
     kv, scores, header = scored.kv, scored.scores, {}
     together = heads_together(kv.kv_heads, (codec for _, codec in pairs))
     if keep is not None:
@@ -202,7 +221,8 @@ def apply(scored: Scored, pairs: Sequence[tuple[str, Codec]], profile: Profile |
     per_entry = None
     out = list(pairs)
     if weigh:
-        per_entry = classes(scores, heads_together=together)
         out = [(name, weighted(codec, profile)) for name, codec in pairs]
+    if any(w is not c for (_, w), (_, c) in zip(out, pairs)):  # some level weighs (not lossless alone)
+        per_entry = classes(scores, heads_together=together)
         header["importance"] = header_record(scored.scorer, together)
     return Applied(kv, per_entry, out, header)

@@ -160,6 +160,14 @@ def cache_passage(km: KVModel, job: PassageJob, artifacts: ArtifactStore) -> Art
     return _record(job, size)
 
 
+def _weighing(importance: str | None, profile_default: str | None, level: str, keep: Keep | None) -> str | None:
+    """The scorer that weighs the passages' steps, as ``encode`` picks it
+    (:func:`kvzip.importance.weighing`); None for a level that does not weigh."""
+    if not is_calibrated(level):
+        return None
+    return scoring.weighing(importance, profile_default, keep and keep.scorer)
+
+
 def adopt_artifact(job: PassageJob, artifacts: ArtifactStore) -> ArtifactRecord | None:
     """The record of an artifact a run wrote but did not get to record, if it is sound."""
     try:
@@ -282,12 +290,12 @@ def precache(
         raise InputError(f"--importance weighs a lossy level's steps; level {level!r} codes every entry alike")
     kept = None if keep is None else Keep(float(keep), keep_rule, drop_by)
     started = time.perf_counter()
-    weigh_by = scoring.choose(importance, None)
+    weigh_by = _weighing(importance, None, level, kept)
     passages, jobs = plan(inputs, store, km, passage_tokens=passage_tokens, level=level,
                           importance=weigh_by, keep=kept, progress=progress)
     if is_calibrated(level):  # found or built once the documents are known to hold text
         resolved = resolve([level], km, profile, if_no_profile, progress)
-        weigh_by = scoring.choose(importance, resolved.importance)  # as encode: the profile may ask
+        weigh_by = _weighing(importance, resolved.importance, level, kept)  # as encode: the profile may ask
         if resolved.profile is not None:
             jobs = [make_job(job.token_ids, km, level, resolved.profile.digest, weigh_by, kept) for job in jobs]
     save_opening(store, km)  # the prompt's fixed opening, so that ask need not prefill it
