@@ -121,7 +121,7 @@ UNIFORM = "none"
 
 def requested(name: str | None) -> str | None:
     """``--importance`` checked before any work: a scorer's name, :data:`UNIFORM`, or None
-    (not given: the profile decides, :func:`choose`)."""
+    (not given: the profile decides, :func:`weighing`)."""
     return name if name is None or name == UNIFORM else scorer(name).name
 
 
@@ -145,14 +145,6 @@ def is_asked(name: str | None) -> bool:
     return name not in (None, UNIFORM)
 
 
-def choose(name: str | None, profile_default: str | None) -> str | None:
-    """The scorer whose classes weigh the lossy levels' steps: the one asked for
-    (:data:`UNIFORM`: none), else the profile's (``Resolved.importance``), else None."""
-    if name is None:
-        return profile_default
-    return None if name == UNIFORM else scorer(name).name
-
-
 def weighing(name: str | None, profile_default: str | None, keep_by: str | None = None) -> str | None:
     """The scorer whose classes weigh the lossy levels' steps, for a file or passage:
     the one ``--importance`` asks for (:data:`UNIFORM`: none); else, with ``--keep``, the
@@ -160,7 +152,7 @@ def weighing(name: str | None, profile_default: str | None, keep_by: str | None 
     kept measured 16% less KL for 1.5% more bits at ``--keep 0.5``, docs/benchmarks.md);
     else the profile's (``Resolved.importance``)."""
     if name is not None:
-        return choose(name, None)
+        return None if name == UNIFORM else scorer(name).name
     return keep_by if keep_by is not None else profile_default
 
 
