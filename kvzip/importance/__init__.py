@@ -199,7 +199,8 @@ def apply(scored: Scored, pairs: Sequence[tuple[str, Codec]], profile: Profile |
     fraction of entries :mod:`kvzip.importance.keep` keeps; with ``weigh``, the levels'
     steps scaled by importance class, the classes drawn among the entries kept (a level that
     does not weigh, ``lossless``, takes none: a file of such levels alone records no
-    importance).  Both take a layer's heads together where a codec maps them jointly (:func:`heads_together`)."""
+    importance).  Both take a layer's heads together where a codec maps them jointly
+    (:func:`heads_together`)."""
     kv, scores, header = scored.kv, scored.scores, {}
     together = heads_together(kv.kv_heads, (codec for _, codec in pairs))
     if keep is not None:
