@@ -154,14 +154,19 @@ def test_resume_after_a_crash(km, docs, tmp_path):
         assert not [f for f in store.artifacts.listing() if f.temporary]
 
 
-def test_an_artifact_written_but_not_recorded_is_adopted(km, docs, tmp_path, monkeypatch):
+def _kill_before_the_first_row(monkeypatch):
+    """The next run is killed between its first artifact's file and its row in the index."""
     real = StoreIndex.add_artifact
 
     def fail_once(self, record):
         monkeypatch.setattr(StoreIndex, "add_artifact", real)
-        raise KeyboardInterrupt  # killed between the file and its row
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(StoreIndex, "add_artifact", fail_once)
+
+
+def test_an_artifact_written_but_not_recorded_is_adopted(km, docs, tmp_path, monkeypatch):
+    _kill_before_the_first_row(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         fill(tmp_path / "s", docs, km)
     resumed = fill(tmp_path / "s", docs, km)
@@ -172,15 +177,9 @@ def test_a_kept_passage_is_weighed_by_its_keep_scorer_and_adopted_as_such(km, do
     """precache --keep at a lossy level weighs the kept entries by the scorer it dropped by
     (as encode --keep), and records that scorer: in the summary, the artifact's header and
     the name it is looked up by, so an artifact killed before its row is adopted."""
-    real = StoreIndex.add_artifact
-
-    def fail_once(self, record):
-        monkeypatch.setattr(StoreIndex, "add_artifact", real)
-        raise KeyboardInterrupt
-
     kwargs = dict(passage_tokens=PASSAGE_TOKENS, level="balanced", if_no_profile="uncalibrated",
                   keep=0.5, keep_by="keynorm")
-    monkeypatch.setattr(StoreIndex, "add_artifact", fail_once)
+    _kill_before_the_first_row(monkeypatch)
     with PassageStore(tmp_path / "s", create=True) as store, pytest.raises(KeyboardInterrupt):
         precache([docs], store, km, **kwargs)
     with PassageStore(tmp_path / "s") as store:
